@@ -1,0 +1,102 @@
+"""Small file helpers shared by the channel tasks: atomic writes and package file names."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+PACKAGE_SUFFIXES = (".conda", ".tar.bz2")
+
+
+def is_package(name: str) -> bool:
+    return name.endswith(PACKAGE_SUFFIXES) and not name.startswith(".")
+
+
+def _temp_beside(target: Path) -> tuple[int, str]:
+    # Same directory, so os.replace is a rename on one filesystem and therefore atomic.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+
+
+def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``target`` with ``data``; a concurrent reader sees the old or the new file."""
+    fd, tmp = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def atomic_write_json(target: Path, value: Any) -> None:
+    atomic_write_bytes(target, json.dumps(value, indent=1, sort_keys=True).encode())
+
+
+def atomic_copy(source: Path, target: Path, mode: int = 0o644) -> None:
+    """Copy ``source`` over ``target`` atomically (readers never see a partial file)."""
+    fd, tmp = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return default
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every file in a folder tree, sorted, skipping caches and editor droppings."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if d not in {"__pycache__", ".git"})
+        for name in sorted(filenames):
+            if name.endswith((".pyc", "~", ".swp")) or name == ".DS_Store":
+                continue
+            found.append(Path(dirpath, name))
+    return found
+
+
+def tree_digest(folder: Path, files: Iterable[Path] | None = None) -> str:
+    """A content hash of a folder: relative names, modes and bytes of every file."""
+    digest = hashlib.sha256()
+    for path in files if files is not None else folder_files(folder):
+        rel = path.relative_to(folder).as_posix()
+        digest.update(rel.encode() + b"\0")
+        digest.update(b"x" if os.access(path, os.X_OK) else b"-")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()

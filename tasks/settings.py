@@ -1,0 +1,266 @@
+"""Every hubworks setting, in one place.
+
+A setting has a built-in default, can be set in ``hubworks.toml`` at the workspace root
+(``[section] key = value``) and can be overridden by the environment variable
+``HUBWORKS_<SECTION>_<KEY>`` (for example ``HUBWORKS_CHANNEL_PORT=8010``). Lists in the
+environment are comma-separated; booleans accept 1/0, true/false, yes/no, on/off.
+
+The workspace root is the directory doit runs in (the folder of ``dodo.py``, or the one
+given with ``doit -d``); relative paths in settings are relative to it.
+
+``doit settings`` prints every effective value and where it came from; the README's
+settings table is generated from ``SETTINGS`` below (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from .errors import HubworksError
+
+CONFIG_FILE = "hubworks.toml"
+ENV_PREFIX = "HUBWORKS_"
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    help: str
+    kind: str = ""  # "path" marks a str resolved against the workspace root
+
+    @property
+    def env_var(self) -> str:
+        return f"{ENV_PREFIX}{self.section}_{self.key}".upper()
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+
+SETTINGS: list[Setting] = [
+    # workspace
+    Setting("workspace", "state_dir", ".hubworks",
+            "Scratch space: build directories, logs, doit's database. Never inside channel/.",
+            kind="path"),
+    # recipes
+    Setting("recipes", "dir", "recipes", "Folder of recipes, one sub-folder per recipe.",
+            kind="path"),
+    Setting("recipes", "channels", ["conda-forge"],
+            "Upstream channels for recipes that need packages no internal recipe makes. "
+            "A recipe whose requirements are all internal builds offline."),
+    Setting("recipes", "package_format", "conda", "Package format: conda or tar.bz2."),
+    Setting("recipes", "conda_build", "",
+            "Command that builds legacy meta.yaml recipes; empty: conda-build or "
+            "'conda build' from PATH."),
+    Setting("recipes", "log_tail", 30, "Lines of a failed build's log printed with the error."),
+    # channel
+    Setting("channel", "dir", "channel", "The conda channel: build output, indexed and served.",
+            kind="path"),
+    Setting("channel", "host", "127.0.0.1",
+            "Address the channel server binds. Loopback unless a remote engine must reach it."),
+    Setting("channel", "port", 8000, "Port of the channel server; 0 picks a free one."),
+    Setting("channel", "token", "auto",
+            "Path token clients must send (/t/<token>/...). auto: a random token when bound "
+            "to a non-loopback address, none on loopback; off: never; anything else: that token."),
+    Setting("channel", "public_url", "",
+            "URL image builds use to reach the channel (remote engines); empty: the served URL."),
+    # images
+    Setting("images", "dir", "images", "Folder of images, one repo2docker repository each.",
+            kind="path"),
+    Setting("images", "channel_alias", "internal",
+            "Name environment.yml files use for the internal channel; replaced by its URL."),
+    Setting("images", "prefix", "hubworks", "Tags are <prefix>/<image>:<hash> and :latest."),
+    Setting("images", "engine", "auto",
+            "Container engine: auto (Docker if its daemon answers, else podman), docker, podman."),
+    Setting("images", "network", "host",
+            "Network of build containers; host lets them reach a loopback channel. Empty: "
+            "the engine's default."),
+    Setting("images", "push", False, "Push both tags after a build (prefix names the registry)."),
+    Setting("images", "user_name", "jovyan", "User repo2docker creates in the images."),
+    Setting("images", "user_id", 1000, "Uid of that user."),
+    # hub
+    Setting("hub", "prefix", "/opt/jupyterhub",
+            "Where install_hub puts the hub: venv, proxy, config, secrets, database, logs.",
+            kind="path"),
+    Setting("hub", "python", "",
+            "Interpreter for the hub's venv; empty: the first Python >= 3.10 every user can run."),
+    Setting("hub", "jupyterhub_version", "5.4.2", "JupyterHub release installed in the hub venv."),
+    Setting("hub", "jupyterlab_version", "4.5.0", "JupyterLab release installed in the hub venv."),
+    Setting("hub", "proxy_version", "5.3.0",
+            "configurable-http-proxy release from npm (5.x needs Node.js >= 20)."),
+    Setting("hub", "ip", "", "Address the hub's proxy listens on; empty: all interfaces."),
+    Setting("hub", "port", 8000, "Port users open in the browser."),
+    Setting("hub", "hub_port", 8081, "Port of the hub process behind the proxy (loopback)."),
+    Setting("hub", "authenticator", "pam", "pam (system users) or dummy (any password; tests)."),
+    Setting("hub", "admin_users", [], "Users with admin rights in the hub."),
+    Setting("hub", "allowed_users", [], "Users who may log in (with allowed_groups)."),
+    Setting("hub", "allowed_groups", [], "System groups whose members may log in."),
+    Setting("hub", "spawner", "local",
+            "local (a process per user, run as that user) or docker (DockerSpawner offering "
+            "the images build_images tagged)."),
+    Setting("hub", "service", "auto",
+            "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
+]
+
+_BY_NAME = {(s.section, s.key): s for s in SETTINGS}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Section:
+    """Attribute access to one section's values: ``settings.channel.port``."""
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        self._name = name
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"<{self._name}: {items}>"
+
+
+class Settings:
+    """The effective settings of one workspace; ``sources`` says where each value came from."""
+
+    def __init__(self, root: Path, values: dict[tuple[str, str], Any],
+                 sources: dict[tuple[str, str], str]):
+        self.root = root
+        self.values = values
+        self.sources = sources
+        sections: dict[str, dict[str, Any]] = {}
+        for (section, key), value in values.items():
+            sections.setdefault(section, {})[key] = value
+        for section, items in sections.items():
+            setattr(self, section, Section(section, items))
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values[(section, key)]
+
+    # The folders every module needs, resolved once.
+    @property
+    def state_dir(self) -> Path:
+        return self.workspace.state_dir
+
+    @property
+    def recipes_dir(self) -> Path:
+        return self.recipes.dir
+
+    @property
+    def channel_dir(self) -> Path:
+        return self.channel.dir
+
+    @property
+    def images_dir(self) -> Path:
+        return self.images.dir
+
+    def state(self, *parts: str) -> Path:
+        """A path inside the state directory (created on demand by callers)."""
+        return self.state_dir.joinpath(*parts)
+
+
+def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
+    want = setting.type
+    problem = f"{setting.section}.{setting.key} from {origin}"
+    if isinstance(raw, str) and want is not str:
+        text = raw.strip()
+        if want is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise HubworksError(f"{problem} is {raw!r}, not a boolean.",
+                                fix="use true or false")
+        if want is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise HubworksError(f"{problem} is {raw!r}, not a whole number.",
+                                    fix="use digits only, e.g. 8000") from None
+        if want is list:
+            return [item.strip() for item in text.split(",") if item.strip()]
+    if want is list and isinstance(raw, list) and all(isinstance(i, str) for i in raw):
+        value = list(raw)
+    elif want is int and isinstance(raw, bool):
+        raise HubworksError(f"{problem} is {raw!r}, not a whole number.", fix="use e.g. 8000")
+    elif isinstance(raw, want):
+        value = raw
+    else:
+        raise HubworksError(
+            f"{problem} is {raw!r} ({type(raw).__name__}); expected {want.__name__}.",
+            fix=f"write it as in the default: {setting.key} = {_toml_literal(setting.default)}")
+    if setting.kind == "path":
+        value = (root / os.path.expanduser(value)).resolve()
+    return value
+
+
+def _toml_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return str(value)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise HubworksError(f"{path} is not valid TOML: {exc}.",
+                            fix="correct the line it names") from None
+    for section, items in data.items():
+        if not isinstance(items, dict):
+            raise HubworksError(f"{path}: '{section}' must be a [section] table.",
+                                fix="put keys under [workspace], [recipes], [channel], ...")
+        for key in items:
+            if (section, key) not in _BY_NAME:
+                known = ", ".join(sorted(k for s, k in _BY_NAME if s == section)) or "none"
+                raise HubworksError(f"{path}: unknown setting {section}.{key}.",
+                                    fix=f"known keys of [{section}]: {known}")
+    return data
+
+
+def load_settings(root: Path | str | None = None, environ: dict[str, str] | None = None
+                  ) -> Settings:
+    """Read defaults, then ``hubworks.toml``, then ``HUBWORKS_*`` variables."""
+    root = Path(root or os.getcwd()).resolve()
+    environ = os.environ if environ is None else environ
+    config_path = root / CONFIG_FILE
+    file_values = _read_config_file(config_path)
+    values: dict[tuple[str, str], Any] = {}
+    sources: dict[tuple[str, str], str] = {}
+    for setting in SETTINGS:
+        name = (setting.section, setting.key)
+        raw, origin = setting.default, "default"
+        if setting.key in file_values.get(setting.section, {}):
+            raw, origin = file_values[setting.section][setting.key], str(config_path)
+        if setting.env_var in environ:
+            raw, origin = environ[setting.env_var], f"${setting.env_var}"
+        values[name] = _coerce(setting, raw, origin, root)
+        sources[name] = origin
+    return Settings(root, values, sources)
+
+
+def settings_table() -> str:
+    """The README's table of settings, generated so that it cannot drift."""
+    lines = ["| Setting | Environment variable | Default | What it does |",
+             "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = _toml_literal(s.default) if s.default not in ("", []) else "(empty)"
+        lines.append(f"| `{s.section}.{s.key}` | `{s.env_var}` | `{default}` | {s.help} |")
+    return "\n".join(lines)
