@@ -1,0 +1,370 @@
+"""The channel server against `python -m http.server`, same files, same run.
+
+    python benchmarks/bench_server.py [--seconds 5] [--connections 64]
+
+Serves one synthetic channel with both servers (each in its own process) and prints
+requests/s, bytes and the ratio ours / http.server for:
+
+1. repodata.json of 20,000 packages (a client's first fetch);
+2. a conditional re-fetch of it (a client's second run): requests/s of the conditional
+   request each server understands, and the bytes a real rattler client receives on a
+   repeat fetch a minute later (through a counting relay), with sharded repodata
+   (rattler's default) and with sharding off; a repeat fetch that fails says so;
+3. package downloads: 200 files of 1 MiB over concurrent keep-alive connections.
+
+The channel is real: 20,000 tiny .tar.bz2 packages indexed by rattler (repodata.json, .zst,
+sharded repodata), which takes about half a minute to make.
+
+The load generator is `wrk` when it is on PATH, else threads with http.client keep-alive;
+the output says which. It prints figures; it is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENTRIES = 20_000
+PACKAGES = 200
+PACKAGE_SIZE = 1 << 20
+SERVERS = ("hubworks", "http.server")
+
+
+# The channel --------------------------------------------------------------------------
+
+def make_channel(root: Path, entries: int) -> None:
+    """``entries`` packages indexed by rattler, then PACKAGES unindexed 1 MiB download files."""
+    from rattler.index import index_fs
+
+    rng = random.Random(42)
+    noarch = root / "noarch"
+    noarch.mkdir(parents=True)
+    for i in range(entries):
+        name, version = f"pkg-{i // 10:04d}", f"1.{i % 10}.0"
+        index = json.dumps({
+            "name": name, "version": version, "build": "py_0", "build_number": 0,
+            "depends": [f"pkg-{rng.randrange(entries // 10):04d} >=1.0", "python >=3.10"],
+            "license": "BSD-3-Clause", "noarch": "python", "subdir": "noarch",
+            "timestamp": 1_700_000_000_000 + i}).encode()
+        # .tar.bz2 needs only the standard library; rattler indexes it like a .conda
+        package = io.BytesIO()
+        with tarfile.open(fileobj=package, mode="w:bz2", compresslevel=1) as tar:
+            member = tarfile.TarInfo("info/index.json")
+            member.size, member.mtime = len(index), 1_700_000_000
+            tar.addfile(member, io.BytesIO(index))
+        (noarch / f"{name}-{version}-py_0.tar.bz2").write_bytes(package.getvalue())
+    asyncio.run(index_fs(root))
+    for i in range(PACKAGES):
+        (noarch / f"file-{i:04d}-1.0-0.conda").write_bytes(os.urandom(PACKAGE_SIZE))
+
+
+# The servers, each in its own process -------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_ours(channel: str, port: str, log: str) -> None:
+    """Entry point of the child process that runs our server."""
+    sys.path.insert(0, str(ROOT))
+    from tasks.server import served_channel
+
+    with served_channel(Path(channel), port=int(port), access_log=Path(log)):
+        threading.Event().wait()
+
+
+@contextmanager
+def running(name: str, channel: Path, scratch: Path):
+    port = free_port()
+    if name == "hubworks":
+        command = [sys.executable, __file__, "--serve", str(channel), str(port),
+                   str(scratch / "access.log")]
+    else:
+        command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                   "--directory", str(channel)]
+    # http.server logs every request to stderr; ours to a file: both pay for a log line.
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or child.poll() is not None:
+                    raise SystemExit(f"{name} did not start on port {port}")
+                time.sleep(0.05)
+        yield port
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+# Load generators ----------------------------------------------------------------------
+
+WRK_SCRIPT = """
+paths = {%(paths)s}
+headers = {%(headers)s}
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", paths[(counter %% #paths) + 1], headers)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%f %%d\\n", summary.requests, summary.bytes,
+    summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def load_wrk(port: int, paths: list[str], headers: dict[str, str], seconds: float,
+             connections: int, scratch: Path) -> dict:
+    script = scratch / "bench.lua"
+    script.write_text(WRK_SCRIPT % {
+        "paths": ", ".join(json.dumps(p) for p in paths),
+        "headers": ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()),
+    })
+    run = subprocess.run(
+        ["wrk", "-t", str(min(connections, os.cpu_count() or 1)), "-c", str(connections),
+         "-d", f"{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(script),
+         f"http://127.0.0.1:{port}/"], capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"wrk failed: {run.stderr or run.stdout}")
+    line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT"))
+    requests, received, duration, errors = line.split()[1:]
+    return {"requests": int(requests), "bytes": int(received), "seconds": float(duration),
+            "errors": int(errors)}
+
+
+def load_threads(port: int, paths: list[str], headers: dict[str, str], seconds: float,
+                 connections: int, scratch: Path) -> dict:
+    totals = {"requests": 0, "bytes": 0, "errors": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker(offset: int) -> None:
+        done = received = errors = 0
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while time.monotonic() < deadline:
+            try:
+                connection.request("GET", paths[(offset + done) % len(paths)], headers=headers)
+                answer = connection.getresponse()
+                received += len(answer.read())
+                done += 1
+                if answer.will_close:  # HTTP/1.0 servers close after each answer
+                    connection.close()
+            except (OSError, http.client.HTTPException):
+                errors += 1
+                connection.close()
+        with lock:
+            totals["requests"] += done
+            totals["bytes"] += received
+            totals["errors"] += errors
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return {**totals, "seconds": time.monotonic() - started}
+
+
+# A real client's repeat fetch, through a relay that counts what the server sends ------
+
+class CountingRelay:
+    """A TCP relay to the server on ``port`` that counts the bytes flowing to the client."""
+
+    def __init__(self, port: int):
+        self.upstream, self.received = port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self.pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self.pump, args=(server, client, True), daemon=True).start()
+
+    def pump(self, source: socket.socket, target: socket.socket, counted: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+                if counted:
+                    with self.lock:
+                        self.received += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class RattlerClient:
+    """rattler's repodata gateway reaching one server through a CountingRelay.
+
+    Each fetch makes a new Gateway, so only the on-disk cache carries over, as between two
+    runs of a conda client.
+    """
+
+    def __init__(self, port: int, cache: Path, sharded: bool):
+        self.relay, self.cache, self.sharded = CountingRelay(port), cache, sharded
+
+    def fetch(self) -> dict:
+        from rattler import Gateway, SourceConfig
+
+        async def query() -> None:
+            gateway = Gateway(cache_dir=self.cache,
+                              default_config=SourceConfig(sharded_enabled=self.sharded))
+            await gateway.query([f"http://127.0.0.1:{self.relay.port}/"], ["noarch"],
+                                ["pkg-0001"], recursive=False)
+
+        before, outcome = self.relay.received, "ok"
+        try:
+            asyncio.run(query())
+        except Exception as exc:  # rattler rejects a 304 without validators (issue 2719)
+            outcome = "failed: " + str(exc).splitlines()[0].split(" when ")[0]
+        return {"bytes": self.relay.received - before, "outcome": outcome}
+
+
+# The run ------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mib(count: float) -> str:
+    return f"{count / (1 << 20):,.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5, help="duration of each load run")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--entries", type=int, default=ENTRIES, help="packages in repodata")
+    parser.add_argument("--repeat-after", type=float, default=65,
+                        help="seconds between a client's first and repeat fetch (rattler "
+                             "trusts a shard index without Cache-Control for about a minute)")
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve_ours(*args.serve)
+        return
+
+    use_wrk = shutil.which("wrk") is not None
+    load = load_wrk if use_wrk else load_threads
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}")
+    generator = ("wrk (bytes count headers)" if use_wrk else
+                 "Python threads + http.client keep-alive (bytes count bodies only)")
+    print(f"load generator: {generator}, {args.connections} connections, "
+          f"{args.seconds:g} s per run")
+
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        scratch = Path(tmp)
+        channel = scratch / "channel"
+        started = time.monotonic()
+        make_channel(channel, args.entries)
+        sizes = {name: mib((channel / "noarch" / name).stat().st_size) for name in
+                 ("repodata.json", "repodata.json.zst", "repodata_shards.msgpack.zst")}
+        print(f"channel ({time.monotonic() - started:.0f} s to make): {args.entries:,} packages;"
+              f" " + ", ".join(f"{name} {size}" for name, size in sizes.items())
+              + f"; {PACKAGES} download files of {mib(PACKAGE_SIZE)}\n")
+        packages = [f"/noarch/file-{i:04d}-1.0-0.conda" for i in range(PACKAGES)]
+        with ExitStack() as servers:
+            ports = {name: servers.enter_context(running(name, channel, scratch))
+                     for name in SERVERS}
+            clients = {(name, sharded): RattlerClient(port, scratch / f"{name}-{sharded}", sharded)
+                       for name, port in ports.items() for sharded in (True, False)}
+            first = {key: client.fetch() for key, client in clients.items()}
+            first_fetched = time.monotonic()
+            loads = {name: {
+                "repodata": load(port, ["/noarch/repodata.json"], {}, args.seconds,
+                                 args.connections, scratch),
+                "conditional": load(port, ["/noarch/repodata.json"], conditional_headers(port),
+                                    args.seconds, args.connections, scratch),
+                "packages": load(port, packages, {}, args.seconds, args.connections, scratch),
+            } for name, port in ports.items()}
+            # A client's next run comes after its cache's heuristic freshness has run out.
+            time.sleep(max(0.0, first_fetched + args.repeat_after - time.monotonic()))
+            repeat = {key: client.fetch() for key, client in clients.items()}
+        report(loads, first, repeat, args.repeat_after)
+
+
+def conditional_headers(port: int) -> dict[str, str]:
+    """What a client sends back: the ETag where it got one, else the date."""
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    connection.request("HEAD", "/noarch/repodata.json")
+    validators = connection.getresponse().headers
+    connection.close()
+    if validators["ETag"]:
+        return {"If-None-Match": validators["ETag"]}
+    return {"If-Modified-Since": validators["Last-Modified"]}
+
+
+def report(loads: dict, first: dict, repeat: dict, repeat_after: float) -> None:
+    print(f"{'':36}{'hubworks':>22}{'http.server':>22}{'ratio':>9}")
+    for key, title in [("repodata", "1. repodata.json"),
+                       ("conditional", "2. conditional re-fetch"),
+                       ("packages", "3. 1 MiB package downloads")]:
+        a, b = (loads[name][key] for name in SERVERS)
+        rate_a, rate_b = a["requests"] / a["seconds"], b["requests"] / b["seconds"]
+        bytes_a, bytes_b = a["bytes"] / a["seconds"], b["bytes"] / b["seconds"]
+        print(f"{title:36}{rate_a:>16,.1f} req/s{rate_b:>16,.1f} req/s"
+              f"{rate_a / max(rate_b, 1e-9):>8.2f}x")
+        print(f"{'   received per second':36}{mib(bytes_a) + '/s':>22}{mib(bytes_b) + '/s':>22}"
+              f"{bytes_a / max(bytes_b, 1e-9):>8.2f}x")
+        per_a, per_b = (x["bytes"] / max(x["requests"], 1) for x in (a, b))
+        print(f"{'   bytes per answer':36}{per_a:>22,.0f}{per_b:>22,.0f}")
+        if a["errors"] or b["errors"]:
+            print(f"{'   socket errors':36}{a['errors']:>22}{b['errors']:>22}")
+    for sharded, title in [(True, "sharded repodata (default)"), (False, "repodata.json.zst")]:
+        print(f"2. rattler client, {title}; repeat {repeat_after:g} s after the first fetch")
+        ours, theirs = ((first[name, sharded], repeat[name, sharded]) for name in SERVERS)
+        print(f"{'   first fetch, bytes received':36}{ours[0]['bytes']:>22,}"
+              f"{theirs[0]['bytes']:>22,}")
+        print(f"{'   repeat fetch, bytes received':36}{ours[1]['bytes']:>22,}"
+              f"{theirs[1]['bytes']:>22,}")
+        print(f"{'   repeat fetch outcome':36}{ours[1]['outcome']:>22}  {theirs[1]['outcome']}")
+        # A failed repeat leaves a fetch without cache (the first fetch's bytes) as the way on.
+        working = theirs[0 if theirs[1]["outcome"] != "ok" else 1]["bytes"]
+        print(f"{'   bytes of a working repeat':36}{ours[1]['bytes']:>22,}{working:>22,}"
+              f"{working / max(ours[1]['bytes'], 1):>8,.0f}x fewer")
+
+
+if __name__ == "__main__":
+    main()

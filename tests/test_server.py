@@ -1,0 +1,422 @@
+"""The channel server, over real HTTP: what conda clients and browsers get, and what nobody gets.
+
+A channel is built here from two tiny recipes (rattler-build, offline), indexed with rattler,
+served on a free port, and installed from with py-rattler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bz2
+import http.client
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+import rattler
+import requests
+from rattler import Gateway, SourceConfig
+from rattler.index import index_fs
+from rattler_build import Stage0Recipe
+
+from tasks.errors import HubworksError
+from tasks.server import (channel_server_from_settings, channel_token, machine_name,
+                          served_channel)
+from tasks.settings import load_settings
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def recipe(name: str, version: str, *run: str) -> str:
+    """A noarch: generic recipe that installs share/<name>/<name>.txt."""
+    folder = f"$PREFIX/share/{name}"
+    text = (f'package: {{name: {name}, version: "{version}"}}\n'
+            "build:\n  noarch: generic\n  script:\n"
+            f"    - mkdir -p {folder} && echo {name} > {folder}/{name}.txt\n")
+    if run:
+        text += "requirements:\n  run:\n" + "".join(f"    - {spec}\n" for spec in run)
+    return text
+
+
+def build_into(channel: Path, build: Path, name: str, version: str, *run: str) -> None:
+    """Build the recipe with rattler-build (offline: only local dependencies), copy it in."""
+    path = build.parent / "recipes" / name / "recipe.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(recipe(name, version, *run))
+    Stage0Recipe.from_file(path).run_build(output_dir=build, channels=[build.as_uri()])
+    (channel / "noarch").mkdir(parents=True, exist_ok=True)
+    shutil.copy(next((build / "noarch").glob(f"{name}-{version}-*.conda")), channel / "noarch")
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory) -> Path:
+    """An indexed channel of hw-app and its dependency hw-dep, plus files for the edge cases."""
+    base = tmp_path_factory.mktemp("served")
+    channel = base / "channel"
+    build_into(channel, base / "build", "hw-dep", "1.0.0")
+    build_into(channel, base / "build", "hw-app", "2.0.0", "hw-dep >=1")
+    asyncio.run(index_fs(channel))
+
+    (channel / "index.html").write_text("<h1>channel</h1>")
+    (channel / "noarch" / "index.html").write_text("<h1>noarch</h1>")
+    (channel / "noarch" / "repodata.json.bz2").write_bytes(
+        bz2.compress((channel / "noarch" / "repodata.json").read_bytes()))
+    (channel / "noarch" / "old-1.0-0.tar.bz2").write_bytes(b"not really a package")
+    (channel / "bytes.bin").write_bytes(bytes(range(256)) * 4)
+    (channel / "changing.json").write_text("{}")
+    (channel / "no-index").mkdir()
+    (channel / "no-index" / "file.txt").write_text("listed nowhere")
+    (base / "secret.txt").write_text("SECRET outside the channel")
+    (channel / "noarch" / "leak.txt").symlink_to(base / "secret.txt")
+    (channel / "outside").symlink_to(base)
+    (channel / "latest.json").symlink_to(channel / "noarch" / "repodata.json")
+    return channel
+
+
+@pytest.fixture(scope="module")
+def server(channel):
+    with served_channel(channel, port=0) as served:
+        yield served
+
+
+def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """Send the request line exactly as written (requests and http.client tidy paths)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                     .encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# What conda clients need ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, content_type, cache_control", [
+    ("noarch/repodata.json", "application/json", "no-cache"),
+    ("noarch/repodata.json.zst", "application/zstd", "no-cache"),
+    ("noarch/repodata.json.bz2", "application/x-bzip2", "no-cache"),
+    ("noarch/repodata_shards.msgpack.zst", "application/zstd", "no-cache"),
+    ("noarch/shards/*.msgpack.zst", "application/zstd", IMMUTABLE),
+    ("noarch/hw-app-2.0.0-*.conda", "application/octet-stream", IMMUTABLE),
+    ("noarch/old-1.0-0.tar.bz2", "application/x-tar", IMMUTABLE),
+    ("index.html", "text/html; charset=utf-8", "no-cache"),
+])
+def test_each_file_kind_gets_its_type_caching_and_validators(server, channel, path,
+                                                             content_type, cache_control):
+    local = next(channel.glob(path))
+    answer = requests.get(server.url + local.relative_to(channel).as_posix())
+    assert answer.status_code == 200
+    assert answer.content == local.read_bytes()
+    assert answer.headers["Content-Type"] == content_type
+    assert answer.headers["Cache-Control"] == cache_control
+    assert answer.headers["Content-Length"] == str(local.stat().st_size)
+    assert answer.headers["ETag"].startswith('"')
+    assert answer.headers["Last-Modified"].endswith("GMT")
+
+
+def test_revalidation_answers_304_with_etag_and_last_modified(server, channel):
+    url = server.url + "changing.json"
+    first = requests.get(url)
+    etag, modified = first.headers["ETag"], first.headers["Last-Modified"]
+
+    for condition in ({"If-None-Match": etag}, {"If-None-Match": f'"other", W/{etag}'},
+                      {"If-Modified-Since": modified}):
+        again = requests.get(url, headers=condition)
+        assert again.status_code == 304, condition
+        assert again.content == b"" and "Content-Length" not in again.headers
+        # rattler rejects a 304 that lacks these (rattler issue 2719)
+        assert (again.headers["ETag"], again.headers["Last-Modified"]) == (etag, modified)
+        assert again.headers["Cache-Control"] == "no-cache"
+
+    # If-None-Match decides when both are sent
+    stale = {"If-None-Match": '"other"', "If-Modified-Since": modified}
+    assert requests.get(url, headers=stale).status_code == 200
+    older = formatdate(time.time() - 86400 * 365, usegmt=True)
+    assert requests.get(url, headers={"If-Modified-Since": older}).status_code == 200
+
+    later = time.time() + 5
+    os.utime(channel / "changing.json", (later, later))
+    changed = requests.get(url, headers={"If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["ETag"] != etag
+
+
+def test_two_requests_share_one_keep_alive_connection(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("GET", "/noarch/repodata.json")
+    first = connection.getresponse()
+    first.read()
+    sock = connection.sock
+    connection.request("HEAD", "/noarch/repodata.json")
+    second = connection.getresponse()
+    assert (first.version, first.status, second.status) == (11, 200, 200)
+    assert connection.sock is sock and first.getheader("Connection") is None
+    connection.close()
+
+
+def test_head_sends_headers_without_a_body(server, channel):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    connection.request("HEAD", "/bytes.bin")
+    head = connection.getresponse()
+    assert head.read() == b""
+    assert head.getheader("Content-Length") == "1024"
+    # a stray body would be read as the next response's status line
+    connection.request("GET", "/bytes.bin")
+    assert connection.getresponse().read() == (channel / "bytes.bin").read_bytes()
+    connection.close()
+
+
+def test_byte_ranges(server, channel):
+    url, data = server.url + "bytes.bin", (channel / "bytes.bin").read_bytes()
+    etag = requests.head(url).headers["ETag"]
+
+    for header, first, last in [("bytes=10-19", 10, 19), ("bytes=-5", 1019, 1023),
+                                ("bytes=1000-", 1000, 1023), ("bytes=1020-5000", 1020, 1023)]:
+        part = requests.get(url, headers={"Range": header})
+        assert part.status_code == 206, header
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/1024"
+        assert part.content == data[first:last + 1]
+
+    past_end = requests.get(url, headers={"Range": "bytes=1024-"})
+    assert past_end.status_code == 416
+    assert past_end.headers["Content-Range"] == "bytes */1024"
+
+    several = requests.get(url, headers={"Range": "bytes=0-1,5-6"})
+    assert (several.status_code, several.content) == (200, data)
+    same = requests.get(url, headers={"Range": "bytes=0-3", "If-Range": etag})
+    assert same.status_code == 206
+    changed = requests.get(url, headers={"Range": "bytes=0-3", "If-Range": '"old"'})
+    assert (changed.status_code, changed.content) == (200, data)
+
+
+# What nobody gets -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [
+    "/../secret.txt",
+    "/noarch/../../secret.txt",
+    "/%2e%2e/secret.txt",
+    "/noarch/%2E%2E/%2e%2e/secret.txt",
+    "/noarch/..%2f..%2fsecret.txt",
+    "/noarch\\..\\..\\secret.txt",
+    "/%5c..%5csecret.txt",
+    "/noarch/repodata.json%00.txt",
+    "/etc/passwd",
+    "//etc/passwd",
+    "/%2fetc%2fpasswd",
+    "http://127.0.0.1/etc/passwd",
+    "/noarch/leak.txt",
+    "/outside/secret.txt",
+    "/no-index/",
+    "/no-index",
+    "/noarch/missing.conda",
+])
+def test_nothing_outside_the_channel_and_no_listings(server, target):
+    status, body = raw_get(server.port, target)
+    assert status == 404
+    assert b"SECRET" not in body and b"root:" not in body
+
+
+def test_symlinks_within_the_channel_are_served(server, channel):
+    answer = requests.get(server.url + "latest.json")
+    assert answer.content == (channel / "noarch" / "repodata.json").read_bytes()
+
+
+def test_folders_serve_their_index_html(server):
+    assert requests.get(server.url).text == "<h1>channel</h1>"
+    assert requests.get(server.url + "noarch/").text == "<h1>noarch</h1>"
+    # the slash keeps the page's relative links inside the folder
+    redirect = requests.get(server.url + "noarch", allow_redirects=False)
+    assert (redirect.status_code, redirect.headers["Location"]) == (301, "/noarch/")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_write_methods_are_refused(server, channel, method):
+    before = (channel / "changing.json").read_bytes()
+    answer = requests.request(method, server.url + "changing.json", data=b"{}")
+    assert answer.status_code == 405
+    assert answer.headers["Allow"] == "GET, HEAD"
+    assert (channel / "changing.json").read_bytes() == before
+
+
+def test_token_guards_every_path_and_stays_out_of_the_log(channel, tmp_path):
+    log = tmp_path / "access.log"
+    with served_channel(channel, port=0, token="s3cret", access_log=log) as served:
+        base = f"http://127.0.0.1:{served.port}/"
+        assert served.url == base + "t/s3cret/"
+        assert requests.get(served.url + "noarch/repodata.json").status_code == 200
+        for path in ["noarch/repodata.json", "t/wrong/noarch/repodata.json", "t/", "t/s3cre/",
+                     "t/s3cret2/noarch/repodata.json", "x/s3cret/noarch/repodata.json"]:
+            assert requests.get(base + path).status_code == 403, path
+    lines = log.read_text().splitlines()
+    assert len(lines) == 7
+    stamp, client, method, path, status, sent, ms = lines[0].split()
+    assert (client, method, path, status) == (
+        "127.0.0.1", "GET", "/t/<token>/noarch/repodata.json", "200")
+    assert int(sent) == (channel / "noarch" / "repodata.json").stat().st_size
+    assert ms.endswith("ms")
+    assert "s3cre" not in log.read_text()
+
+
+def test_token_setting_policy(channel):
+    assert channel_token("auto", "127.0.0.1") is None
+    assert channel_token("auto", "localhost") is None
+    assert len(channel_token("auto", "0.0.0.0")) >= 16
+    assert channel_token("auto", "0.0.0.0") != channel_token("auto", "0.0.0.0")
+    assert channel_token("off", "0.0.0.0") is None
+    assert channel_token("team-token", "127.0.0.1") == "team-token"
+    with pytest.raises(HubworksError, match="token"):
+        with served_channel(channel, port=0, token="a/b"):
+            pass
+
+
+def test_settings_bind_all_interfaces_with_a_token_and_a_reachable_name(channel, tmp_path):
+    settings = load_settings(tmp_path, environ={
+        "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_HOST": "0.0.0.0",
+        "HUBWORKS_CHANNEL_PORT": "0"})
+    with channel_server_from_settings(settings) as served:
+        assert served.token and served.url.endswith(f":{served.port}/t/{served.token}/")
+        assert machine_name() in served.url and "all interfaces" in served.note
+        local = f"http://127.0.0.1:{served.port}/t/{served.token}/noarch/repodata.json"
+        assert requests.get(local).status_code == 200
+    logged = (tmp_path / ".hubworks" / "logs" / "channel-server.log").read_text()
+    assert "/t/<token>/noarch/repodata.json 200" in logged
+
+
+# Lifetime ---------------------------------------------------------------------------------
+
+def test_busy_port_names_the_address_and_the_fix(channel):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(HubworksError) as failure:
+            with served_channel(channel, host="127.0.0.1", port=port):
+                pass
+    message = str(failure.value)
+    assert f"127.0.0.1:{port}" in message and "in use" in message
+    assert "HUBWORKS_CHANNEL_PORT" in message and "port 0" in message
+
+
+@pytest.mark.parametrize("ending", [None, RuntimeError, KeyboardInterrupt])
+def test_port_closes_when_the_block_ends_however_it_ends(channel, ending):
+    started = time.monotonic()
+    with pytest.raises(ending) if ending else nullcontext():
+        with served_channel(channel, port=0) as served:
+            port = served.port
+            # an idle keep-alive client must not hold the server open
+            idle = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            idle.request("GET", "/index.html")
+            idle.getresponse().read()
+            if ending:
+                raise ending("stop")
+    assert refuses_connections(port)
+    assert time.monotonic() - started < 3
+    idle.close()
+
+
+def test_doit_serve_channel_prints_the_url_and_stops_on_ctrl_c(channel, tmp_path):
+    (tmp_path / "dodo.py").write_text(
+        "from tasks.server import task_serve_channel\n"
+        "from tasks.workspace import doit_config\n"
+        "def task_index_channel():\n"
+        "    return {'actions': []}\n"
+        "DOIT_CONFIG = doit_config()\n")
+    env = {**os.environ, "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_PORT": "0"}
+    doit = [sys.executable, "-m", "doit"]
+    listed = subprocess.run(doit + ["list"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, check=True).stdout
+    assert re.search(r"^serve_channel +Serve the channel over HTTP until Ctrl-C", listed, re.M)
+
+    serving = subprocess.Popen(doit + ["serve_channel"], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = ""
+        while "Serving" not in line:
+            line = serving.stdout.readline()
+            assert line, serving.stderr.read()
+        url = line.split(" at ")[1].split()[0]
+        assert requests.get(url + "noarch/repodata.json").status_code == 200
+        serving.send_signal(signal.SIGINT)
+        out, err = serving.communicate(timeout=10)
+    finally:
+        serving.kill()
+    assert serving.returncode == 0, err
+    assert "Stopping the channel server" in out
+    assert "GET /noarch/repodata.json 200" in err
+    assert refuses_connections(int(url.rsplit(":", 1)[1].strip("/")))
+
+
+# A real conda client ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("token, sharded", [(None, True), ("tok3n", True), (None, False)],
+                         ids=["sharded", "token", "repodata-json"])
+def test_rattler_solves_installs_and_revalidates_cheaply(channel, tmp_path, token, sharded):
+    log = io.StringIO()
+    config = SourceConfig(sharded_enabled=sharded)
+
+    async def install(url: str, prefix: Path):
+        gateway = Gateway(cache_dir=tmp_path / "repodata-cache", default_config=config)
+        records = await rattler.solve(sources=[url], specs=["hw-app"], gateway=gateway,
+                                      platforms=["linux-64", "noarch"])
+        await rattler.install(records, target_prefix=prefix, cache_dir=tmp_path / "pkgs",
+                              show_progress=False)
+        return sorted(record.name.normalized for record in records)
+
+    with served_channel(channel, port=0, token=token, access_log=log) as served:
+        assert asyncio.run(install(served.url, tmp_path / "first")) == ["hw-app", "hw-dep"]
+        first_bytes = served.bytes_sent
+        asyncio.run(install(served.url, tmp_path / "second"))
+        repeat_bytes = served.bytes_sent - first_bytes
+
+    for prefix in ("first", "second"):
+        for name in ("hw-app", "hw-dep"):
+            assert (tmp_path / prefix / "share" / name / f"{name}.txt").read_text() == name + "\n"
+    requests_made = log.getvalue()
+    if sharded:
+        assert "/noarch/repodata_shards.msgpack.zst 200" in requests_made
+        assert "/noarch/shards/" in requests_made
+        assert "/noarch/repodata_shards.msgpack.zst 304" in requests_made
+    else:
+        assert "/noarch/repodata.json.zst 304" in requests_made
+    assert repeat_bytes * 5 < first_bytes, requests_made
+
+
+def test_a_package_indexed_while_serving_is_visible_on_the_next_run(channel, tmp_path):
+    served_dir = tmp_path / "channel"
+    (served_dir / "noarch").mkdir(parents=True)
+    for package in (channel / "noarch").glob("*.conda"):
+        shutil.copy(package, served_dir / "noarch")
+    asyncio.run(index_fs(served_dir))
+
+    async def found(url: str) -> list[str]:
+        # a new gateway per run: only the on-disk cache carries over, as between two runs
+        gateway = Gateway(cache_dir=tmp_path / "repodata-cache")
+        records = await gateway.query([url], ["noarch"], ["hw-new"], recursive=False)
+        return [f"{record.name.normalized} {record.version}" for record in records[0]]
+
+    with served_channel(served_dir, port=0) as served:
+        assert asyncio.run(found(served.url)) == []
+        build_into(served_dir, tmp_path / "build", "hw-new", "0.1.0")
+        asyncio.run(index_fs(served_dir))
+        # no-cache on the shard index: rattler asks again instead of trusting its copy
+        assert asyncio.run(found(served.url)) == ["hw-new 0.1.0"]
