@@ -86,25 +86,38 @@ SETTINGS: list[Setting] = [
     Setting("images", "network", "host",
             "Network of build containers; host lets them reach a loopback channel. Empty: "
             "the engine's default."),
+    Setting("images", "isolation", "",
+            "podman only: how RUN steps are isolated; empty: podman's default. chroot works "
+            "where podman cannot start containers (nested containers, some cgroup setups)."),
     Setting("images", "push", False, "Push both tags after a build (prefix names the registry)."),
     Setting("images", "user_name", "jovyan", "User repo2docker creates in the images."),
     Setting("images", "user_id", 1000, "Uid of that user."),
     # hub
     Setting("hub", "prefix", "/opt/jupyterhub",
-            "Where install_hub puts the hub: venv, proxy, config, secrets, database, logs.",
+            "Where install_hub puts the hub: venv, proxy, config, secrets, database, log. "
+            "Every user must be able to enter it (their servers run from its venv).",
             kind="path"),
     Setting("hub", "python", "",
             "Interpreter for the hub's venv; empty: the first Python >= 3.10 every user can run."),
-    Setting("hub", "jupyterhub_version", "5.4.2", "JupyterHub release installed in the hub venv."),
-    Setting("hub", "jupyterlab_version", "4.5.0", "JupyterLab release installed in the hub venv."),
+    Setting("hub", "node", "",
+            "Node.js that runs the proxy; empty: the first new enough node on PATH or in "
+            "/usr/bin, /usr/local/bin. A node named here is never replaced."),
+    Setting("hub", "jupyterhub_version", "6.1.1", "JupyterHub release installed in the hub venv."),
+    Setting("hub", "jupyterlab_version", "4.6.6", "JupyterLab release installed in the hub venv."),
+    Setting("hub", "dockerspawner_version", "14.0.0",
+            "DockerSpawner release, installed only when spawner = docker."),
     Setting("hub", "proxy_version", "5.3.0",
-            "configurable-http-proxy release from npm (5.x needs Node.js >= 20)."),
+            "configurable-http-proxy release from npm (5.2 and later need Node.js >= 20; "
+            "with an older Node the newest release of the same major that supports it)."),
     Setting("hub", "ip", "", "Address the hub's proxy listens on; empty: all interfaces."),
     Setting("hub", "port", 8000, "Port users open in the browser."),
     Setting("hub", "hub_port", 8081, "Port of the hub process behind the proxy (loopback)."),
+    Setting("hub", "proxy_api_port", 8001, "Port of the proxy's REST API (loopback)."),
     Setting("hub", "authenticator", "pam", "pam (system users) or dummy (any password; tests)."),
     Setting("hub", "admin_users", [], "Users with admin rights in the hub."),
-    Setting("hub", "allowed_users", [], "Users who may log in (with allowed_groups)."),
+    Setting("hub", "allowed_users", [],
+            "Users who may log in. With allowed_groups also empty, every user the "
+            "authenticator accepts may log in."),
     Setting("hub", "allowed_groups", [], "System groups whose members may log in."),
     Setting("hub", "spawner", "local",
             "local (a process per user, run as that user) or docker (DockerSpawner offering "

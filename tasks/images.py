@@ -1,0 +1,460 @@
+"""build_images: repo2docker images from images/* against the served internal channel.
+
+Each folder of images/ is a repo2docker repository; ``build_images:<name>`` builds one.
+For every image that is out of date:
+
+1. the channel server starts (once per doit run, shared by all image builds, stopped when
+   the run ends: see ``workspace.RUN``);
+2. preflight: the image's internal packages are resolved against the served channel with
+   rattler's solver, so a missing package or version fails in seconds, by name;
+3. a staged copy of the folder is made in which the channel alias (``internal``) in every
+   environment.yml is replaced by the served URL; ``images/`` itself is never modified;
+4. repo2docker builds it (Docker with buildx, or podman), with ``CHANNEL_URL`` as a build
+   argument for Dockerfile images and the host network so a loopback channel is reachable;
+5. the image is tagged ``<prefix>/<name>:<hash>`` and ``:latest`` (and pushed if asked).
+
+The hash covers the image folder and the exact internal packages it resolves to, so a
+rebuilt internal package rebuilds exactly the images that use it, and repo2docker's reuse
+of an existing tag can never serve a stale image. An image is up to date when its hash is
+unchanged and the engine still has it.
+
+Which internal packages an image uses: the dependencies of every environment.yml in it
+that lists the alias (all of them when the alias is its only channel, ``internal::name``
+always); for a Dockerfile, also every internal package name its text mentions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import HubworksError, reports_errors
+from .fsutil import atomic_write_json, folder_files, read_json, tree_digest
+from .settings import Settings
+from .workspace import RUN, current_settings, log_path, print_line
+
+# What repo2docker can build from (any one is enough); see its buildpacks.
+REPO2DOCKER_FILES = (
+    "environment.yml", "requirements.txt", "Pipfile", "Pipfile.lock", "setup.py",
+    "pyproject.toml", "Project.toml", "REQUIRE", "install.R", "DESCRIPTION", "apt.txt",
+    "postBuild", "start", "runtime.txt", "Dockerfile", "default.nix", "manifest.xml",
+)
+ENVIRONMENT_FILE = "environment.yml"
+
+
+# ---------------------------------------------------------------- what an image folder holds
+
+@dataclass
+class Image:
+    name: str
+    folder: Path
+    config_dir: Path | None = None    # where repo2docker looks: binder/, .binder/ or the root
+    env_file: Path | None = None
+    dockerfile: Path | None = None
+    problem: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "Dockerfile" if self.dockerfile else "environment.yml" if self.env_file else \
+            "repo2docker"
+
+
+def read_image(folder: Path) -> Image:
+    image = Image(folder.name, folder)
+    # repo2docker reads binder/ (or .binder/) instead of the root when it exists.
+    image.config_dir = next(
+        (c for c in (folder / "binder", folder / ".binder") if c.is_dir()), folder)
+    found = [f for f in REPO2DOCKER_FILES if (image.config_dir / f).is_file()]
+    if not found:
+        where = Path(folder.parent.name, image.config_dir.relative_to(folder.parent))
+        image.problem = (
+            f"image '{image.name}': {where}/ has nothing repo2docker can build from.\n"
+            f"  fix: add an environment.yml (conda packages), a requirements.txt, or a "
+            f"Dockerfile to {where}/")
+    if "Dockerfile" in found:
+        image.dockerfile = image.config_dir / "Dockerfile"
+    if ENVIRONMENT_FILE in found:
+        image.env_file = image.config_dir / ENVIRONMENT_FILE
+    return image
+
+
+def discover_images(images_dir: Path) -> dict[str, Image]:
+    if not images_dir.is_dir():
+        return {}
+    return {p.name: read_image(p) for p in sorted(images_dir.iterdir())
+            if p.is_dir() and not p.name.startswith(".")}
+
+
+def _load_yaml(path: Path):
+    from ruamel.yaml import YAML
+
+    try:
+        return YAML(typ="safe").load(path.read_text()) or {}
+    except Exception as exc:
+        raise HubworksError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
+                            fix="correct the file") from None
+
+
+def _spec_name(spec: str) -> str:
+    return re.split(r"[\s=<>!~\[]", spec.strip(), maxsplit=1)[0].lower()
+
+
+def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[str]:
+    """The image's requirements that the internal channel is to provide."""
+    specs: list[str] = []
+    env_files = [p for p in folder_files(image.folder) if p.name == ENVIRONMENT_FILE]
+    for env_file in env_files:
+        data = _load_yaml(env_file)
+        channels = [str(c) for c in data.get("channels") or []]
+        for entry in data.get("dependencies") or []:
+            if not isinstance(entry, str):
+                continue  # a pip: section
+            channel, _, spec = entry.rpartition("::")
+            if channel == alias or (alias in channels and (
+                    _spec_name(spec) in internal_names or channels == [alias]
+                    or set(channels) == {alias, "nodefaults"})):
+                specs.append(spec.strip())
+    if image.dockerfile:
+        text = image.dockerfile.read_text()
+        for name in sorted(internal_names):
+            # The name as a word, or as the start of a package file name (name-1.2-h0_0).
+            if re.search(rf"(?<![\w.-]){re.escape(name)}(?=$|[^\w.-]|-\d)", text):
+                specs.append(name)
+    return sorted(set(specs))
+
+
+# ---------------------------------------------------------------- resolving internal packages
+
+@dataclass
+class Resolution:
+    specs: list[str]
+    packages: list[dict] = field(default_factory=list)  # name, version, build, sha256
+
+    def describe(self) -> str:
+        return ", ".join(f"{p['name']} {p['version']}" for p in self.packages) or "none"
+
+
+def internal_package_names(channel_dir: Path) -> set[str]:
+    names: set[str] = set()
+    for repodata in channel_dir.glob("*/repodata.json"):
+        data = read_json(repodata, {}) or {}
+        for key in ("packages", "packages.conda"):
+            names.update(record["name"] for record in data.get(key, {}).values())
+    return names
+
+
+async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
+                   internal_names: set[str]) -> Resolution:
+    import rattler
+
+    platform = str(rattler.Subdir.current())
+    gateway = rattler.Gateway(cache_dir=cache_dir)
+    channel = rattler.Channel(channel_url)
+    names = sorted({_spec_name(s) for s in specs})
+    found = await gateway.query([channel], [platform, "noarch"], names, recursive=False)
+    available: dict[str, list] = {}
+    for records in found:
+        for record in records:
+            available.setdefault(record.name.normalized, []).append(record)
+    for spec in specs:
+        name, match = _spec_name(spec), rattler.MatchSpec(spec)
+        candidates = available.get(name, [])
+        if not candidates:
+            have = ", ".join(sorted(internal_names)) or "no packages"
+            raise HubworksError(f"the internal channel has no package '{name}' "
+                                f"(it has: {have})")
+        if not any(match.matches(r) for r in candidates):
+            versions = ", ".join(sorted({str(r.version) for r in candidates}, reverse=True))
+            raise HubworksError(f"no version of {name} in the internal channel matches "
+                                f"'{spec}' (it has {versions})")
+    try:
+        solved = await rattler.solve(
+            [channel], specs, gateway=gateway, platforms=[platform, "noarch"],
+            virtual_packages=rattler.VirtualPackage.detect())
+    except Exception as exc:
+        raise HubworksError("the internal packages cannot be installed together: "
+                            + " ".join(str(exc).split())) from None
+    packages = sorted(({"name": r.name.normalized, "version": str(r.version),
+                        "build": str(r.build), "sha256": r.sha256.hex() if isinstance(r.sha256, bytes)
+                        else str(r.sha256)} for r in solved), key=lambda p: p["name"])
+    return Resolution(specs, packages)
+
+
+def resolve_internal(settings: Settings, image: Image, channel_url: str,
+                     internal_names: set[str] | None = None) -> Resolution:
+    """Solve the image's internal requirements against the channel at ``channel_url``."""
+    if internal_names is None:
+        internal_names = internal_package_names(settings.channel_dir)
+    specs = internal_specs(image, settings.images.channel_alias, internal_names)
+    if not specs:
+        return Resolution([])
+    cache = settings.state("rattler-cache")
+    try:
+        return asyncio.run(_resolve(specs, channel_url, cache, internal_names))
+    except HubworksError as exc:
+        raise HubworksError(
+            f"image '{image.name}': {exc.message}.",
+            fix=f"build the package (add or fix its recipe in recipes/), or change the "
+                f"requirement in {image.env_file or image.dockerfile}") from None
+
+
+def image_hash(settings: Settings, image: Image, resolution: Resolution) -> str:
+    from repo2docker import __version__ as repo2docker_version
+
+    digest = hashlib.sha256()
+    digest.update(tree_digest(image.folder).encode())
+    digest.update(json.dumps({
+        "internal": resolution.packages,
+        "alias": settings.images.channel_alias,
+        "user": [settings.images.user_name, settings.images.user_id],
+        "repo2docker": repo2docker_version,
+    }, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- records
+
+def image_records_dir(settings: Settings) -> Path:
+    return settings.state("images")
+
+
+def record_path(settings: Settings, name: str) -> Path:
+    return image_records_dir(settings) / f"{name}.json"
+
+
+def built_image_tags(settings: Settings) -> list[str]:
+    """Content-hash tags of the images build_images produced, by image name."""
+    folder = image_records_dir(settings)
+    if not folder.is_dir():
+        return []
+    return [read_json(p, {}).get("tag") for p in sorted(folder.glob("*.json"))
+            if read_json(p, {}).get("tag")]
+
+
+def tags_for(settings: Settings, image: Image, content_hash: str) -> tuple[str, str]:
+    repository = f"{settings.images.prefix.rstrip('/')}/{image.name}"
+    return f"{repository}:{content_hash}", f"{repository}:latest"
+
+
+def image_is_current(settings: Settings, image: Image) -> bool:
+    """Up to date: same hash as the last build, and the engine still has that image."""
+    from .engines import select_engine
+
+    record = read_json(record_path(settings, image.name))
+    if not record or image.problem:
+        return False
+    try:
+        resolution = resolve_internal(settings, image, settings.channel_dir.as_uri())
+        if image_hash(settings, image, resolution) != record["hash"]:
+            return False
+        return select_engine(settings.images.engine).image_exists(record["tag"])
+    except Exception:  # anything unclear: build, and let the build say what is wrong
+        return False
+
+
+# ---------------------------------------------------------------- staging and building
+
+def served_url_for_builds(settings: Settings, served_url: str, token: str | None) -> str:
+    """The channel URL a build container uses: the served one, or channel.public_url."""
+    if not settings.channel.public_url:
+        return served_url
+    url = settings.channel.public_url.rstrip("/") + "/"
+    if token and f"/t/{token}/" not in url:
+        url += f"t/{token}/"
+    return url
+
+
+def stage_image(image: Image, target: Path, alias: str, channel_url: str,
+                resolution: Resolution) -> Path:
+    """Copy the image folder, replacing the channel alias in every environment.yml.
+
+    Each staged environment.yml also names the exact internal packages (with sha256) in a
+    comment: the engine's layer cache keys on the file's bytes, so a rebuilt internal
+    package invalidates exactly the layers that install it.
+    """
+    from ruamel.yaml import YAML
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(image.folder, target, symlinks=True)
+    yaml = YAML()  # round-trip: comments and layout survive
+    yaml.preserve_quotes = True
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    for env_file in target.rglob(ENVIRONMENT_FILE):
+        data = yaml.load(env_file.read_text())
+        if not data:
+            continue
+        channels = data.get("channels") or []
+        for i, channel in enumerate(channels):
+            if str(channel) == alias:
+                channels[i] = channel_url
+        dependencies = data.get("dependencies") or []
+        for i, entry in enumerate(dependencies):
+            if isinstance(entry, str) and entry.startswith(f"{alias}::"):
+                dependencies[i] = channel_url.rstrip("/") + "::" + entry[len(alias) + 2:]
+        pins = "".join(f"#   {p['name']} {p['version']} {p['build']} sha256:{p['sha256']}\n"
+                       for p in resolution.packages)
+        with env_file.open("w") as handle:
+            if pins:
+                handle.write("# internal packages resolved for this build:\n" + pins)
+            yaml.dump(data, handle)
+    return target
+
+
+def repo2docker_command(settings: Settings, engine_name: str, stage: Path, tag: str,
+                        channel_url: str, config: Path, content_hash: str) -> list[str]:
+    return [
+        sys.executable, "-m", "repo2docker",
+        "--engine", engine_name, "--no-run",
+        "--config", str(config),
+        "--user-name", settings.images.user_name, "--user-id", str(settings.images.user_id),
+        "--image-name", tag,
+        "--build-arg", f"CHANNEL_URL={channel_url}",
+        "--label", f"org.hubworks.hash={content_hash}",
+        str(stage),
+    ]
+
+
+def write_repo2docker_config(settings: Settings, path: Path, *, no_cache: bool) -> Path:
+    extra = [f"--network={settings.images.network}"] if settings.images.network else []
+    if no_cache:
+        extra.append("--no-cache")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # repo2docker shells out to `<cli> buildx build`; these arguments go right before the
+    # build context, which is how a loopback channel becomes reachable from RUN steps.
+    path.write_text(f"c.DockerEngine.extra_buildx_build_args = {extra!r}\n")
+    return path
+
+
+_UNREACHABLE = [
+    re.compile(r"lookup ([A-Za-z0-9.-]+\.[A-Za-z]{2,})"),
+    re.compile(r"[Cc]ould not resolve host:? ([A-Za-z0-9.-]+)"),
+    re.compile(r"(?:pinging container registry|initializing source docker://) ?([A-Za-z0-9.-]+)"),
+    re.compile(r"[Ff]ailed to connect to ([A-Za-z0-9.-]+)"),
+    re.compile(r"error sending request for url \(https?://([A-Za-z0-9.-]+)"),
+    re.compile(r"[Tt]emporary failure in name resolution.*?([A-Za-z0-9.-]+\.[A-Za-z]{2,})"),
+    re.compile(r"https?://([A-Za-z0-9.-]+)[^\s]*: (?:dial tcp|connect|Network is unreachable)"),
+]
+
+
+def unreachable_hosts(log_text: str) -> list[str]:
+    hosts: list[str] = []
+    for pattern in _UNREACHABLE:
+        for match in pattern.finditer(log_text):
+            host = match.group(1).strip(".")
+            if "." in host and host not in hosts and host != "127.0.0.1":
+                hosts.append(host)
+    return hosts
+
+
+def diagnose(log_text: str) -> str:
+    """What the build log says about causes a user can act on, as extra lines."""
+    notes = ""
+    hosts = unreachable_hosts(log_text)
+    if hosts:
+        notes += (f"\n  the build could not reach: {', '.join(hosts)}. It needs network access "
+                  f"to these (environment.yml images: conda-forge and the base image's "
+                  f"registry).")
+    if re.search(r"crun|runc|creating container for|cgroups? .*not supported", log_text):
+        notes += ("\n  the engine could not start the build's RUN containers here; with "
+                  "podman, images.isolation = \"chroot\" (HUBWORKS_IMAGES_ISOLATION=chroot) "
+                  "avoids that.")
+    return notes
+
+
+def _tail(path: Path, lines: int) -> str:
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def _channel_server(settings: Settings):
+    from .server import channel_server_from_settings
+
+    return channel_server_from_settings(settings)  # access log under the state directory
+
+
+@reports_errors
+def build_image(image: Image) -> None:
+    from .engines import select_engine
+
+    settings = current_settings()
+    started = time.monotonic()
+    if image.problem:
+        raise HubworksError(image.problem)
+    engine = select_engine(settings.images.engine)
+    served = RUN.shared("channel-server", lambda: _channel_server(settings))
+    build_url = served_url_for_builds(settings, served.url, served.token)
+
+    resolution = resolve_internal(settings, image, served.url)
+    content_hash = image_hash(settings, image, resolution)
+    tag, latest = tags_for(settings, image, content_hash)
+    print_line(f"   image {image.name} ({image.kind}): building {tag}; internal packages: "
+               f"{resolution.describe()}")
+
+    scratch = settings.state("images", image.name)
+    stage = stage_image(image, scratch / "stage", settings.images.channel_alias, build_url,
+                        resolution)
+    # A Dockerfile's RUN steps fetch from CHANNEL_URL, which the layer cache cannot see:
+    # when the internal packages differ from the last build (or are unknown), skip it.
+    previous = read_json(record_path(settings, image.name), {}) or {}
+    no_cache = bool(image.dockerfile and resolution.packages
+                    and previous.get("internal_packages") != resolution.packages)
+    config = write_repo2docker_config(settings, scratch / "repo2docker_config.py",
+                                      no_cache=no_cache)
+    command = repo2docker_command(settings, engine.repo2docker_engine, stage, tag,
+                                  build_url, config, content_hash)
+    log = log_path(settings, "images", f"{image.name}.log")
+    with log.open("w") as handle:
+        handle.write(f"# {engine.name} build of images/{image.name} ({engine.reason})\n"
+                     f"# {' '.join(command)}\n")
+        handle.flush()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if settings.images.isolation and engine.name == "podman":
+            env["BUILDAH_ISOLATION"] = settings.images.isolation
+        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=scratch, env=env).returncode
+    if returncode != 0 or not engine.image_exists(tag):
+        seconds = time.monotonic() - started
+        print_line(f"   image {image.name}: failed ({seconds:.1f} s)")
+        raise HubworksError(
+            f"image '{image.name}' failed to build (repo2docker exited with status "
+            f"{returncode}).{diagnose(log.read_text(errors='replace'))}\n"
+            f"  last lines of its log:\n{_tail(log, settings.recipes.log_tail)}\n"
+            f"  full log: {log}",
+            fix="fix the cause the log names, then run build_images again")
+    engine.tag(tag, latest)
+    if settings.images.push:
+        engine.push(tag)
+        engine.push(latest)
+    atomic_write_json(record_path(settings, image.name), {
+        "name": image.name, "tag": tag, "latest": latest, "hash": content_hash,
+        "engine": engine.name, "internal_packages": resolution.packages,
+        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    print_line(f"   image {image.name}: built {tag} ({time.monotonic() - started:.1f} s)")
+
+
+# ---------------------------------------------------------------- the doit task
+
+def task_build_images():
+    """Build the images in images/ with repo2docker, serving the channel meanwhile."""
+    settings = current_settings()
+    images = discover_images(settings.images_dir)
+    yield {"name": None, "doc": task_build_images.__doc__}
+    for name, image in images.items():
+        yield {
+            "name": name,
+            "doc": f"build images/{name} ({image.kind})",
+            "actions": [(build_image, [image])],
+            "task_dep": ["index_channel"],
+            "uptodate": [lambda task, values, image=image: image_is_current(settings, image)],
+        }

@@ -1,0 +1,243 @@
+"""build_images with real repo2docker builds through podman, against the served channel.
+
+Base images are made locally from busybox-static (no registry is needed); the test images
+fetch internal packages from the channel while they build, so a build fails if the channel
+is not reachable from inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.conftest import Workspace, free_port, port_refuses
+from tests.podman_fixtures import image_file
+
+pytestmark = pytest.mark.slow
+
+FETCH_DOCKERFILE = """\
+FROM {base}
+ARG CHANNEL_URL
+# Installs the internal package {package} straight from the channel (busybox has no conda).
+RUN wget -q -O /tmp/pkg.tar.bz2 "${{CHANNEL_URL}}noarch/{filename}" \\
+ && mkdir -p /opt/{package} && tar -xjf /tmp/pkg.tar.bz2 -C /opt/{package} \\
+ && rm /tmp/pkg.tar.bz2
+"""
+
+
+@pytest.fixture
+def image_workspace(workspace, busybox_base_image):
+    """A workspace whose packages are .tar.bz2 (busybox tar reads those) on a fixed port."""
+    port = free_port()
+    workspace.configure(f"""
+        [recipes]
+        package_format = "tar.bz2"
+        [channel]
+        port = {port}
+        [images]
+        prefix = "hubworks-test"
+    """)
+    workspace.port = port
+    workspace.base = busybox_base_image
+    return workspace
+
+
+def add_fetching_image(ws, image: str, package: str, version: str = "1.0.0") -> None:
+    filename = f"{package}-{version}-h4616a5c_0.tar.bz2"
+    folder = ws.root / "images" / image
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Dockerfile").write_text(
+        FETCH_DOCKERFILE.format(base=ws.base, package=package, filename=filename))
+
+
+def record(ws, image: str) -> dict:
+    return json.loads((ws.state / "images" / f"{image}.json").read_text())
+
+
+def test_dockerfile_image_installs_internal_package_from_served_channel(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool", version="1.0.0")
+    add_fetching_image(ws, "fetcher", "tool")
+    run = ws.doit("build_images")
+    assert "build_images:fetcher" in run.executed
+    assert re.search(r"image fetcher: built hubworks-test/fetcher:\w+ \(\d+\.\d s\)", run.output)
+
+    built = record(ws, "fetcher")
+    assert built["internal_packages"][0]["name"] == "tool"
+    content = image_file(built["tag"], "/opt/tool/share/tool/version.txt")
+    assert content.decode().strip() == "tool 1.0.0"
+    assert image_file(built["latest"], "/opt/tool/share/tool/version.txt") == content
+    # The channel was served for the build, over the configured port, and is gone now.
+    access = (ws.state / "logs" / "channel-server.log").read_text()
+    assert re.search(r"GET /noarch/tool-1\.0\.0-h4616a5c_0\.tar\.bz2\S* 200", access)
+    assert port_refuses(ws.port)
+    # images/ is untouched: the build used a staged copy.
+    assert "CHANNEL_URL}}" not in (ws.root / "images" / "fetcher" / "Dockerfile").read_text()
+
+    # Nothing changed: nothing builds, and the server is not even started.
+    again = ws.doit("build_images")
+    assert again.executed == []
+    assert "build_images:fetcher" in again.up_to_date
+
+
+def test_changing_a_recipe_rebuilds_only_the_images_that_use_it(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    ws.add_recipe("data")
+    add_fetching_image(ws, "uses-tool", "tool")
+    add_fetching_image(ws, "uses-data", "data")
+    ws.doit("build_images")
+    old_tag = record(ws, "uses-tool")["tag"]
+
+    ws.add_recipe("tool", script=["echo patched > $PREFIX/share/tool/patch.txt"])
+    run = ws.doit("build_images")
+    assert [t for t in run.executed if t.startswith("build_images")] == ["build_images:uses-tool"]
+    new_tag = record(ws, "uses-tool")["tag"]
+    assert new_tag != old_tag   # a new content hash: repo2docker cannot reuse the old image
+    assert image_file(new_tag, "/opt/tool/share/tool/patch.txt").strip() == b"patched"
+
+    # The engine lost the image: it is built again although nothing else changed.
+    subprocess.run(["podman", "rmi", "-f", new_tag, record(ws, "uses-tool")["latest"]],
+                   check=True, capture_output=True)
+    assert ws.doit("build_images").executed == ["build_images:uses-tool"]
+
+
+def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    add_fetching_image(ws, "first", "tool")
+    add_fetching_image(ws, "second", "tool")
+    broken = ws.root / "images" / "broken"
+    broken.mkdir()
+    (broken / "Dockerfile").write_text(
+        f"FROM {ws.base}\nRUN echo 'configuring the frobnicator' && exit 3\n")
+
+    run = ws.doit("-n", "2", "--continue", "build_images", check=False)
+    assert run.returncode != 0
+    assert "image 'broken' failed to build" in run.output
+    assert "configuring the frobnicator" in run.output        # the tail of its log
+    assert str(ws.state / "logs" / "images" / "broken.log") in run.output
+    assert record(ws, "first") and record(ws, "second")
+    starts = (ws.state / "logs" / "channel-server.log").read_text().count("serving ")
+    assert starts == 1, "one server for the whole run"
+    assert port_refuses(ws.port)
+
+
+def test_preflight_names_the_missing_package_or_version(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool", version="1.0.0")
+    for name, spec in (("wants-version", "tool >=9"), ("wants-missing", "internal::toool")):
+        folder = ws.root / "images" / name
+        folder.mkdir()
+        (folder / "environment.yml").write_text(
+            f"channels: [internal, conda-forge]\ndependencies:\n  - {spec}\n")
+    started = time.monotonic()
+    run = ws.doit("--continue", "build_images", check=False)
+    assert time.monotonic() - started < 60
+    assert "no version of tool in the internal channel matches 'tool >=9' (it has 1.0.0)" \
+        in run.output
+    assert "the internal channel has no package 'toool' (it has: tool)" in run.output
+    # Failed before repo2docker ran: no build log was started.
+    assert not (ws.state / "logs" / "images" / "wants-version.log").exists()
+
+
+def test_folder_with_nothing_to_build_is_named(image_workspace):
+    ws = image_workspace
+    (ws.root / "images" / "empty" / "notes").mkdir(parents=True)
+    (ws.root / "images" / "empty" / "README.md").write_text("todo\n")
+    run = ws.doit("build_images", check=False)
+    assert run.returncode != 0
+    assert "image 'empty': images/empty/ has nothing repo2docker can build from" in run.output
+    assert "add an environment.yml" in run.output
+
+
+def test_environment_image_is_staged_with_the_served_url(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    folder = ws.root / "images" / "analysis"
+    folder.mkdir()
+    original = textwrap.dedent("""\
+        # comments survive staging
+        channels:
+          - internal
+          - conda-forge
+        dependencies:
+          - python=3.12
+          - tool>=1
+          - internal::tool
+    """)
+    (folder / "environment.yml").write_text(original)
+    run = ws.doit("build_images", check=False)   # needs conda-forge: fails on offline hosts
+    assert (folder / "environment.yml").read_text() == original
+    staged = (ws.state / "images" / "analysis" / "stage" / "environment.yml").read_text()
+    url = f"http://127.0.0.1:{ws.port}/"
+    assert f"  - {url}\n" in staged and f"{url.rstrip('/')}::tool" in staged
+    assert "# comments survive staging" in staged and "- internal" not in staged
+    assert "#   tool 1.0.0 h4616a5c_0 sha256:" in staged  # exact packages: cache keys on them
+    # repo2docker accepts the staged folder: --no-build renders its Dockerfile, no engine.
+    rendered = subprocess.run(
+        [sys.executable, "-m", "repo2docker", "--no-build", "--user-id", "1000",
+         "--user-name", "jovyan", str(ws.state / "images" / "analysis" / "stage")],
+        capture_output=True, text=True, check=True).stdout
+    assert "environment.yml" in rendered and "FROM " in rendered
+    if run.returncode != 0:
+        # The failure says which host the build could not reach.
+        assert "the build could not reach:" in run.output, run.output
+
+
+def _docker_problem() -> str:
+    if shutil.which("docker") is None:
+        return "the docker CLI is not installed"
+    proc = subprocess.run(["docker", "info"], capture_output=True, text=True)
+    return "" if proc.returncode == 0 else "no Docker engine runs containers here (docker info failed)"
+
+
+DOCKER_PROBLEM = _docker_problem()
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file(tmp_path_factory):
+    """pytest-docker's compose file: one service running an image build_images made."""
+    ws = Workspace(tmp_path_factory.mktemp("docker") / "ws")
+    ws.configure('[recipes]\npackage_format = "tar.bz2"\n[channel]\nport = 0\n'
+                 '[images]\nengine = "docker"\n')
+    ws.add_recipe("site", script=["echo hello-from-internal > $PREFIX/share/site/index.html"])
+    folder = ws.root / "images" / "web"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(textwrap.dedent("""\
+        FROM busybox:stable
+        ARG CHANNEL_URL
+        RUN wget -q -O /tmp/site.tar.bz2 "${CHANNEL_URL}noarch/site-1.0.0-h4616a5c_0.tar.bz2" \\
+         && mkdir -p /srv && tar -xjf /tmp/site.tar.bz2 -C /srv
+        CMD ["httpd", "-f", "-p", "8080", "-h", "/srv/share/site"]
+    """))
+    ws.doit("build_images")
+    compose = ws.root / "compose.yml"
+    compose.write_text(f"services:\n  web:\n    image: {record(ws, 'web')['tag']}\n"
+                       f"    ports: ['8080']\n")
+    return str(compose)
+
+
+@pytest.mark.skipif(bool(DOCKER_PROBLEM), reason=DOCKER_PROBLEM or "-")
+def test_built_image_serves_its_internal_package_from_a_container(docker_services, docker_ip):
+    """Where Docker runs containers: start a built image (pytest-docker) and talk to it."""
+    import requests
+
+    url = f"http://{docker_ip}:{docker_services.port_for('web', 8080)}/index.html"
+
+    def answers() -> bool:
+        try:
+            return requests.get(url, timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    docker_services.wait_until_responsive(check=answers, timeout=60, pause=0.5)
+    assert requests.get(url, timeout=5).text.strip() == "hello-from-internal"

@@ -1,0 +1,153 @@
+"""build_recipes with real rattler-build builds, in throwaway workspaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import zipfile
+
+import pytest
+
+
+def package_file(ws, prefix: str) -> str:
+    matches = [p for p in ws.packages() if p.startswith(prefix + "-")]
+    assert len(matches) == 1, (prefix, ws.packages())
+    return matches[0]
+
+
+def test_example_recipes_build_in_dependency_order(example_workspace):
+    ws = example_workspace
+    run = ws.doit("build_recipes")
+    assert set(run.executed) == {"build_recipes:lab-templates", "build_recipes:lab-settings",
+                                 "build_recipes:new-notebook"}
+    # new-notebook requires lab-templates, so it starts only after lab-templates is done.
+    assert run.executed.index("build_recipes:lab-templates") < \
+        run.executed.index("build_recipes:new-notebook")
+    for name in ("lab-templates-1.2.0", "lab-settings-2024.6.0", "new-notebook-0.3.1"):
+        package_file(ws, name.rsplit("-", 1)[0])
+    # The recipe's own test ran (it needs lab-templates from the private channel).
+    log = (ws.state / "logs" / "recipes" / "new-notebook.log").read_text()
+    assert "all tests passed" in log
+    # Scratch space stays out of the channel.
+    assert not list(ws.channel.rglob("bld")) and not list(ws.channel.rglob("*.tmp"))
+
+
+def test_second_run_with_nothing_changed_builds_nothing(example_workspace):
+    ws = example_workspace
+    ws.doit("build_recipes")
+    run = ws.doit("build_recipes")
+    assert run.executed == []
+    assert len(run.up_to_date) == 3
+
+
+def test_changing_a_dependency_rebuilds_its_dependents_only(workspace):
+    ws = workspace
+    ws.add_recipe("base")
+    ws.add_recipe("app", run=["base"], host=["base"])
+    ws.add_recipe("loner")
+    ws.doit("build_recipes")
+    before = (ws.channel / "noarch" / package_file(ws, "app")).read_bytes()
+
+    ws.add_recipe("base", script=["echo changed > $PREFIX/share/base/extra.txt"])
+    run = ws.doit("build_recipes")
+    assert sorted(run.executed) == ["build_recipes:app", "build_recipes:base"]
+
+    # Touching a file in one folder without changing it rebuilds nothing (content, not mtime).
+    recipe = ws.root / "recipes" / "loner" / "recipe.yaml"
+    os.utime(recipe, (time.time() + 5, time.time() + 5))
+    assert ws.doit("build_recipes").executed == []
+    assert (ws.channel / "noarch" / package_file(ws, "app")).read_bytes() != before
+
+
+def test_a_package_missing_from_the_channel_is_rebuilt(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    (ws.channel / "noarch" / package_file(ws, "tool")).unlink()
+    assert ws.doit("build_recipes").executed == ["build_recipes:tool"]
+    package_file(ws, "tool")
+
+
+def test_failing_recipe_reports_its_log_and_others_continue(workspace):
+    ws = workspace
+    ws.add_recipe("good")
+    ws.add_recipe("broken", script=["echo 'compiling the widget'", "exit 7"])
+    ws.add_recipe("needs-broken", run=["broken"])
+    run = ws.doit("--continue", "build_recipes", check=False)
+    assert run.returncode != 0
+    assert "recipe 'broken' failed to build" in run.output
+    assert "compiling the widget" in run.output          # the tail of its log
+    log = ws.state / "logs" / "recipes" / "broken.log"
+    assert str(log) in run.output and "exit 7" in log.read_text()
+    assert "build_recipes:needs-broken" not in run.executed   # depends on it
+    package_file(ws, "good")                                  # independent: built
+    assert not [p for p in ws.packages() if p.startswith("broken")]
+
+
+def test_parallel_builds(workspace):
+    ws = workspace
+    ws.add_recipe("base")
+    for n in range(4):
+        ws.add_recipe(f"leaf{n}", run=["base"])
+    run = ws.doit("-n", "2", "build_recipes")
+    assert len(run.executed) == 5
+    assert len(ws.packages()) == 5
+
+
+def test_dependency_cycle_is_an_error_naming_the_recipes(workspace):
+    ws = workspace
+    ws.add_recipe("alpha", run=["beta"])
+    ws.add_recipe("beta", run=["alpha"])
+    ws.add_recipe("gamma")
+    run = ws.doit("--continue", "build_recipes", check=False)
+    assert run.returncode != 0
+    assert "cycle: alpha -> beta -> alpha" in run.output
+    package_file(ws, "gamma")
+
+
+def test_broken_recipe_file_names_the_recipe(workspace):
+    ws = workspace
+    folder = ws.root / "recipes" / "garbled"
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text("package: [\n")
+    (ws.root / "recipes" / "empty").mkdir()
+    ws.add_recipe("fine")
+    run = ws.doit("--continue", "build_recipes", check=False)
+    assert "recipe 'garbled' cannot be read" in run.output
+    assert "recipe 'empty' has no recipe.yaml or meta.yaml" in run.output
+    assert ws.doit("list").returncode == 0   # the graph still loads
+    package_file(ws, "fine")
+
+
+@pytest.mark.skipif(shutil.which("conda-build") is not None, reason="conda-build is installed")
+def test_meta_yaml_without_conda_build_names_both_ways_out(workspace):
+    ws = workspace
+    folder = ws.root / "recipes" / "legacy"
+    folder.mkdir()
+    (folder / "meta.yaml").write_text(
+        "{% set version = '0.1' %}\npackage:\n  name: legacy\n  version: {{ version }}\n"
+        "build:\n  noarch: generic\nrequirements:\n  run:\n    - modern\n")
+    ws.add_recipe("modern")
+    run = ws.doit("build_recipes", check=False)
+    assert run.returncode != 0
+    assert "recipe 'legacy' is a legacy meta.yaml recipe and conda-build is not installed" \
+        in run.output
+    assert "conda install conda-build" in run.output and "recipe.yaml" in run.output
+    # It was still read: its dependency on 'modern' orders the build.
+    assert run.executed.index("build_recipes:modern") < run.executed.index("build_recipes:legacy")
+
+
+def test_rebuilt_package_replaces_the_old_file_atomically(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    name = package_file(ws, "tool")
+    ws.add_recipe("tool", script=["echo v2 > $PREFIX/share/tool/new.txt"])
+    ws.doit("build_recipes")
+    assert package_file(ws, "tool") == name  # same file name: same version and build
+    with zipfile.ZipFile(ws.channel / "noarch" / name) as archive:
+        assert any("pkg-" in n for n in archive.namelist())
+    record = json.loads((ws.state / "recipes" / "tool" / "record.json").read_text())
+    assert record["packages"][0]["file"] == f"noarch/{name}"
