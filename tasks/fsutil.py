@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 PACKAGE_SUFFIXES = (".conda", ".tar.bz2")
 
@@ -17,18 +17,13 @@ def is_package(name: str) -> bool:
     return name.endswith(PACKAGE_SUFFIXES) and not name.startswith(".")
 
 
-def _temp_beside(target: Path) -> tuple[int, str]:
-    # Same directory, so os.replace is a rename on one filesystem and therefore atomic.
+def _replace_atomically(target: Path, write: Callable[[BinaryIO], None], mode: int) -> None:
+    # A temporary file in the same directory, so os.replace is a rename on one filesystem.
     target.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-
-
-def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``target`` with ``data``; a concurrent reader sees the old or the new file."""
-    fd, tmp = _temp_beside(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
@@ -38,23 +33,22 @@ def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+def atomic_write_bytes(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``target`` with ``data``; a concurrent reader sees the old or the new file."""
+    _replace_atomically(target, lambda handle: handle.write(data), mode)
+
+
 def atomic_write_json(target: Path, value: Any) -> None:
     atomic_write_bytes(target, json.dumps(value, indent=1, sort_keys=True).encode())
 
 
 def atomic_copy(source: Path, target: Path, mode: int = 0o644) -> None:
     """Copy ``source`` over ``target`` atomically (readers never see a partial file)."""
-    fd, tmp = _temp_beside(target)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+    def copy(handle: BinaryIO) -> None:
+        with source.open("rb") as src:
+            shutil.copyfileobj(src, handle, 1 << 20)
+
+    _replace_atomically(target, copy, mode)
 
 
 def _unlink_quietly(path: str | Path) -> None:

@@ -374,7 +374,8 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
             log = stack.enter_context(open(access_log, "a", encoding="utf-8"))
         server = _bind(host, port, root, token, log)
         stack.callback(server.server_close)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+        # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
                                   name=f"channel-server-{server.server_port}", daemon=True)
         thread.start()
         stack.callback(thread.join)

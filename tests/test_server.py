@@ -268,8 +268,10 @@ def test_token_guards_every_path_and_stays_out_of_the_log(channel, tmp_path):
                      "t/s3cret2/noarch/repodata.json", "x/s3cret/noarch/repodata.json"]:
             assert requests.get(base + path).status_code == 403, path
     lines = log.read_text().splitlines()
-    assert len(lines) == 7
-    stamp, client, method, path, status, sent, ms = lines[0].split()
+    assert lines[0].split(" ", 1)[1] == f"serving {channel.resolve()} at {base}t/<token>/"
+    assert lines[-1].split(" ", 1)[1] == f"stopped serving {base}t/<token>/ after 7 requests"
+    assert len(lines) == 9  # start, one line per request, stop
+    stamp, client, method, path, status, sent, ms = lines[1].split()
     assert (client, method, path, status) == (
         "127.0.0.1", "GET", "/t/<token>/noarch/repodata.json", "200")
     assert int(sent) == (channel / "noarch" / "repodata.json").stat().st_size

@@ -1,0 +1,161 @@
+"""Podman for tests: a private image store, a base image made offline, and reading files of
+built images without running them (containers cannot start on every host that builds).
+
+Load with ``pytest_plugins = ["tests.podman_fixtures"]`` in the top-level conftest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.request
+
+import pytest
+
+REGISTRY = "/usr/bin/docker-registry"  # Debian's docker-registry: a registry without containers
+BUSYBOX = "/bin/busybox"  # Debian's busybox-static: one static binary with every applet
+BUSYBOX_IMAGE = "localhost/hubworks-test/busybox:latest"
+PATH_IN_IMAGE = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+GROUP = "root:x:0:\nnogroup:x:65534:\n"
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+def _missing(what: str, package: str) -> None:
+    """Skip on a developer's machine; fail in CI, which installs everything the tests need."""
+    message = f"{what} is missing; install it with apt-get install {package}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def podman_storage(tmp_path_factory):
+    """A private vfs image store with chroot isolation, set in os.environ for the session."""
+    if shutil.which("podman") is None:
+        _missing("podman", "podman")
+    root = tmp_path_factory.mktemp("podman")
+    conf = root / "storage.conf"
+    # vfs and chroot need no kernel overlay support or container runtime features
+    conf.write_text(f'[storage]\ndriver = "vfs"\nrunroot = "{root / "run"}"\n'
+                    f'graphroot = "{root / "graph"}"\n')
+    wanted = {"CONTAINERS_STORAGE_CONF": str(conf), "BUILDAH_ISOLATION": "chroot"}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield root
+    finally:
+        if os.geteuid() != 0:
+            # rootless layers belong to sub-uids that only podman's namespace may delete
+            subprocess.run(["podman", "unshare", "rm", "-rf", str(root / "graph")])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _add(tar: tarfile.TarFile, name: str, *, data: bytes = b"", mode: int = 0o644,
+         kind: bytes = tarfile.REGTYPE, target: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname, info.size = kind, mode, target, len(data)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def busybox_rootfs() -> bytes:
+    """A root filesystem as a tar: busybox and its applets, /tmp, root and nobody."""
+    if not os.path.exists(BUSYBOX):
+        _missing(BUSYBOX, "busybox-static")
+    applets = subprocess.run([BUSYBOX, "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    folders = sorted({os.path.dirname(a) for a in applets} | {"etc", "root", "usr"})
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for folder in folders:
+            _add(tar, folder, kind=tarfile.DIRTYPE, mode=0o700 if folder == "root" else 0o755)
+        _add(tar, "tmp", kind=tarfile.DIRTYPE, mode=0o1777)
+        with open(BUSYBOX, "rb") as handle:
+            _add(tar, "bin/busybox", data=handle.read(), mode=0o755)
+        for applet in applets:
+            if applet != "bin/busybox":
+                _add(tar, applet, kind=tarfile.SYMTYPE, target="/bin/busybox")
+        _add(tar, "etc/passwd", data=PASSWD.encode())
+        _add(tar, "etc/group", data=GROUP.encode())
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def busybox_base_image(podman_storage) -> str:
+    """A tiny base image imported from busybox-static: no registry, no network."""
+    subprocess.run(["podman", "import", "--change", f"ENV PATH={PATH_IN_IMAGE}",
+                    "--change", 'CMD ["/bin/sh"]', "-", BUSYBOX_IMAGE],
+                   input=busybox_rootfs(), capture_output=True, check=True)
+    return BUSYBOX_IMAGE
+
+
+_READ_FROM_MOUNT = ('dir=$(podman image mount "$1") || exit 1; cat "$dir/$2"; status=$?; '
+                    'podman image unmount "$1" >/dev/null; exit $status')
+
+
+def image_file(ref: str, path: str) -> bytes:
+    """The contents of ``path`` inside the podman image ``ref``, read from a mount of it."""
+    # mounting needs root; rootless podman mounts inside its own user namespace
+    namespace = [] if os.geteuid() == 0 else ["podman", "unshare"]
+    proc = subprocess.run([*namespace, "sh", "-c", _READ_FROM_MOUNT, "sh", ref, path],
+                          capture_output=True)
+    if proc.returncode != 0:
+        raise FileNotFoundError(f"{path} in image {ref}: {proc.stderr.decode().strip()}")
+    return proc.stdout
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (the OS just handed it out)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def local_registry(podman_storage, tmp_path, monkeypatch):
+    """A plain-HTTP registry on loopback that podman may push to; yields its host:port."""
+    if not os.path.exists(REGISTRY):
+        _missing(REGISTRY, "docker-registry")
+    host = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
+                      f"{tmp_path / 'registry'}\nhttp:\n  addr: {host}\n")
+    # podman speaks HTTPS to registries unless registries.conf calls one insecure
+    registries = tmp_path / "registries.conf"
+    registries.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries))
+    server = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(f"http://{host}/v2/", server)
+        yield host
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait_for(url: str, server: subprocess.Popen, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            _LOOPBACK.open(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the test registry did not answer at {url} within {seconds} s")
+
+
+def registry_tags(host: str, repository: str) -> list[str]:
+    """The tags ``repository`` has in the registry at ``host``."""
+    with _LOOPBACK.open(f"http://{host}/v2/{repository}/tags/list", timeout=5) as page:
+        return json.load(page)["tags"]
