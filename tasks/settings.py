@@ -107,8 +107,9 @@ SETTINGS: list[Setting] = [
     Setting("hub", "dockerspawner_version", "14.0.0",
             "DockerSpawner release, installed only when spawner = docker."),
     Setting("hub", "proxy_version", "5.3.0",
-            "configurable-http-proxy release from npm (5.2 and later need Node.js >= 20; "
-            "with an older Node the newest release of the same major that supports it)."),
+            "configurable-http-proxy release from npm. Where the Node.js here cannot run it "
+            "(5.2 needs node >= 20; 5.3 pulls commander 15, which needs 22.12), install_hub "
+            "takes the newest release of the same major that it can run, and says so."),
     Setting("hub", "ip", "", "Address the hub's proxy listens on; empty: all interfaces."),
     Setting("hub", "port", 8000, "Port users open in the browser."),
     Setting("hub", "hub_port", 8081, "Port of the hub process behind the proxy (loopback)."),
@@ -277,3 +278,7 @@ def settings_table() -> str:
         default = _toml_literal(s.default) if s.default not in ("", []) else "(empty)"
         lines.append(f"| `{s.section}.{s.key}` | `{s.env_var}` | `{default}` | {s.help} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m tasks.settings: the table for README.md
+    print(settings_table())

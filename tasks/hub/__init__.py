@@ -1,0 +1,126 @@
+"""install_hub: a working JupyterHub on this server, one checked step at a time.
+
+How to use it (as root, on the server)::
+
+    doit install_hub_plan      # which steps are up to date, which would run; changes nothing
+    doit install_hub           # run the steps that are not up to date
+    doit install_hub:config    # one step (and the steps it needs)
+    doit hub_start / hub_stop  # the hub in the background, where systemd does not run
+
+Each step is a doit subtask ``install_hub:<step>`` whose ``uptodate`` reads the server's
+real state (dist-info folders in the venv, the proxy's package.json, the rendered config
+against the file, the database's schema revision, the running hub's pid and /hub/health),
+so a step the server already satisfies is skipped and its line says why:
+``-- install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``.
+
+Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner (spawner =
+docker only), proxy, secrets, config, database, service, health. ``steps.py`` has one
+``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
+``hubworks.toml`` (``doit settings`` lists them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ..errors import HubworksError, reports_errors
+from ..workspace import current_settings
+from .layout import HubLayout
+from .service import start_hub, stop_hub
+from .steps import STEPS, Check, Step
+
+__all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop"]
+
+_last_checks: dict[str, Check] = {}
+
+
+def current_hub() -> HubLayout:
+    return HubLayout(current_settings())
+
+
+def _wanted_steps(hub: HubLayout) -> list[Step]:
+    return [step for step in STEPS if _wanted(step, hub)]
+
+
+def _wanted(step: Step, hub: HubLayout) -> bool:
+    try:
+        return step.wanted(hub)
+    except HubworksError:
+        return True  # the step itself reports the broken setting
+
+
+def _step_holds(step: Step) -> bool:
+    """doit's uptodate: read-only, and a broken setting only means 'run' (the step says why)."""
+    try:
+        check = step.check(current_hub())
+    except (HubworksError, OSError) as exc:
+        check = Check(False, str(exc).splitlines()[0])
+    _last_checks[f"install_hub:{step.name}"] = check
+    return check.ok
+
+
+def _title(task) -> str:
+    check = _last_checks.get(task.name)
+    if check is None:
+        return task.name
+    return f"{task.name}: {'up to date: ' if check.ok else ''}{check.says}"
+
+
+@reports_errors
+def _run_step(step: Step) -> None:
+    print(f"install_hub:{step.name}: {step.ensure(current_hub())}")
+
+
+def task_install_hub():
+    """Install JupyterHub on this server; every step checks first and skips what holds."""
+    hub = current_hub()
+    steps = _wanted_steps(hub)
+    names = {step.name for step in steps}
+    for step in steps:
+        yield {
+            "name": step.name,
+            "doc": step.doc,
+            "actions": [(_run_step, [step])],
+            "uptodate": [functools.partial(_step_holds, step)],
+            "task_dep": [f"install_hub:{dep}" for dep in step.after if dep in names],
+            "title": _title,
+            "verbosity": 2,
+        }
+
+
+@reports_errors
+def _show_plan() -> None:
+    hub = current_hub()
+    print(f"install_hub plan for {hub.prefix}:")
+    for step in _wanted_steps(hub):
+        try:
+            check = step.check(hub)
+        except (HubworksError, OSError) as exc:
+            check = Check(False, str(exc).splitlines()[0])
+        mark = "up to date" if check.ok else "would run "
+        print(f"  {mark}  {step.name:<13} {check.says}")
+
+
+def task_install_hub_plan():
+    """Show which install_hub steps are up to date and which would run; runs none."""
+    return {"actions": [_show_plan], "uptodate": [False], "verbosity": 2}
+
+
+@reports_errors
+def _start() -> None:
+    print(start_hub(current_hub()))
+
+
+@reports_errors
+def _stop() -> None:
+    print(stop_hub(current_hub()))
+
+
+def task_hub_start():
+    """Start the installed hub (detached, or via its systemd unit); waits for /hub/health."""
+    return {"actions": [_start], "uptodate": [False], "verbosity": 2}
+
+
+def task_hub_stop():
+    """Stop the hub, its proxy and the users' servers (SIGTERM, wait, report)."""
+    return {"actions": [_stop], "uptodate": [False], "verbosity": 2}

@@ -1,0 +1,169 @@
+"""Where everything of an installed hub lives under the prefix, and the choices settings allow."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import HubworksError
+from ..settings import Settings
+
+UNIT_NAME = "jupyterhub.service"
+SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
+PROXY_PACKAGE = "configurable-http-proxy"
+
+_CHOICES = {
+    "authenticator": ("pam", "dummy"),
+    "spawner": ("local", "docker"),
+    "service": ("auto", "systemd", "background"),
+}
+
+
+@dataclass(frozen=True)
+class HubLayout:
+    """The hub's files, derived from settings; nothing here touches the disk."""
+
+    settings: Settings
+
+    @property
+    def hub(self):
+        return self.settings.hub
+
+    @property
+    def prefix(self) -> Path:
+        return self.hub.prefix
+
+    # venv: readable and executable by every user, their servers run from it
+    @property
+    def venv(self) -> Path:
+        return self.prefix / "venv"
+
+    @property
+    def venv_bin(self) -> Path:
+        return self.venv / "bin"
+
+    @property
+    def venv_python(self) -> Path:
+        return self.venv_bin / "python"
+
+    @property
+    def jupyterhub(self) -> Path:
+        return self.venv_bin / "jupyterhub"
+
+    def site_packages(self) -> Path | None:
+        found = sorted((self.venv / "lib").glob("python3*/site-packages"))
+        return found[-1] if found else None
+
+    # npm prefix: node_modules/configurable-http-proxy
+    @property
+    def node_modules(self) -> Path:
+        return self.prefix / "node_modules"
+
+    @property
+    def proxy_dir(self) -> Path:
+        return self.node_modules / PROXY_PACKAGE
+
+    @property
+    def proxy_script(self) -> Path:
+        return self.proxy_dir / "bin" / PROXY_PACKAGE
+
+    # etc: configuration, world-readable, holds no secret
+    @property
+    def etc(self) -> Path:
+        return self.prefix / "etc"
+
+    @property
+    def config_file(self) -> Path:
+        return self.etc / "jupyterhub_config.py"
+
+    @property
+    def proxy_releases_file(self) -> Path:
+        return self.etc / "proxy-releases.json"
+
+    # secrets: root only
+    @property
+    def secrets(self) -> Path:
+        return self.prefix / "secrets"
+
+    @property
+    def cookie_secret(self) -> Path:
+        return self.secrets / "jupyterhub_cookie_secret"
+
+    @property
+    def proxy_token(self) -> Path:
+        return self.secrets / "proxy_auth_token"
+
+    # var: database, pid files, log; root only
+    @property
+    def var(self) -> Path:
+        return self.prefix / "var"
+
+    @property
+    def database(self) -> Path:
+        return self.var / "jupyterhub.sqlite"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.var / "jupyterhub.pid"
+
+    @property
+    def proxy_pid_file(self) -> Path:
+        return self.var / "jupyterhub-proxy.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.var / "jupyterhub.log"
+
+    @property
+    def unit_file(self) -> Path:
+        return SYSTEMD_UNIT_DIR / UNIT_NAME
+
+    @property
+    def unit_link(self) -> Path:
+        return SYSTEMD_UNIT_DIR / "multi-user.target.wants" / UNIT_NAME
+
+    # choices
+    def choice(self, key: str) -> str:
+        value = getattr(self.hub, key)
+        if value not in _CHOICES[key]:
+            raise HubworksError(
+                f"hub.{key} is {value!r}; it must be one of {', '.join(_CHOICES[key])}.",
+                fix=f"set [hub] {key} in hubworks.toml or HUBWORKS_HUB_{key.upper()}")
+        return value
+
+    @cached_property
+    def uses_systemd(self) -> bool:
+        service = self.choice("service")
+        if service == "auto":
+            return systemd_is_running()
+        return service == "systemd"
+
+    @property
+    def needs_root_to_run(self) -> bool:
+        """PAM reads the password database; local servers start as their users."""
+        return self.choice("authenticator") == "pam" or self.choice("spawner") == "local"
+
+    @property
+    def listens_everywhere(self) -> bool:
+        return self.hub.ip in ("", "0.0.0.0", "::")
+
+    @property
+    def health_url(self) -> str:
+        host = "127.0.0.1" if self.listens_everywhere else self.hub.ip
+        return f"http://{_url_host(host)}:{self.hub.port}/hub/health"
+
+    @property
+    def public_url(self) -> str:
+        host = os.uname().nodename if self.listens_everywhere else self.hub.ip
+        return f"http://{_url_host(host)}:{self.hub.port}/"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def systemd_is_running() -> bool:
+    """sd_booted(): systemd is PID 1 exactly when this directory exists."""
+    return os.path.isdir("/run/systemd/system")

@@ -1,0 +1,172 @@
+"""The running hub: is it up, is it current, start it, stop it, wait for /hub/health.
+
+Without systemd the hub runs detached in its own session (it outlives doit), logging to
+``<prefix>/var/jupyterhub.log``; JupyterHub writes and removes ``var/jupyterhub.pid``. With
+systemd the unit does the same job and these functions call systemctl.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from ..errors import HubworksError
+from ..workspace import log_path
+from .layout import UNIT_NAME, HubLayout
+from .render import hub_search_path, ports_in_config
+from .system import (descendants, is_alive, port_is_free, process_cmdline, read_pid,
+                     require_root, run, signal_all, tail, wait_gone)
+
+START_SECONDS = 90
+STOP_SECONDS = 60
+_KEPT_ENV = ("HOME", "LANG", "LC_ALL", "TZ")
+NOT_RUNNING = "the hub is not running"
+
+
+def running_hub_pid(hub: HubLayout) -> int | None:
+    """The pid of this prefix's hub if it runs (a stale pid file or a reused pid is not)."""
+    pid = read_pid(hub.pid_file)
+    if pid and is_alive(pid) and str(hub.jupyterhub) in process_cmdline(pid)[:3]:
+        return pid
+    return None
+
+
+def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(hub.health_url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:
+    s = hub.hub
+    return {"port": (s.ip, s.port), "hub_port": ("127.0.0.1", s.hub_port),
+            "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
+
+
+def ensure_ports_free(hub: HubLayout, *, ours: dict[str, int] | None = None) -> None:
+    """Stop with the port and the fix when another program holds a port the hub needs.
+
+    ``ours``: ports the running hub itself holds (they free up when it restarts).
+    """
+    mine = set((ours or {}).values())
+    for key, (host, port) in _port_owners(hub).items():
+        if port in mine:
+            continue
+        if not port_is_free(host, port):
+            raise HubworksError(
+                f"port {port} (hub.{key}) is already in use by another program.",
+                fix=f"stop that program (`ss -ltnp 'sport = :{port}'` names it) or set "
+                    f"hub.{key} (HUBWORKS_HUB_{key.upper()}) to a free port")
+
+
+def ports_of_running_hub(hub: HubLayout) -> dict[str, int]:
+    if running_hub_pid(hub) is None:
+        return {}
+    try:
+        return ports_in_config(hub.config_file.read_text())
+    except OSError:
+        return {}
+
+
+def start_hub(hub: HubLayout) -> str:
+    """Start the hub unless it runs; wait until /hub/health answers. Returns what happened."""
+    if hub.needs_root_to_run:
+        require_root("starting the hub (PAM checks system passwords and servers start as "
+                     "their users)")
+    pid = running_hub_pid(hub)
+    if pid:
+        return f"the hub already runs (pid {pid}): {hub.public_url}"
+    # a proxy left behind by a hub that died would hold the port
+    leftover = stop_hub(hub)
+    ensure_ports_free(hub)
+    if hub.uses_systemd:
+        run(["systemctl", "start", UNIT_NAME], log=log_path(hub.settings, "hub", "systemctl.log"))
+        process = None
+    else:
+        process = _start_detached(hub)
+    pid = _wait_healthy(hub, process)
+    how = "systemd unit " + UNIT_NAME if hub.uses_systemd else f"log {hub.log_file}"
+    before = "" if leftover == NOT_RUNNING else f"{leftover}; "
+    return f"{before}the hub runs (pid {pid}, {how}): {hub.public_url}"
+
+
+def _start_detached(hub: HubLayout) -> subprocess.Popen:
+    env = {key: os.environ[key] for key in _KEPT_ENV if key in os.environ}
+    env["PATH"] = hub_search_path(hub)
+    env.setdefault("LANG", "C.UTF-8")
+    log = os.open(hub.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        process = subprocess.Popen(
+            [str(hub.jupyterhub), "-f", str(hub.config_file)], cwd=hub.var, env=env,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            # its own session: Ctrl-C in doit and doit's exit do not reach it
+            start_new_session=True, preexec_fn=lambda: os.umask(0o022))
+    finally:
+        os.close(log)
+    # JupyterHub writes the same pid later; writing it now closes the gap for hub_stop
+    hub.pid_file.write_text(f"{process.pid}\n")
+    return process
+
+
+def _wait_healthy(hub: HubLayout, process: subprocess.Popen | None) -> int:
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise HubworksError(
+                f"the hub exited at start (exit {process.returncode}); the end of "
+                f"{hub.log_file}:\n{tail(hub.log_file, 20)}",
+                fix="fix what the log names, then run doit install_hub again")
+        pid = running_hub_pid(hub)
+        if pid and answers_health(hub, timeout=1.0):
+            return pid
+        time.sleep(0.3)
+    raise HubworksError(
+        f"{hub.health_url} did not answer 200 within {START_SECONDS} s; the end of "
+        f"{hub.log_file}:\n{tail(hub.log_file, 20)}",
+        fix="fix what the log names, then run doit install_hub again")
+
+
+def stop_hub(hub: HubLayout) -> str:
+    """SIGTERM the hub (it stops its proxy and servers), wait, and report what stopped."""
+    pid = running_hub_pid(hub)
+    proxy = read_pid(hub.proxy_pid_file)
+    proxy = proxy if proxy and is_alive(proxy) and "proxy" in " ".join(
+        process_cmdline(proxy)) else None
+    if pid is None and proxy is None:
+        return NOT_RUNNING
+    family = (descendants(pid) if pid else set()) | ({proxy} if proxy else set())
+    try:
+        if hub.uses_systemd and pid:
+            run(["systemctl", "stop", UNIT_NAME],
+                log=log_path(hub.settings, "hub", "systemctl.log"))
+        elif pid:
+            os.kill(pid, signal.SIGTERM)
+        else:
+            signal_all(family)
+    except PermissionError:
+        require_root("stopping the hub")
+    if pid and wait_gone([pid], STOP_SECONDS):
+        raise HubworksError(f"the hub (pid {pid}) did not stop within {STOP_SECONDS} s.",
+                            fix=f"look at {hub.log_file}; then kill -9 {pid}")
+    # the hub stops its servers and proxy itself; whatever outlived it gets SIGTERM too
+    left = wait_gone(family, 15)
+    if left:
+        signal_all(left)
+        left = wait_gone(left, 10)
+    if left:
+        raise HubworksError(
+            f"processes of the hub are still running after SIGTERM: "
+            f"{', '.join(map(str, sorted(left)))}.",
+            fix=f"kill -9 {' '.join(map(str, sorted(left)))}")
+    if pid is None:
+        return f"stopped a proxy (pid {proxy}) left from an earlier hub"
+    proxy_part = f"its proxy (pid {proxy})" if proxy else "no proxy"
+    servers = len(family - {proxy})
+    return (f"stopped the hub (pid {pid}), {proxy_part} and {servers} "
+            f"process{'' if servers == 1 else 'es'} of users' servers")

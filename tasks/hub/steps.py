@@ -1,0 +1,845 @@
+"""One ``check_*`` / ``ensure_*`` pair per state of an installed hub.
+
+``check_x(hub)`` reads the server (files, /proc, one ``node --version``) and says whether the
+state holds, in a line; doit calls it as the step's ``uptodate``, so it never changes anything
+and never starts pip, npm or Python. ``ensure_x(hub)`` makes the state hold and says what it
+did; it checks again first, so it is safe to call on its own.
+"""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import HubworksError
+from ..workspace import log_path
+from .layout import PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
+from .render import hub_search_path, render_config, render_unit
+from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
+                      start_hub, stop_hub)
+from .system import (Python, blocked_for_others, first_writable_by_others,
+                     install_packages, make_readable_not_writable, node_candidates,
+                     node_version, npm_for, package_candidate, package_manager,
+                     parse_version, probe_python, python_candidates, python_on_disk,
+                     replace_file, require_root, run, satisfies, show_version, user_name,
+                     write_private_file)
+
+MIN_PYTHON = (3, 10)
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: bool
+    says: str
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    doc: str
+    check: Callable[[HubLayout], Check]
+    ensure: Callable[[HubLayout], str]
+    after: tuple[str, ...] = ()
+    wanted: Callable[[HubLayout], bool] = field(default=lambda hub: True)
+
+
+def checks_first(check: Callable[[HubLayout], Check]):
+    """Make an ensure_* function say "up to date" and do nothing when ``check`` holds."""
+    def decorate(ensure: Callable[[HubLayout], str]) -> Callable[[HubLayout], str]:
+        @functools.wraps(ensure)
+        def checked(hub: HubLayout) -> str:
+            state = check(hub)
+            return f"up to date: {state.says}" if state.ok else ensure(hub)
+        return checked
+    return decorate
+
+
+def _log(hub: HubLayout, step: str) -> Path:
+    return log_path(hub.settings, "install_hub", f"{step}.log")
+
+
+# ---- prefix ------------------------------------------------------------------------------
+
+def check_prefix(hub: HubLayout) -> Check:
+    prefix = hub.prefix
+    if not prefix.is_dir():
+        return Check(False, f"{prefix} does not exist yet")
+    blocked = blocked_for_others(prefix)
+    if blocked:
+        return Check(False, f"other users cannot enter {prefix}: {blocked}")
+    for folder, private in ((prefix, False), (hub.etc, False), (hub.secrets, True),
+                            (hub.var, True)):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return Check(False, f"{folder} is missing")
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid() or (mode & 0o077 if private else mode & 0o022) \
+                or (not private and mode & 0o005 != 0o005):
+            return Check(False, f"{folder} has owner {user_name(st.st_uid)}, mode {mode:o}")
+    loose = first_writable_by_others(prefix)
+    if loose:
+        return Check(False, f"{loose} is writable by other users")
+    return Check(True, f"{prefix}: every user can enter it, nobody else can write in it, "
+                       "secrets/ and var/ are private")
+
+
+@checks_first(check_prefix)
+def ensure_prefix(hub: HubLayout) -> str:
+    prefix = hub.prefix
+    existing = next(p for p in (prefix, *prefix.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == prefix else f"cannot be created: {existing} "
+        raise HubworksError(
+            f"the hub prefix {prefix} {where}is not writable by {user_name()}.",
+            fix="run as root (sudo doit install_hub), or set hub.prefix "
+                "(HUBWORKS_HUB_PREFIX) to a folder you can write")
+    prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+    blocked = blocked_for_others(prefix)
+    if blocked:
+        raise HubworksError(
+            f"every user must be able to enter {prefix} (their servers run from its venv), "
+            f"but {blocked}.",
+            fix="set hub.prefix to a folder outside it, such as /opt/jupyterhub")
+    for folder, mode in ((prefix, 0o755), (hub.etc, 0o755), (hub.secrets, 0o700),
+                         (hub.var, 0o700)):
+        folder.mkdir(mode=mode, exist_ok=True)
+        if os.stat(folder).st_uid != os.geteuid():
+            os.chown(folder, os.geteuid(), os.getegid())
+        os.chmod(folder, mode)
+    for public in (hub.venv, hub.node_modules, hub.etc):
+        if public.exists():
+            make_readable_not_writable(public)
+    for private in (hub.secrets, hub.var):
+        make_readable_not_writable(private, readable=False)
+    loose = first_writable_by_others(prefix)
+    if loose:
+        make_readable_not_writable(prefix, readable=False)
+    return f"{prefix} ready: every user can enter it, secrets/ and var/ are private"
+
+
+# ---- Python ------------------------------------------------------------------------------
+
+def _named_python(hub: HubLayout) -> Path | None:
+    name = hub.hub.python
+    if not name:
+        return None
+    found = shutil.which(name) if os.sep not in name else name
+    if not found or not Path(found).exists():
+        raise HubworksError(f"hub.python names {name}, which does not exist.",
+                            fix="name an installed interpreter, or leave hub.python empty")
+    return Path(found)
+
+
+def _venv_base(hub: HubLayout) -> Path | None:
+    """The interpreter the existing hub venv was made from (pyvenv.cfg)."""
+    cfg = hub.venv / "pyvenv.cfg"
+    try:
+        text = cfg.read_text()
+    except OSError:
+        return None
+    parser = configparser.ConfigParser()
+    parser.read_string("[venv]\n" + text)
+    venv = parser["venv"]
+    if venv.get("executable"):
+        return Path(venv["executable"])
+    version = re.match(r"(\d+)\.(\d+)", venv.get("version", venv.get("version_info", "")))
+    if venv.get("home") and version:
+        return Path(venv["home"]) / f"python{version[1]}.{version[2]}"
+    return None
+
+
+def _python_problem(python: Python) -> str | None:
+    if python.version < MIN_PYTHON:
+        return f"Python {show_version(python.version)} is older than 3.10"
+    blocked = blocked_for_others(python.path)
+    if blocked:
+        return f"other users cannot run it: {blocked}"
+    if not python.can_make_venvs:
+        return "it cannot make venvs (no ensurepip)"
+    return None
+
+
+def hub_python(hub: HubLayout) -> Python | None:
+    """The interpreter for the venv as far as files tell: hub.python, the venv's, or a search."""
+    named = _named_python(hub)
+    candidates = [named] if named else [p for p in [_venv_base(hub)] if p] + python_candidates()
+    for path in candidates:
+        python = python_on_disk(path)
+        if python and not _python_problem(python):
+            return python
+    return None
+
+
+def check_python(hub: HubLayout) -> Check:
+    python = hub_python(hub)
+    if python:
+        return Check(True, f"{python.describe()}: every user can run it, it makes venvs")
+    named = _named_python(hub)
+    if named:
+        return Check(False, f"hub.python names {named}; running it tells its version")
+    return Check(False, "no Python >= 3.10 that every user can run is known yet")
+
+
+@checks_first(check_python)
+def ensure_python(hub: HubLayout) -> str:
+    named = _named_python(hub)
+    if named:
+        return _ensure_named_python(hub, named)
+    skipped, python = _search_python()
+    if python is None:
+        python = _install_python(hub, skipped)
+    elif not python.can_make_venvs:
+        _install_venv_support(hub, python)
+        python = probe_python(python.path)
+    note = f" (passed over: {'; '.join(skipped)})" if skipped else ""
+    return f"{python.describe()}: every user can run it, it makes venvs{note}"
+
+
+def _ensure_named_python(hub: HubLayout, path: Path) -> str:
+    python = probe_python(path)
+    if python.version < MIN_PYTHON:
+        raise HubworksError(
+            f"hub.python names {path}, which is Python {show_version(python.version)}; "
+            f"the hub needs Python >= 3.10 (too old).",
+            fix="name a Python >= 3.10 in hub.python (HUBWORKS_HUB_PYTHON), or leave it "
+                "empty so that install_hub finds or installs one")
+    blocked = blocked_for_others(path)
+    if blocked:
+        raise HubworksError(
+            f"hub.python names {path}, which other users cannot run: {blocked}; their "
+            f"servers would not start.",
+            fix="name an interpreter every user can run, such as the system's "
+                "/usr/bin/python3, or leave hub.python empty")
+    if not python.can_make_venvs:
+        _install_venv_support(hub, python)
+    return f"{python.describe()} (hub.python): every user can run it, it makes venvs"
+
+
+def _search_python() -> tuple[list[str], Python | None]:
+    """Run each candidate once; the first fit, else one lacking only venv support."""
+    skipped, lacking_venv = [], None
+    for path in python_candidates():
+        try:
+            python = probe_python(path)
+        except HubworksError as exc:
+            skipped.append(f"{path}: {exc.message}")
+            continue
+        problem = _python_problem(python)
+        if problem is None:
+            return skipped, python
+        if problem.startswith("it cannot make venvs") and lacking_venv is None:
+            lacking_venv = python
+        skipped.append(f"{path}: {problem}")
+    return skipped, lacking_venv
+
+
+def _install_venv_support(hub: HubLayout, python: Python) -> None:
+    minor = f"python{python.version[0]}.{python.version[1]}"
+    if package_manager() != "apt-get":
+        raise HubworksError(f"{python.describe()} cannot make venvs (no ensurepip).",
+                            fix=f"install its venv module (on Debian: {minor}-venv)")
+    install_packages([f"{minor}-venv"], _log(hub, "python"))
+
+
+def _install_python(hub: HubLayout, skipped: list[str]) -> Python:
+    tool = package_manager()
+    what = "python3 >= 3.10 with its venv module (Debian: python3 python3-venv)"
+    passed = "; ".join(skipped) or "none found"
+    if tool is None:
+        raise HubworksError(f"no Python >= 3.10 that every user can run ({passed}) and no "
+                            f"package manager to install one.",
+                            fix=f"install {what}, or name one in hub.python")
+    for minor in range(14, 9, -1):
+        package = f"python3.{minor}"
+        if package_candidate(package):
+            extra = [f"{package}-venv"] if tool == "apt-get" else []
+            install_packages([package, *extra], _log(hub, "python"))
+            _, python = _search_python()
+            if python and python.can_make_venvs:
+                return python
+    raise HubworksError(f"no Python >= 3.10 that every user can run ({passed}), and {tool} "
+                        f"offers none.", fix=f"install {what}, or name one in hub.python")
+
+
+# ---- Node.js and the proxy release it can run --------------------------------------------
+#
+# etc/proxy-releases.json remembers what npm said: the node range each release of the pinned
+# major declares, and, per node binary and version, whether a release's whole dependency tree
+# installs under --engine-strict (5.3.0 declares node >= 20 but pulls commander 15, which needs
+# 22.12). Both answers are fixed for a given release and node, so checks read them from there.
+
+@dataclass(frozen=True)
+class NodeChoice:
+    node: Path
+    version: tuple[int, ...]
+    release: str  # the configurable-http-proxy release this node runs
+    says: str
+
+
+def _proxy_cache(hub: HubLayout) -> dict:
+    try:
+        return json.loads(hub.proxy_releases_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_proxy_cache(hub: HubLayout, cache: dict) -> None:
+    replace_file(hub.proxy_releases_file, json.dumps(cache, indent=1, sort_keys=True) + "\n",
+                 0o644)
+
+
+def _pin_major(hub: HubLayout) -> str:
+    return hub.hub.proxy_version.split(".")[0]
+
+
+def _node_key(path: Path, version: tuple[int, ...]) -> str:
+    return f"{path} v{show_version(version)}"
+
+
+def _nodes(hub: HubLayout) -> list[tuple[Path, tuple[int, ...]]]:
+    if hub.hub.node:
+        path = Path(shutil.which(hub.hub.node) or hub.hub.node)
+        if not path.is_file():
+            raise HubworksError(f"hub.node names {hub.hub.node}, which does not exist.",
+                                fix="name an installed node, or leave hub.node empty")
+        return [(path, node_version(path))]
+    return [(path, node_version(path)) for path in node_candidates()]
+
+
+def _older_releases(releases, pin: str) -> list[str]:
+    return sorted((r for r in releases if parse_version(r) < parse_version(pin)),
+                  key=parse_version, reverse=True)
+
+
+def node_choice(hub: HubLayout) -> NodeChoice | None:
+    """Which node runs which proxy release, from the cache and ``node --version`` only."""
+    pin = hub.hub.proxy_version
+    cache = _proxy_cache(hub)
+    nodes = _nodes(hub)
+    for path, version in nodes:
+        if cache.get("runs", {}).get(_node_key(path, version), {}).get(pin) == "":
+            return NodeChoice(path, version, pin, f"Node.js v{show_version(version)} at {path} "
+                                                  f"runs configurable-http-proxy {pin}")
+    for path, version in nodes:
+        key = _node_key(path, version)
+        runs = cache.get("runs", {}).get(key, {})
+        no_newer = cache.get("no_newer_node", {}).get(key)
+        fits = [r for r in _older_releases(runs, pin) if runs[r] == ""]
+        if runs.get(pin) and no_newer and fits:
+            return NodeChoice(path, version, fits[0], (
+                f"Node.js v{show_version(version)} at {path} cannot run configurable-http-proxy "
+                f"{pin} ({runs[pin]}) and {no_newer}: configurable-http-proxy {fits[0]} "
+                f"instead"))
+    return None
+
+
+def chosen_node(hub: HubLayout) -> NodeChoice:
+    choice = node_choice(hub)
+    if choice is None:
+        raise HubworksError("no Node.js has been chosen for the proxy.",
+                            fix="run doit install_hub:node first; it says what is missing")
+    return choice
+
+
+def check_node(hub: HubLayout) -> Check:
+    choice = node_choice(hub)
+    if choice:
+        return Check(True, choice.says)
+    return Check(False, f"not yet known which Node.js here runs configurable-http-proxy "
+                        f"{hub.hub.proxy_version} (asks npm)")
+
+
+@checks_first(check_node)
+def ensure_node(hub: HubLayout) -> str:
+    nodes = _nodes(hub)
+    if not nodes:
+        _install_node(hub, "no Node.js found")
+        nodes = _nodes(hub)
+    pin = hub.hub.proxy_version
+    declared = _declared_releases(hub, nodes)
+    why = [_runs(hub, path, version, pin, declared) for path, version in nodes]
+    if "" in why:
+        return node_choice(hub).says
+    if not hub.hub.node and package_manager():
+        needs = why[0].rsplit("node ", 1)[-1]  # "<package> needs node >=22.12.0"
+        offered = package_candidate("nodejs")
+        if offered and satisfies(offered, needs) and offered > max(v for _, v in nodes):
+            _install_node(hub, f"configurable-http-proxy {pin} needs node {needs}")
+            return ensure_node(hub)
+        no_newer = f"{package_manager()} offers nodejs " + (
+            show_version(offered) if offered else "in no version")
+    elif hub.hub.node:
+        no_newer = "hub.node names it, so install_hub does not replace it"
+    else:
+        no_newer = "there is no package manager here to install a newer one"
+    return _choose_older_proxy(hub, nodes, declared, no_newer)
+
+
+def _declared_releases(hub: HubLayout, nodes) -> dict[str, str]:
+    """Ask npm which node each release of the pinned major declares; cache it under etc/."""
+    pin = hub.hub.proxy_version
+    cache = _proxy_cache(hub)
+    known = cache.get("declared", {}).get(_pin_major(hub), {})
+    if pin in known:
+        return known
+    npm = _npm([path for path, _ in nodes])
+    answer = json.loads(run(
+        [npm, "view", "--json", f"{PROXY_PACKAGE}@{_pin_major(hub)}", "version", "engines"],
+        log=_log(hub, "node"), env=_node_env(nodes[0][0]), capture=True))
+    entries = answer if isinstance(answer, list) else [answer]
+    known = {e["version"]: (e.get("engines") or {}).get("node", "*") for e in entries}
+    if pin not in known:
+        raise HubworksError(
+            f"configurable-http-proxy has no release {pin}.",
+            fix=f"set hub.proxy_version to one of {', '.join(known) or 'its releases'}")
+    cache.setdefault("declared", {})[_pin_major(hub)] = known
+    _save_proxy_cache(hub, cache)
+    return known
+
+
+def _npm(nodes: list[Path]) -> Path:
+    npm = next((npm_for(path) for path in nodes if npm_for(path)), None)
+    if npm is None:
+        raise HubworksError("npm is missing: it installs configurable-http-proxy.",
+                            fix="install npm (Debian: apt-get install npm) or a Node.js "
+                                "that ships it")
+    return npm
+
+
+def _runs(hub: HubLayout, node: Path, version, release: str, declared: dict[str, str]) -> str:
+    """'' when ``release`` installs on ``node`` with every engine range met; else why not."""
+    cache = _proxy_cache(hub)
+    runs = cache.setdefault("runs", {}).setdefault(_node_key(node, version), {})
+    if release in runs:
+        return runs[release]
+    if not satisfies(version, declared[release]):
+        runs[release] = f"it declares node {declared[release]}"
+    else:
+        runs[release] = _dry_run(hub, node, release)
+    _save_proxy_cache(hub, cache)
+    return runs[release]
+
+
+def _dry_run(hub: HubLayout, node: Path, release: str) -> str:
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run(
+            [str(_npm([node])), "install", "--dry-run", "--engine-strict",
+             "--no-audit", "--no-fund", "--prefix", scratch, f"{PROXY_PACKAGE}@{release}"],
+            capture_output=True, text=True, env=_node_env(node), cwd=scratch)
+    if done.returncode == 0:
+        return ""
+    culprit = re.search(r"Not compatible with your version of node/npm: (\S+)", done.stderr)
+    needs = _required_node(done.stderr)
+    if culprit and needs:
+        return f"{culprit.group(1)} needs node {needs}"
+    raise HubworksError(f"npm could not resolve configurable-http-proxy {release}:\n"
+                        f"{done.stderr.strip()[-800:]}",
+                        fix="check that the npm registry is reachable, then run again")
+
+
+def _required_node(npm_error: str) -> str | None:
+    match = re.search(r'Required:\s*\{"node":"([^"]+)"', npm_error)
+    return match.group(1) if match else None
+
+
+def _node_env(node: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{node.parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _install_node(hub: HubLayout, why: str) -> None:
+    if not package_manager():
+        raise HubworksError(f"{why} and no package manager here to install Node.js.",
+                            fix="install Node.js >= 20 and npm, or name a node in hub.node")
+    install_packages(["nodejs"], _log(hub, "node"))
+    # NodeSource's nodejs ships npm; Debian's needs its npm package (which conflicts with
+    # NodeSource's), so add it only when the installed node came without one
+    nodes = node_candidates()
+    if nodes and not npm_for(nodes[0]) and package_candidate("npm"):
+        install_packages(["npm"], _log(hub, "node"))
+
+
+def _choose_older_proxy(hub: HubLayout, nodes, declared: dict[str, str], no_newer: str) -> str:
+    pin = hub.hub.proxy_version
+    for path, version in nodes:
+        for release in _older_releases(declared, pin):
+            if _runs(hub, path, version, release, declared) == "":
+                cache = _proxy_cache(hub)
+                cache.setdefault("no_newer_node", {})[_node_key(path, version)] = no_newer
+                _save_proxy_cache(hub, cache)
+                return node_choice(hub).says
+    path, version = nodes[0]
+    raise HubworksError(
+        f"Node.js v{show_version(version)} at {path} is too old for every "
+        f"configurable-http-proxy {_pin_major(hub)}.x release up to {pin} (they need node "
+        f"{' or '.join(sorted(set(declared.values())))}), and {no_newer}.",
+        fix="install Node.js >= 20 (distribution or NodeSource packages) and put it on PATH "
+            "or name it in hub.node; or set hub.proxy_version to a release of an older major")
+
+
+# ---- the venv and what pip puts in it ----------------------------------------------------
+
+def check_venv(hub: HubLayout) -> Check:
+    base = _venv_base(hub)
+    if base is None or not hub.venv_python.exists():
+        return Check(False, f"no venv at {hub.venv} yet")
+    python = hub_python(hub)
+    if python is None or os.path.realpath(base) != os.path.realpath(python.path):
+        return Check(False, f"{hub.venv} was made from {base}, not the hub's Python")
+    if not (hub.venv_bin / "pip").exists():
+        return Check(False, f"{hub.venv} has no pip")
+    return Check(True, f"{hub.venv}, made from {base}")
+
+
+@checks_first(check_venv)
+def ensure_venv(hub: HubLayout) -> str:
+    python = hub_python(hub) or _search_python()[1]
+    if python is None or _python_problem(python):
+        raise HubworksError("no usable Python for the hub's venv.",
+                            fix="run doit install_hub:python first; it says what is missing")
+    old = _venv_base(hub)
+    if hub.venv.exists():
+        if running_hub_pid(hub):
+            stop_hub(hub)  # it runs from this venv; the health step starts it again
+        shutil.rmtree(hub.venv)
+    run([python.path, "-m", "venv", hub.venv], log=_log(hub, "venv"), env=_pip_env())
+    make_readable_not_writable(hub.venv)
+    made = f"{hub.venv} from {python.describe()}"
+    return f"rebuilt {made} (it was made from {old})" if old else f"created {made}"
+
+
+def installed_version(hub: HubLayout, dist: str) -> str | None:
+    """A distribution's version from its dist-info folder in the venv (no pip, no Python)."""
+    site = hub.site_packages()
+    if site is None:
+        return None
+    stem = re.sub(r"[-_.]+", "_", dist).lower()
+    found = [p for p in site.glob(f"{stem}-*.dist-info") if (p / "METADATA").is_file()]
+    if len(found) != 1:
+        return None
+    return found[0].name[len(stem) + 1:-len(".dist-info")]
+
+
+def _pip_env() -> dict[str, str]:
+    """The environment for pip: the machine's pip settings, none of doit's venv."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONDONTWRITEBYTECODE")}
+    return env
+
+
+def _check_package(hub: HubLayout, dist: str) -> Check:
+    pin = getattr(hub.hub, f"{dist}_version")
+    have = installed_version(hub, dist)
+    if have == pin:
+        return Check(True, f"{dist} {pin} in {hub.venv}")
+    return Check(False, f"{dist} {have} in {hub.venv}, pinned {pin}" if have
+                 else f"{dist} is not installed; pinned {pin}")
+
+
+def _install_package(hub: HubLayout, dist: str) -> str:
+    pin = getattr(hub.hub, f"{dist}_version")
+    before = installed_version(hub, dist)
+    # --compile: users cannot write __pycache__ into root's venv, so compile it now
+    run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}"],
+        log=_log(hub, dist), env=_pip_env())
+    make_readable_not_writable(hub.venv)
+    return f"{dist} {pin} installed" + (f" (was {before})" if before else "")
+
+
+def _pinned_package(dist: str) -> tuple[Callable, Callable]:
+    """The check_/ensure_ pair of a distribution pinned by ``hub.<dist>_version``."""
+    def check(hub: HubLayout) -> Check:
+        return _check_package(hub, dist)
+
+    @checks_first(check)
+    def ensure(hub: HubLayout) -> str:
+        return _install_package(hub, dist)
+
+    check.__name__, ensure.__name__ = f"check_{dist}", f"ensure_{dist}"
+    return check, ensure
+
+
+check_jupyterhub, ensure_jupyterhub = _pinned_package("jupyterhub")
+check_jupyterlab, ensure_jupyterlab = _pinned_package("jupyterlab")
+check_dockerspawner, ensure_dockerspawner = _pinned_package("dockerspawner")
+
+
+# ---- configurable-http-proxy -------------------------------------------------------------
+
+def installed_proxy(hub: HubLayout) -> str | None:
+    try:
+        return json.loads((hub.proxy_dir / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_proxy(hub: HubLayout) -> Check:
+    choice = node_choice(hub)
+    have = installed_proxy(hub)
+    if choice is None:
+        return Check(False, "waits for the node step to choose a proxy release")
+    if have == choice.release:
+        return Check(True, f"configurable-http-proxy {have} in {hub.node_modules}")
+    return Check(False, f"configurable-http-proxy {have or 'not installed'}; "
+                        f"wanted {choice.release}")
+
+
+@checks_first(check_proxy)
+def ensure_proxy(hub: HubLayout) -> str:
+    choice = chosen_node(hub)
+    before = installed_proxy(hub)
+    npm = npm_for(choice.node)
+    run([npm, "install", "--prefix", hub.prefix, "--save-exact", "--engine-strict",
+         "--no-audit", "--no-fund", f"{PROXY_PACKAGE}@{choice.release}"],
+        log=_log(hub, "proxy"), env=_node_env(choice.node))
+    make_readable_not_writable(hub.node_modules)
+    for name in ("package.json", "package-lock.json"):
+        if (hub.prefix / name).exists():
+            os.chmod(hub.prefix / name, 0o644)
+    return (f"configurable-http-proxy {choice.release} installed"
+            + (f" (was {before})" if before else "") + f", run by {choice.node}")
+
+
+# ---- secrets -----------------------------------------------------------------------------
+
+def _secret_files(hub: HubLayout) -> tuple[Path, Path]:
+    return hub.cookie_secret, hub.proxy_token
+
+
+def check_secrets(hub: HubLayout) -> Check:
+    for path in _secret_files(hub):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return Check(False, f"{path.name} does not exist yet")
+        if st.st_size == 0 or stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.geteuid():
+            return Check(False, f"{path} is empty or readable by others")
+    return Check(True, "cookie secret and proxy token exist, mode 600 (never regenerated)")
+
+
+@checks_first(check_secrets)
+def ensure_secrets(hub: HubLayout) -> str:
+    done = []
+    for path in _secret_files(hub):
+        if path.exists():
+            # an existing secret is kept: a new one would log every user out
+            os.chmod(path, 0o600)
+            done.append(f"kept {path.name}, mode 600")
+        else:
+            write_private_file(path, (secrets.token_hex(32) + "\n").encode())
+            done.append(f"created {path.name}")
+    return "; ".join(done)
+
+
+# ---- jupyterhub_config.py ----------------------------------------------------------------
+
+def _wanted_config(hub: HubLayout) -> str | None:
+    choice = node_choice(hub)
+    return render_config(hub, choice.node) if choice else None
+
+
+def check_config(hub: HubLayout) -> Check:
+    wanted = _wanted_config(hub)
+    if wanted is None:
+        return Check(False, "waits for the node step (the config names the proxy's node)")
+    try:
+        text = hub.config_file.read_text()
+        mode = stat.S_IMODE(os.stat(hub.config_file).st_mode)
+    except OSError:
+        return Check(False, f"{hub.config_file} does not exist yet")
+    if text != wanted:
+        return Check(False, f"{hub.config_file} differs from the settings")
+    if mode != 0o644:
+        return Check(False, f"{hub.config_file} has mode {mode:o}")
+    return Check(True, f"{hub.config_file} matches the settings")
+
+
+@checks_first(check_config)
+def ensure_config(hub: HubLayout) -> str:
+    wanted = render_config(hub, chosen_node(hub).node)
+    ensure_ports_free(hub, ours=ports_of_running_hub(hub))
+    existed = hub.config_file.exists()
+    replace_file(hub.config_file, wanted, 0o644)
+    return f"{'rewrote' if existed else 'wrote'} {hub.config_file}"
+
+
+# ---- database schema ---------------------------------------------------------------------
+
+def schema_head(hub: HubLayout) -> str | None:
+    """The newest alembic revision the installed JupyterHub ships (read from its files)."""
+    site = hub.site_packages()
+    folder = site / "jupyterhub" / "alembic" / "versions" if site else None
+    if folder is None or not folder.is_dir():
+        return None
+    revisions, parents = set(), set()
+    for script in folder.glob("*.py"):
+        text = script.read_text()
+        rev = re.search(r"^revision\s*=\s*['\"](\w+)['\"]", text, re.M)
+        down = re.search(r"^down_revision\s*=\s*['\"](\w+)['\"]", text, re.M)
+        if rev:
+            revisions.add(rev.group(1))
+        if down:
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def schema_in_database(hub: HubLayout) -> str | None:
+    uri = f"file:{hub.database}?mode=ro"
+    try:
+        with sqlite3.connect(uri, uri=True, timeout=2) as db:
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
+def check_database(hub: HubLayout) -> Check:
+    if not os.path.exists(hub.database):
+        return Check(True, "no database yet: the hub creates it at its first start")
+    head, current = schema_head(hub), schema_in_database(hub)
+    if head and head == current:
+        return Check(True, f"{hub.database} is at schema {current}, JupyterHub's newest")
+    return Check(False, f"{hub.database} is at schema {current}; JupyterHub "
+                        f"{installed_version(hub, 'jupyterhub')} ships {head}")
+
+
+@checks_first(check_database)
+def ensure_database(hub: HubLayout) -> str:
+    before = schema_in_database(hub)
+    stopped = ""
+    if running_hub_pid(hub):
+        # the running hub holds the old schema in memory; it starts again in the health step
+        stopped = stop_hub(hub) + "; "
+    # upgrade-db runs `alembic` from PATH
+    run([hub.jupyterhub, "upgrade-db", "-f", hub.config_file], cwd=hub.var,
+        log=_log(hub, "database"), env=dict(_pip_env(), PATH=hub_search_path(hub)))
+    return (f"{stopped}upgraded {hub.database} from schema {before} to "
+            f"{schema_in_database(hub)} (jupyterhub upgrade-db keeps a backup beside it)")
+
+
+# ---- service -----------------------------------------------------------------------------
+
+def _background_says(hub: HubLayout) -> str:
+    why = ("hub.service = background" if hub.choice("service") == "background"
+           else "systemd is not running here")
+    return (f"{why}: the hub runs in the background, started by this install or "
+            f"`doit hub_start`, stopped by `doit hub_stop`; log {hub.log_file}")
+
+
+def check_service(hub: HubLayout) -> Check:
+    if not hub.uses_systemd:
+        return Check(True, _background_says(hub))
+    try:
+        current = hub.unit_file.read_text() == render_unit(hub)
+    except OSError:
+        current = False
+    if not current:
+        return Check(False, f"{hub.unit_file} is missing or differs from the settings")
+    if not hub.unit_link.exists():
+        return Check(False, f"{UNIT_NAME} is not enabled")
+    return Check(True, f"{hub.unit_file} written and enabled")
+
+
+@checks_first(check_service)
+def ensure_service(hub: HubLayout) -> str:
+    require_root(f"writing the systemd unit {hub.unit_file}")
+    replace_file(hub.unit_file, render_unit(hub), 0o644)
+    log = _log(hub, "service")
+    if systemd_is_running():
+        run(["systemctl", "daemon-reload"], log=log)
+    run(["systemctl", "enable", UNIT_NAME], log=log)
+    return f"wrote {hub.unit_file} and enabled it; systemd starts the hub at boot"
+
+
+# ---- health ------------------------------------------------------------------------------
+
+def _changed_since_start(hub: HubLayout) -> str | None:
+    """What changed after the running hub started (JupyterHub writes its pid file at start)."""
+    try:
+        started = os.stat(hub.pid_file).st_mtime
+    except OSError:
+        return None
+    site = hub.site_packages()
+    inputs = [hub.config_file, hub.cookie_secret, hub.proxy_token, hub.proxy_dir]
+    if site:
+        inputs += list(site.glob("jupyterhub-*.dist-info")) + \
+            list(site.glob("dockerspawner-*.dist-info"))
+    for path in inputs:
+        try:
+            if os.stat(path).st_mtime > started:
+                return path.name
+        except OSError:
+            continue
+    return None
+
+
+def check_health(hub: HubLayout) -> Check:
+    pid = running_hub_pid(hub)
+    if pid is None:
+        return Check(False, "the hub is not running")
+    changed = _changed_since_start(hub)
+    if changed:
+        return Check(False, f"the hub (pid {pid}) started before {changed} changed")
+    if not answers_health(hub):
+        return Check(False, f"the hub (pid {pid}) does not answer {hub.health_url}")
+    return Check(True, f"{hub.health_url} answers 200; open {hub.public_url}")
+
+
+@checks_first(check_health)
+def ensure_health(hub: HubLayout) -> str:
+    if hub.uses_systemd and not systemd_is_running():
+        raise HubworksError("hub.service is systemd, but systemd is not running here.",
+                            fix="set hub.service = background (or auto)")
+    said = []
+    if running_hub_pid(hub):
+        # a restart picks up the new config, JupyterHub or proxy; users' servers stop too
+        said.append(stop_hub(hub))
+    said.append(start_hub(hub))
+    return "; ".join(said) + f"; {hub.health_url} answers 200"
+
+
+STEPS: list[Step] = [
+    Step("prefix", "The prefix: every user can enter it; secrets and state are root's.",
+         check_prefix, ensure_prefix),
+    Step("python", "A Python >= 3.10 every user can run, able to make venvs.",
+         check_python, ensure_python),
+    Step("node", "A Node.js that runs the configured configurable-http-proxy release.",
+         check_node, ensure_node, after=("prefix",)),
+    Step("venv", "The hub's venv under the prefix, made from that Python.",
+         check_venv, ensure_venv, after=("prefix", "python")),
+    Step("jupyterhub", "JupyterHub at hub.jupyterhub_version in the venv.",
+         check_jupyterhub, ensure_jupyterhub, after=("venv",)),
+    Step("jupyterlab", "JupyterLab at hub.jupyterlab_version in the venv.",
+         check_jupyterlab, ensure_jupyterlab, after=("jupyterhub",)),
+    Step("dockerspawner", "DockerSpawner in the venv (spawner = docker only).",
+         check_dockerspawner, ensure_dockerspawner, after=("jupyterlab",),
+         wanted=lambda hub: hub.choice("spawner") == "docker"),
+    Step("proxy", "configurable-http-proxy from npm under the prefix.",
+         check_proxy, ensure_proxy, after=("node",)),
+    Step("secrets", "Cookie secret and proxy token, created once, mode 600.",
+         check_secrets, ensure_secrets, after=("prefix",)),
+    Step("config", "jupyterhub_config.py rendered from the settings.",
+         check_config, ensure_config,
+         after=("proxy", "secrets", "jupyterhub", "dockerspawner")),
+    Step("database", "The hub's database at the installed JupyterHub's schema.",
+         check_database, ensure_database, after=("config",)),
+    Step("service", "A systemd unit when systemd runs; else the background start.",
+         check_service, ensure_service, after=("config",)),
+    Step("health", "The hub runs the current install and /hub/health answers 200.",
+         check_health, ensure_health, after=("database", "service", "jupyterlab")),
+]
