@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from tests.conftest import Workspace, free_port, port_refuses
-from tests.podman_fixtures import image_file
+from tests.conftest import Workspace, port_refuses
+from tests.podman_fixtures import free_port, image_file
 
 pytestmark = pytest.mark.slow
 

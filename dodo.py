@@ -1,0 +1,16 @@
+"""hubworks: the doit graph. `doit list` shows the tasks; README.md explains them.
+
+    recipes/ --build_recipes--> channel/ --index_channel--> repodata, shards, index.html
+    images/  --build_images--> repo2docker images, the channel served while they build
+    install_hub:* / hub_start / hub_stop: a JupyterHub on this server
+"""
+
+# ruff: noqa: F401  (doit finds the task creators by name in this module)
+from tasks.recipes import task_build_recipes
+from tasks.channel_index import task_index_channel
+from tasks.server import task_serve_channel
+from tasks.images import task_build_images
+from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
+from tasks.workspace import doit_config, task_settings
+
+DOIT_CONFIG = doit_config()
