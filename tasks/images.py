@@ -356,19 +356,18 @@ def unreachable_hosts(log_text: str) -> list[str]:
     return hosts
 
 
-def diagnose(log_text: str) -> str:
-    """What the build log says about causes a user can act on, as extra lines."""
-    notes = ""
+def diagnose(log_text: str) -> tuple[str, str]:
+    """What a failed build's log says a user can act on: extra lines, and the fix."""
     hosts = unreachable_hosts(log_text)
     if hosts:
-        notes += (f"\n  the build could not reach: {', '.join(hosts)}. It needs network access "
-                  f"to these (environment.yml images: conda-forge and the base image's "
-                  f"registry).")
-    if re.search(r"crun|runc|creating container for|cgroups? .*not supported", log_text):
-        notes += ("\n  the engine could not start the build's RUN containers here; with "
-                  "podman, images.isolation = \"chroot\" (HUBWORKS_IMAGES_ISOLATION=chroot) "
-                  "avoids that.")
-    return notes
+        return (f"\n  the build could not reach: {', '.join(hosts)}. environment.yml images "
+                f"need conda-forge and the base image's registry.",
+                "give this machine access to those hosts (directly or through a proxy in "
+                "HTTPS_PROXY), or build where it has it; then run build_images again")
+    if re.search(r"while running runtime|crun|runc|creating container for", log_text):
+        return ("\n  the engine could not start the build's RUN containers here.",
+                'with podman, set images.isolation = "chroot" (HUBWORKS_IMAGES_ISOLATION=chroot)')
+    return "", "fix the cause the log names, then run build_images again"
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -425,12 +424,12 @@ def build_image(image: Image) -> None:
     if returncode != 0 or not engine.image_exists(tag):
         seconds = time.monotonic() - started
         print_line(f"   image {image.name}: failed ({seconds:.1f} s)")
+        notes, fix = diagnose(log.read_text(errors="replace"))
         raise HubworksError(
             f"image '{image.name}' failed to build (repo2docker exited with status "
-            f"{returncode}).{diagnose(log.read_text(errors='replace'))}\n"
+            f"{returncode}).{notes}\n"
             f"  last lines of its log:\n{_tail(log, settings.recipes.log_tail)}\n"
-            f"  full log: {log}",
-            fix="fix the cause the log names, then run build_images again")
+            f"  full log: {log}", fix=fix)
     engine.tag(tag, latest)
     if settings.images.push:
         engine.push(tag)

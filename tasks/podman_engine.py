@@ -23,7 +23,8 @@ from .engines import PODMAN_FIX, output_line, podman_problem
 # podman's words when the runtime (crun, runc) could not start a RUN step's container
 RUNTIME_FAILED = "while running runtime"
 CHROOT_HINT = ("podman could not start a container for a RUN step on this host: "
-               "build with chroot isolation, set BUILDAH_ISOLATION=chroot")
+               "build with chroot isolation (hubworks: images.isolation = \"chroot\"; "
+               "plain repo2docker: BUILDAH_ISOLATION=chroot)")
 
 
 class PodmanEngine(DockerEngine):

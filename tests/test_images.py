@@ -8,9 +8,10 @@ is not reachable from inside it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,8 +19,8 @@ import time
 
 import pytest
 
-from tests.conftest import Workspace, port_refuses
-from tests.podman_fixtures import free_port, image_file
+from tests.conftest import DODO, Workspace, port_refuses
+from tests.podman_fixtures import free_port, image_file, registry_tags
 
 pytestmark = pytest.mark.slow
 
@@ -130,6 +131,77 @@ def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_wor
     starts = len(re.findall(r"^\S+ serving ", log, re.MULTILINE))
     assert starts == 1, "one server for the whole run"
     assert port_refuses(ws.port)
+
+
+def test_ctrl_c_during_a_build_stops_the_server(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    folder = ws.root / "images" / "slow"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(
+        f"FROM {ws.base}\nARG CHANNEL_URL\nRUN wget -q -O /tmp/r.json ${{CHANNEL_URL}}noarch/"
+        f"repodata.json && echo building-slowly && sleep 120\n")
+    command = [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root),
+               "build_images"]
+    # Like Ctrl-C in a terminal: SIGINT to the whole process group.
+    doit = subprocess.Popen(command, env=ws.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = ws.state / "logs" / "images" / "slow.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "building-slowly" in log.read_text()):
+        assert time.monotonic() < deadline and doit.poll() is None, doit.stdout.read()
+        time.sleep(0.2)
+    assert not port_refuses(ws.port)           # serving while the build runs
+    os.killpg(doit.pid, signal.SIGINT)
+    output = doit.communicate(timeout=60)[0]
+    assert doit.returncode != 0, output
+    assert port_refuses(ws.port)
+    access = (ws.state / "logs" / "channel-server.log").read_text()
+    assert re.search(r"stopped serving http://127\.0\.0\.1:\d+/ after \d+ requests", access)
+    assert not (ws.state / "images" / "slow.json").exists()   # not recorded as built
+
+
+def test_remote_engine_settings_bind_address_public_url_and_token(image_workspace):
+    """A remote engine: the server binds beyond loopback, so a token guards it, and builds
+    use channel.public_url (here a loopback name for the same server) with the token."""
+    ws = image_workspace
+    ws.configure(f"""
+        [recipes]
+        package_format = "tar.bz2"
+        [channel]
+        host = "0.0.0.0"
+        port = {ws.port}
+        public_url = "http://127.0.0.1:{ws.port}/"
+        [images]
+        prefix = "hubworks-test"
+    """)
+    ws.add_recipe("tool")
+    add_fetching_image(ws, "remote", "tool")
+    ws.doit("build_images")
+    assert image_file(record(ws, "remote")["tag"], "/opt/tool/share/tool/version.txt")
+    access = (ws.state / "logs" / "channel-server.log").read_text()
+    assert re.search(r"GET /t/<token>/noarch/tool-\S+ 200", access)   # token used, not logged
+    assert not re.search(r"GET /noarch/\S+ 200", access)              # nothing without it
+
+
+def test_push_sends_both_tags_to_the_registry(image_workspace, local_registry):
+    ws = image_workspace
+    ws.env["CONTAINERS_REGISTRIES_CONF"] = os.environ["CONTAINERS_REGISTRIES_CONF"]
+    ws.configure(f"""
+        [recipes]
+        package_format = "tar.bz2"
+        [channel]
+        port = {ws.port}
+        [images]
+        prefix = "{local_registry}/analytics"
+        push = true
+    """)
+    ws.add_recipe("tool")
+    add_fetching_image(ws, "pushed", "tool")
+    ws.doit("build_images")
+    tag = record(ws, "pushed")["tag"]
+    assert sorted(registry_tags(local_registry, "analytics/pushed")) == \
+        sorted([tag.rsplit(":", 1)[1], "latest"])
 
 
 def test_preflight_names_the_missing_package_or_version(image_workspace):
