@@ -393,7 +393,7 @@ def build_image(image: Image) -> None:
     served = RUN.shared("channel-server", lambda: _channel_server(settings))
     build_url = served_url_for_builds(settings, served.url, served.token)
 
-    resolution = resolve_internal(settings, image, served.url)
+    resolution = resolve_internal(settings, image, served.local_url)
     content_hash = image_hash(settings, image, resolution)
     tag, latest = tags_for(settings, image, content_hash)
     print_line(f"   image {image.name} ({image.kind}): building {tag}; internal packages: "

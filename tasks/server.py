@@ -351,6 +351,14 @@ class ServedChannel:
         """Body bytes sent (files, ranges, short status texts), not headers."""
         return self._server.bytes_sent
 
+    @property
+    def local_url(self) -> str:
+        """The URL for clients on this machine: loopback when bound to every address, so
+        it does not depend on the machine's name resolving."""
+        if self.host not in _WILDCARDS:
+            return self.url
+        return f"http://127.0.0.1:{self.port}/" + (f"t/{self.token}/" if self.token else "")
+
     def describe(self) -> str:
         return f"{self.url} ({self.note})" if self.note else self.url
 

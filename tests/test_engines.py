@@ -178,7 +178,7 @@ def test_runtime_failure_suggests_chroot_isolation(podman, busybox_base_image, t
     code, output = repo2docker(repo, "--no-run", "--image-name", "hubworks-test/oci:1", env=env)
     if code == 0:
         pytest.skip("this host starts containers, so podman builds without chroot isolation")
-    assert "set BUILDAH_ISOLATION=chroot" in output
+    assert 'images.isolation = "chroot"' in output and "BUILDAH_ISOLATION=chroot" in output
 
 
 def test_tag_exists_remove_with_short_and_full_names(podman, busybox_base_image):
