@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 DODO = REPO / "dodo.py"
 PREVIOUS_JUPYTERHUB = "5.4.6"  # its schema is older than the pinned release's
 OLDER_JUPYTERLAB = "4.6.5"
-OLDER_PROXY = "5.1.0"
+OLDER_PROXIES = ("5.1.0", "5.0.1")  # both run on Node.js 18 and later
 
 # ---- running doit ------------------------------------------------------------------------
 
@@ -320,10 +320,12 @@ def test_changing_the_jupyterlab_pin_reinstalls_only_jupyterlab(site):
 @pytest.mark.slow
 def test_changing_the_proxy_pin_reinstalls_the_proxy_and_restarts_the_hub(site):
     before, pid = site.proxy_release(), site.hub_pid()
-    older = site.install({"HUBWORKS_HUB_PROXY_VERSION": OLDER_PROXY})
+    # Older than what runs now: on Node.js 18 the install already fell back to 5.1.0.
+    older_proxy = next(v for v in OLDER_PROXIES if v != before)
+    older = site.install({"HUBWORKS_HUB_PROXY_VERSION": older_proxy})
     # the node step decides which release this Node.js runs, so it checks the new pin
     assert older.executed == {"node", "proxy", "health"}, older.output
-    assert site.proxy_release() == OLDER_PROXY
+    assert site.proxy_release() == older_proxy
     assert site.hub_pid() != pid
     assert requests.get(f"{site.url}/hub/health", timeout=10).status_code == 200
     back = site.install()
