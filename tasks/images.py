@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,8 +39,9 @@ from pathlib import Path
 
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_json, folder_files, read_json, tree_digest
+from .recipes import spec_name
 from .settings import Settings
-from .workspace import RUN, current_settings, log_path, print_line
+from .workspace import RUN, current_settings, log_path, log_tail, print_line, run_logged
 
 # What repo2docker can build from (any one is enough); see its buildpacks.
 REPO2DOCKER_FILES = (
@@ -105,10 +105,6 @@ def _load_yaml(path: Path):
                             fix="correct the file") from None
 
 
-def _spec_name(spec: str) -> str:
-    return re.split(r"[\s=<>!~\[]", spec.strip(), maxsplit=1)[0].lower()
-
-
 def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[str]:
     """The image's requirements that the internal channel is to provide."""
     specs: list[str] = []
@@ -120,8 +116,10 @@ def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[s
             if not isinstance(entry, str):
                 continue  # a pip: section
             channel, _, spec = entry.rpartition("::")
+            if spec_name(spec) is None:
+                continue  # not a package spec; the build's own solver will say so
             if channel == alias or (alias in channels and (
-                    _spec_name(spec) in internal_names or channels == [alias]
+                    spec_name(spec) in internal_names or channels == [alias]
                     or set(channels) == {alias, "nodefaults"})):
                 specs.append(spec.strip())
     if image.dockerfile:
@@ -144,13 +142,24 @@ class Resolution:
         return ", ".join(f"{p['name']} {p['version']}" for p in self.packages) or "none"
 
 
-def internal_package_names(channel_dir: Path) -> set[str]:
-    names: set[str] = set()
-    for repodata in channel_dir.glob("*/repodata.json"):
-        data = read_json(repodata, {}) or {}
-        for key in ("packages", "packages.conda"):
-            names.update(record["name"] for record in data.get(key, {}).values())
-    return names
+_names_cache: dict[tuple, frozenset[str]] = {}
+
+
+def internal_package_names(channel_dir: Path) -> frozenset[str]:
+    """Every package name in the channel's repodata. Up-to-date checks and builds of every
+    image ask for it; at 20,000 packages parsing the repodata costs 0.1 s, so it is read
+    again only when a repodata.json changed."""
+    files = sorted(channel_dir.glob("*/repodata.json"))
+    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+    if key not in _names_cache:
+        names: set[str] = set()
+        for repodata in files:
+            data = read_json(repodata, {})
+            for section in ("packages", "packages.conda"):
+                names.update(record["name"] for record in data.get(section, {}).values())
+        _names_cache.clear()
+        _names_cache[key] = frozenset(names)
+    return _names_cache[key]
 
 
 async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
@@ -160,14 +169,14 @@ async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
     platform = str(rattler.Subdir.current())
     gateway = rattler.Gateway(cache_dir=cache_dir)
     channel = rattler.Channel(channel_url)
-    names = sorted({_spec_name(s) for s in specs})
+    names = sorted({spec_name(s) for s in specs})
     found = await gateway.query([channel], [platform, "noarch"], names, recursive=False)
     available: dict[str, list] = {}
     for records in found:
         for record in records:
             available.setdefault(record.name.normalized, []).append(record)
     for spec in specs:
-        name, match = _spec_name(spec), rattler.MatchSpec(spec)
+        name, match = spec_name(spec), rattler.MatchSpec(spec)
         candidates = available.get(name, [])
         if not candidates:
             have = ", ".join(sorted(internal_names)) or "no packages"
@@ -185,8 +194,8 @@ async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
         raise HubworksError("the internal packages cannot be installed together: "
                             + " ".join(str(exc).split())) from None
     packages = sorted(({"name": r.name.normalized, "version": str(r.version),
-                        "build": str(r.build), "sha256": r.sha256.hex() if isinstance(r.sha256, bytes)
-                        else str(r.sha256)} for r in solved), key=lambda p: p["name"])
+                        "build": str(r.build), "sha256": r.sha256.hex() if r.sha256 else ""}
+                       for r in solved), key=lambda p: p["name"])
     return Resolution(specs, packages)
 
 
@@ -237,8 +246,8 @@ def built_image_tags(settings: Settings) -> list[str]:
     folder = image_records_dir(settings)
     if not folder.is_dir():
         return []
-    return [read_json(p, {}).get("tag") for p in sorted(folder.glob("*.json"))
-            if read_json(p, {}).get("tag")]
+    records = (read_json(p, {}) for p in sorted(folder.glob("*.json")))
+    return [record["tag"] for record in records if record.get("tag")]
 
 
 def tags_for(settings: Settings, image: Image, content_hash: str) -> tuple[str, str]:
@@ -370,11 +379,6 @@ def diagnose(log_text: str) -> tuple[str, str]:
     return "", "fix the cause the log names, then run build_images again"
 
 
-def _tail(path: Path, lines: int) -> str:
-    text = path.read_text(errors="replace").splitlines()
-    return "\n".join("    " + line for line in text[-lines:])
-
-
 def _channel_server(settings: Settings):
     from .server import channel_server_from_settings
 
@@ -412,15 +416,11 @@ def build_image(image: Image) -> None:
     command = repo2docker_command(settings, engine.repo2docker_engine, stage, tag,
                                   build_url, config, content_hash)
     log = log_path(settings, "images", f"{image.name}.log")
-    with log.open("w") as handle:
-        handle.write(f"# {engine.name} build of images/{image.name} ({engine.reason})\n"
-                     f"# {' '.join(command)}\n")
-        handle.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if settings.images.isolation and engine.name == "podman":
-            env["BUILDAH_ISOLATION"] = settings.images.isolation
-        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=scratch, env=env).returncode
+    env = dict(os.environ)
+    if settings.images.isolation and engine.name == "podman":
+        env["BUILDAH_ISOLATION"] = settings.images.isolation
+    returncode = run_logged(command, log, cwd=scratch, env=env,
+                            title=f"{engine.name} build of images/{image.name} ({engine.reason})")
     if returncode != 0 or not engine.image_exists(tag):
         seconds = time.monotonic() - started
         print_line(f"   image {image.name}: failed ({seconds:.1f} s)")
@@ -428,7 +428,7 @@ def build_image(image: Image) -> None:
         raise HubworksError(
             f"image '{image.name}' failed to build (repo2docker exited with status "
             f"{returncode}).{notes}\n"
-            f"  last lines of its log:\n{_tail(log, settings.recipes.log_tail)}\n"
+            f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
             f"  full log: {log}", fix=fix)
     engine.tag(tag, latest)
     if settings.images.push:

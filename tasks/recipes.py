@@ -28,9 +28,10 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from .errors import HubworksError, reports_errors
-from .fsutil import atomic_copy, atomic_write_json, folder_files, is_package, read_json, sha256_file
+from .fsutil import (atomic_copy, atomic_write_json, folder_files, is_package, read_json,
+                     sha256_file)
 from .settings import Settings
-from .workspace import current_settings, log_path
+from .workspace import current_settings, log_path, log_tail, run_logged
 
 RECIPE_FILES = ("recipe.yaml", "meta.yaml")
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
@@ -55,10 +56,15 @@ class Recipe:
 
 # ---------------------------------------------------------------- reading recipes
 
+def spec_name(spec: str) -> str | None:
+    """The package name a conda spec string starts with ("pandas >=2" -> "pandas")."""
+    match = _NAME_RE.match(spec)
+    return match.group(1).lower() if match else None
+
+
 def _requirement_name(entry) -> str | None:
     if isinstance(entry, str):
-        match = _NAME_RE.match(entry)
-        return match.group(1).lower() if match else None
+        return spec_name(entry)
     if isinstance(entry, dict):  # pin_subpackage / pin_compatible
         for value in entry.values():
             if isinstance(value, dict) and "name" in value:
@@ -320,14 +326,6 @@ def _publish(settings: Settings, built: Path) -> dict:
     return record
 
 
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text[-lines:])
-
-
 # ---------------------------------------------------------------- the action
 
 @reports_errors
@@ -350,19 +348,14 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
     command = _build_command(settings, recipe, out, channels, result)
 
     log = log_path(settings, "recipes", f"{recipe.name}.log")
-    with log.open("w") as handle:
-        handle.write(f"# {recipe.backend} build of {recipe.spec}\n# {shlex.join(command)}\n")
-        handle.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        returncode = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=settings.root, env=env
-                                    ).returncode
+    returncode = run_logged(command, log, title=f"{recipe.backend} build of {recipe.spec}",
+                            cwd=settings.root)
     built = _built_packages(recipe, out, result) if returncode == 0 else []
     if not built:
         why = "produced no package" if returncode == 0 else f"exited with status {returncode}"
         raise HubworksError(
             f"recipe '{recipe.name}' failed to build ({recipe.spec}): {recipe.backend} {why}.\n"
-            f"  last lines of its log:\n{_tail(log, settings.recipes.log_tail)}\n"
+            f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
             f"  full log: {log}",
             fix="correct the recipe (the log says where it stopped), then run build_recipes again")
     packages = [_publish(settings, path) for path in built]

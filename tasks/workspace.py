@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -166,6 +168,26 @@ def log_path(settings: Settings, *parts: str) -> Path:
     path = settings.state("logs", *parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_logged(command: list[str], log: Path, *, title: str, cwd: Path,
+               env: dict[str, str] | None = None) -> int:
+    """Run a build command with all its output in ``log`` (replaced), headed by what ran."""
+    with log.open("w") as handle:
+        handle.write(f"# {title}\n# {shlex.join(command)}\n")
+        handle.flush()
+        return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, cwd=cwd,
+                              env=dict(env or os.environ, PYTHONUNBUFFERED="1")).returncode
+
+
+def log_tail(log: Path, lines: int) -> str:
+    """The last lines of a log, indented to sit under an error message."""
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in text[-lines:])
 
 
 def print_line(text: str) -> None:
