@@ -10,8 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
-import orjson  # repodata and the index state run to megabytes: the stdlib json is 5x slower
-
 PACKAGE_SUFFIXES = (".conda", ".tar.bz2")
 
 
@@ -62,6 +60,11 @@ def _unlink_quietly(path: str | Path) -> None:
 
 def read_json(path: Path, default: Any = None) -> Any:
     """``path`` parsed, or ``default`` when it is missing or not JSON."""
+    # orjson: repodata and the index state run to megabytes, where the stdlib json is 5x
+    # slower. Imported here like the other third-party libraries, so modules that only
+    # import fsutil (the hub steps, via images) load nothing beyond doit and the stdlib.
+    import orjson
+
     try:
         return orjson.loads(path.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):

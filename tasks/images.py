@@ -367,6 +367,14 @@ def unreachable_hosts(log_text: str) -> list[str]:
 
 def diagnose(log_text: str) -> tuple[str, str]:
     """What a failed build's log says a user can act on: extra lines, and the fix."""
+    short = re.search(r'short-name "([^"]+)" did not resolve', log_text)
+    if short:
+        name = short.group(1)
+        full = f"docker.io/{name if '/' in name else 'library/' + name}"
+        return (f"\n  podman cannot tell which registry the base image '{name}' comes from "
+                f"(it has no unqualified-search registries configured).",
+                f"name the base image with its registry in the FROM line, e.g. {full} "
+                f"for Docker Hub")
     hosts = unreachable_hosts(log_text)
     if hosts:
         return (f"\n  the build could not reach: {', '.join(hosts)}. environment.yml images "

@@ -222,6 +222,22 @@ def test_preflight_names_the_missing_package_or_version(image_workspace):
     assert not (ws.state / "logs" / "images" / "wants-version.log").exists()
 
 
+def test_base_image_without_a_registry_gets_the_full_name_to_use(image_workspace, tmp_path):
+    ws = image_workspace
+    registries = tmp_path / "registries.conf"
+    registries.write_text("unqualified-search-registries = []\n")
+    ws.env["CONTAINERS_REGISTRIES_CONF"] = str(registries)
+    folder = ws.root / "images" / "short"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text("FROM someone/base-image:1\nRUN true\n")
+    run = ws.doit("build_images", check=False)
+    assert run.returncode != 0
+    assert "podman cannot tell which registry the base image 'someone/base-image:1'" \
+        in run.output
+    assert "fix: name the base image with its registry in the FROM line, e.g. " \
+        "docker.io/someone/base-image:1" in run.output
+
+
 def test_folder_with_nothing_to_build_is_named(image_workspace):
     ws = image_workspace
     (ws.root / "images" / "empty" / "notes").mkdir(parents=True)
