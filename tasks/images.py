@@ -377,8 +377,8 @@ def diagnose(log_text: str) -> tuple[str, str]:
                 f"for Docker Hub")
     hosts = unreachable_hosts(log_text)
     if hosts:
-        return (f"\n  the build could not reach: {', '.join(hosts)}. environment.yml images "
-                f"need conda-forge and the base image's registry.",
+        return (f"\n  the build could not reach: {', '.join(hosts)}. Builds pull base images "
+                f"from registries, and environment.yml images conda-forge packages too.",
                 "give this machine access to those hosts (directly or through a proxy in "
                 "HTTPS_PROXY), or build where it has it; then run build_images again")
     if re.search(r"while running runtime|crun|runc|creating container for", log_text):

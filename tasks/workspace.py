@@ -109,9 +109,12 @@ class ProgressReporter(ConsoleReporter):
             self.write(f"ok {task.name} ({self._seconds(task)})\n")
 
     def add_failure(self, task, fail):
-        self._counts["failed"] += 1
-        self._failed.append(task.name)
-        self.write(f"FAILED {task.name} ({self._seconds(task)})\n")
+        # A group task (no actions) "fails" only because a subtask did: count that once.
+        if task.actions:
+            self._counts["failed"] += 1
+            self._failed.append(task.name)
+            seconds = self._seconds(task)
+            self.write(f"FAILED {task.name}" + (f" ({seconds})" if seconds else "") + "\n")
         super().add_failure(task, fail)
 
     def skip_uptodate(self, task):

@@ -126,6 +126,8 @@ def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_wor
     assert "image 'broken' failed to build" in run.output
     assert "configuring the frobnicator" in run.output        # the tail of its log
     assert str(ws.state / "logs" / "images" / "broken.log") in run.output
+    # The summary counts the failed image once, not again as its group task.
+    assert "hubworks: 4 ran, 1 failed (build_images:broken)" in run.output, run.output
     assert record(ws, "first") and record(ws, "second")
     log = (ws.state / "logs" / "channel-server.log").read_text()
     starts = len(re.findall(r"^\S+ serving ", log, re.MULTILINE))
