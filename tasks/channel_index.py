@@ -23,9 +23,7 @@ one last indexed: one directory scan, no hashing of packages.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import html
 import os
@@ -36,7 +34,7 @@ from pathlib import Path
 import orjson
 
 from .errors import HubworksError, reports_errors
-from .fsutil import atomic_copy, atomic_write_bytes, is_package, read_json
+from .fsutil import atomic_copy, atomic_write_bytes, exclusive_lock, is_package, read_json
 from .settings import Settings
 from .workspace import current_settings
 
@@ -249,18 +247,6 @@ def _prune(folder: Path, keep: set[str]) -> None:
                 shard.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path):
-    """One indexer at a time, even across doit processes."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------- the whole pass
 
 @dataclass
@@ -287,7 +273,7 @@ def index_channel(settings: Settings) -> IndexReport:
     channel_dir = settings.channel_dir
     staging = settings.state("index", "staging")
     work = settings.state("index", "work")
-    with _exclusive(settings.state("index", "lock")):
+    with exclusive_lock(settings.state("index", "lock"), "the channel index"):
         (channel_dir / "noarch").mkdir(parents=True, exist_ok=True)
         listing = channel_listing(channel_dir)
         state = read_json(state_path(settings), {})

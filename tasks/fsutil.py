@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 PACKAGE_SUFFIXES = (".conda", ".tar.bz2")
 
@@ -100,3 +102,23 @@ def tree_digest(folder: Path, files: Iterable[Path] | None = None) -> str:
         digest.update(b"x" if os.access(path, os.X_OK) else b"-")
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold ``what`` alone, across threads and doit processes; say so when waiting for it.
+
+    An advisory ``flock`` on ``lock_file``: the kernel drops it when the holder exits, so a
+    killed run never leaves a stale lock behind.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"   waiting for another run to finish with {what}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -28,8 +28,8 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from .errors import HubworksError, reports_errors
-from .fsutil import (atomic_copy, atomic_write_json, folder_files, is_package, read_json,
-                     sha256_file)
+from .fsutil import (atomic_copy, atomic_write_json, exclusive_lock, folder_files, is_package,
+                     read_json, sha256_file)
 from .settings import Settings
 from .workspace import current_settings, log_path, log_tail, run_logged
 
@@ -334,6 +334,15 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
     if recipe.problem:
         raise HubworksError(recipe.problem)
     scratch = settings.state("recipes", recipe.name)
+    # Another doit process building this recipe would share the scratch folder: take turns.
+    with exclusive_lock(scratch / "lock", f"recipe '{recipe.name}'"):
+        packages = _build_and_publish(settings, recipe, dependencies, needs_upstream, scratch)
+    for package in packages:
+        print(f"   {recipe.name}: {package['file']}")
+
+
+def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[str],
+                       needs_upstream: bool, scratch: Path) -> list[dict]:
     out = scratch / "out"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -366,8 +375,7 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
         "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
     shutil.rmtree(out, ignore_errors=True)
-    for package in packages:
-        print(f"   {recipe.name}: {package['file']}")
+    return packages
 
 
 # ---------------------------------------------------------------- the doit task

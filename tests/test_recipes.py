@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 
 import pytest
+
+from tests.conftest import DODO
 
 
 def package_file(ws, prefix: str) -> str:
@@ -94,6 +99,43 @@ def test_parallel_builds(workspace):
     run = ws.doit("-n", "2", "build_recipes")
     assert len(run.executed) == 5
     assert len(ws.packages()) == 5
+
+
+def _locked(lock_file) -> bool:
+    if not lock_file.exists():
+        return False
+    with lock_file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def test_two_doit_processes_building_one_recipe_take_turns(workspace):
+    ws = workspace
+    ws.add_recipe("slow", script=["sleep 4"])
+    command = [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root),
+               "build_recipes"]
+
+    def start():
+        return subprocess.Popen(command, env=ws.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    first = start()
+    lock = ws.state / "recipes" / "slow" / "lock"
+    deadline = time.monotonic() + 60
+    while not _locked(lock):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    second = start()
+    outputs = [proc.communicate(timeout=600)[0] for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    # The second run waited instead of wiping the first one's scratch folder mid-build.
+    assert "waiting for another run to finish with recipe 'slow'" in outputs[1]
+    package = ws.channel / "noarch" / package_file(ws, "slow")
+    assert zipfile.ZipFile(package).testzip() is None
 
 
 def test_dependency_cycle_is_an_error_naming_the_recipes(workspace):
