@@ -105,6 +105,22 @@ def _load_yaml(path: Path):
                             fix="correct the file") from None
 
 
+def _checked_spec(image: Image, env_file: Path, entry: str, spec: str) -> str:
+    """``spec`` as the solver will read it; an invalid one is named with its file."""
+    import rattler
+
+    try:
+        rattler.MatchSpec(spec)
+    except Exception as exc:  # rattler's InvalidMatchSpecError
+        where = env_file.relative_to(image.folder.parent.parent)  # images/<name>/...
+        raise HubworksError(
+            f"image '{image.name}': {where} lists {entry!r} under dependencies, which is not "
+            f"a valid conda package spec ({' '.join(str(exc).split())}).",
+            fix="write it as a name with an optional version, e.g. 'tool', 'tool >=1.2', "
+                "'tool 1.2.*' or 'internal::tool =1.2'") from None
+    return spec
+
+
 def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[str]:
     """The image's requirements that the internal channel is to provide."""
     specs: list[str] = []
@@ -121,7 +137,7 @@ def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[s
             if channel == alias or (alias in channels and (
                     spec_name(spec) in internal_names or channels == [alias]
                     or set(channels) == {alias, "nodefaults"})):
-                specs.append(spec.strip())
+                specs.append(_checked_spec(image, env_file, entry, spec.strip()))
     if image.dockerfile:
         text = image.dockerfile.read_text()
         for name in sorted(internal_names):

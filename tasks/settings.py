@@ -15,6 +15,7 @@ settings table is generated from ``SETTINGS`` below (a test keeps the two in ste
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ from .errors import HubworksError
 
 CONFIG_FILE = "hubworks.toml"
 ENV_PREFIX = "HUBWORKS_"
+# A channel token stands in a URL path (/t/<token>/); shorter ones can be guessed.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]+")
+MIN_TOKEN_LENGTH = 16
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,9 @@ class Setting:
     key: str
     default: Any
     help: str
-    kind: str = ""  # "path" marks a str resolved against the workspace root
+    # "path": a str resolved against the workspace root; "port" (1-65535), "port_or_0" (0
+    # picks a free one), "token", "url": values checked when the settings are read
+    kind: str = ""
 
     @property
     def env_var(self) -> str:
@@ -69,12 +75,16 @@ SETTINGS: list[Setting] = [
             kind="path"),
     Setting("channel", "host", "127.0.0.1",
             "Address the channel server binds. Loopback unless a remote engine must reach it."),
-    Setting("channel", "port", 8000, "Port of the channel server; 0 picks a free one."),
+    Setting("channel", "port", 8000, "Port of the channel server; 0 picks a free one.",
+            kind="port_or_0"),
     Setting("channel", "token", "auto",
-            "Path token clients must send (/t/<token>/...). auto: a random token when bound "
-            "to a non-loopback address, none on loopback; off: never; anything else: that token."),
+            "Path token serve_channel requires (/t/<token>/...). auto: a random token when "
+            "bound to a non-loopback address, none on loopback; off: never; anything else "
+            f"(at least {MIN_TOKEN_LENGTH} letters, digits or ._~-): that token. Image builds "
+            "never use it: their server has a fresh token per run.", kind="token"),
     Setting("channel", "public_url", "",
-            "URL image builds use to reach the channel (remote engines); empty: the served URL."),
+            "URL image builds use to reach the channel (remote engines), without a token; "
+            "empty: the served URL.", kind="url"),
     # images
     Setting("images", "dir", "images", "Folder of images, one repo2docker repository each.",
             kind="path"),
@@ -111,9 +121,11 @@ SETTINGS: list[Setting] = [
             "(5.2 needs node >= 20; 5.3 pulls commander 15, which needs 22.12), install_hub "
             "takes the newest release of the same major that it can run, and says so."),
     Setting("hub", "ip", "", "Address the hub's proxy listens on; empty: all interfaces."),
-    Setting("hub", "port", 8000, "Port users open in the browser."),
-    Setting("hub", "hub_port", 8081, "Port of the hub process behind the proxy (loopback)."),
-    Setting("hub", "proxy_api_port", 8001, "Port of the proxy's REST API (loopback)."),
+    Setting("hub", "port", 8000, "Port users open in the browser.", kind="port"),
+    Setting("hub", "hub_port", 8081, "Port of the hub process behind the proxy (loopback).",
+            kind="port"),
+    Setting("hub", "proxy_api_port", 8001, "Port of the proxy's REST API (loopback).",
+            kind="port"),
     Setting("hub", "authenticator", "pam", "pam (system users) or dummy (any password; tests)."),
     Setting("hub", "admin_users", [], "Users with admin rights in the hub."),
     Setting("hub", "allowed_users", [],
@@ -197,13 +209,17 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
                                 fix="use true or false")
         if want is int:
             try:
-                return int(text)
+                raw = int(text)
             except ValueError:
                 raise HubworksError(f"{problem} is {raw!r}, not a whole number.",
                                     fix="use digits only, e.g. 8000") from None
         if want is list:
-            return [item.strip() for item in text.split(",") if item.strip()]
-    if want is list and isinstance(raw, list) and all(isinstance(i, str) for i in raw):
+            raw = [item.strip() for item in text.split(",") if item.strip()]
+    as_default = f"write it as in the default: {setting.key} = {_toml_literal(setting.default)}"
+    if want is list and isinstance(raw, list):
+        if not all(isinstance(i, str) for i in raw):
+            raise HubworksError(f"{problem} is {_toml_literal(raw)}; every item must be a "
+                                f"string in quotes.", fix=as_default)
         value = list(raw)
     elif want is int and isinstance(raw, bool):
         raise HubworksError(f"{problem} is {raw!r}, not a whole number.", fix="use e.g. 8000")
@@ -212,10 +228,43 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
     else:
         raise HubworksError(
             f"{problem} is {raw!r} ({type(raw).__name__}); expected {want.__name__}.",
-            fix=f"write it as in the default: {setting.key} = {_toml_literal(setting.default)}")
+            fix=as_default)
+    _check(setting, value, problem)
     if setting.kind == "path":
         value = (root / os.path.expanduser(value)).resolve()
     return value
+
+
+def _check(setting: Setting, value: Any, problem: str) -> None:
+    """Refuse a value of the right type that still cannot work, naming the fix."""
+    if setting.kind in ("port", "port_or_0"):
+        lowest = 0 if setting.kind == "port_or_0" else 1
+        if not lowest <= value <= 65535:
+            raise HubworksError(
+                f"{problem} is {value}, which is not a port.",
+                fix=f"use a number from {lowest} to 65535"
+                    + (" (0 picks a free one)" if lowest == 0 else ""))
+    elif setting.kind == "token" and value not in ("auto", "off", ""):
+        if not TOKEN_PATTERN.fullmatch(value):
+            raise HubworksError(f"{problem} cannot stand in a URL path (/t/<token>/).",
+                                fix='use letters, digits and . _ ~ - only, or token = "auto"')
+        if len(value) < MIN_TOKEN_LENGTH:
+            raise HubworksError(
+                f"{problem} is {len(value)} characters long; a token shorter than "
+                f"{MIN_TOKEN_LENGTH} can be guessed.",
+                fix=f'use at least {MIN_TOKEN_LENGTH} random characters (e.g. the output of '
+                    f'`python3 -c "import secrets; print(secrets.token_urlsafe(24))"`), '
+                    f'or token = "auto" for a random one per run')
+    elif setting.kind == "url" and value:
+        if not re.match(r"https?://[^/\s]+", value):
+            raise HubworksError(f"{problem} is {value!r}, not an http:// or https:// URL.",
+                                fix=f"write the URL builds use to reach the channel, e.g. "
+                                    f"{setting.key} = \"http://builder.example.org:8000/\"")
+        if re.search(r"/t/[^/]+", value):
+            raise HubworksError(
+                f"{problem} holds a token (/t/...).",
+                fix="leave the token out: image builds add a fresh one per run, which dies "
+                    "with the run's channel server")
 
 
 def _toml_literal(value: Any) -> str:
@@ -231,12 +280,27 @@ def _toml_literal(value: Any) -> str:
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
+    raw = path.read_bytes()
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        shown = raw.splitlines()[line - 1].decode("utf-8", errors="replace").strip()
+        raise HubworksError(
+            f"{path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
+            f"cannot be read.\n  line {line}: {shown}",
+            fix="save the file as UTF-8 (TOML files are UTF-8), or write the character "
+                "as an escape such as \\u00e9 inside the quotes") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise HubworksError(f"{path} is not valid TOML: {exc}.",
-                            fix="correct the line it names") from None
+        where = re.search(r"line (\d+)", str(exc))
+        shown = ""
+        if where and 0 < int(where[1]) <= len(text.splitlines()):
+            shown = f"\n  line {where[1]}: {text.splitlines()[int(where[1]) - 1].strip()}"
+        raise HubworksError(f"{path} is not valid TOML: {exc}.{shown}",
+                            fix="correct that line (TOML: [section] headers, key = value, "
+                                "strings in quotes)") from None
     for section, items in data.items():
         if not isinstance(items, dict):
             raise HubworksError(f"{path}: '{section}' must be a [section] table.",
@@ -267,7 +331,32 @@ def load_settings(root: Path | str | None = None, environ: dict[str, str] | None
             raw, origin = environ[setting.env_var], f"${setting.env_var}"
         values[name] = _coerce(setting, raw, origin, root)
         sources[name] = origin
+    _check_folders_apart(values, sources)
     return Settings(root, values, sources)
+
+
+_APART = ('keep the two folders apart: change workspace.state_dir or channel.dir (the '
+          'defaults, [workspace] state_dir = ".hubworks" and [channel] dir = "channel", are '
+          'side by side in the workspace)')
+
+
+def _check_folders_apart(values: dict[tuple[str, str], Any],
+                         sources: dict[tuple[str, str], str]) -> None:
+    """The channel is served as it is: the state folder (doit's database, logs, scratch
+    space) must not be inside it, nor the channel inside the state folder."""
+    state, channel = values[("workspace", "state_dir")], values[("channel", "dir")]
+    shown = (f"workspace.state_dir ({state}, from {sources[('workspace', 'state_dir')]}) and "
+             f"channel.dir ({channel}, from {sources[('channel', 'dir')]})")
+    if state == channel or channel in state.parents:
+        raise HubworksError(
+            f"{shown} overlap: the state folder is inside the channel, so the channel server "
+            f"would serve doit's database and the build logs.",
+            fix=_APART)
+    if state in channel.parents:
+        raise HubworksError(
+            f"{shown} overlap: the channel is inside the state folder, which holds scratch "
+            f"space and logs that must not be served, and which you may delete to start over.",
+            fix=_APART)
 
 
 def settings_table() -> str:

@@ -19,10 +19,12 @@ import threading
 import time
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from doit.exceptions import InvalidDodoFile
 from doit.reporter import ConsoleReporter
 
+from .errors import HubworksError
 from .settings import SETTINGS, Settings, load_settings
 
 _settings_cache: dict[Path, Settings] = {}
@@ -135,9 +137,21 @@ class ProgressReporter(ConsoleReporter):
 
 
 def doit_config() -> dict[str, Any]:
-    """DOIT_CONFIG for dodo.py; also prepares the state directory doit's database lives in."""
-    settings = current_settings()
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    """DOIT_CONFIG for dodo.py; also prepares the state directory doit's database lives in.
+
+    Settings are first read here, while doit imports dodo.py: a bad setting becomes doit's
+    InvalidDodoFile, which every doit command prints as one ERROR line (exit 3), no traceback.
+    """
+    try:
+        settings = current_settings()
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+    except HubworksError as exc:
+        raise InvalidDodoFile(str(exc)) from None
+    except OSError as exc:
+        raise InvalidDodoFile(
+            f"the state folder {exc.filename} cannot be created: {exc.strerror}.\n"
+            f"  fix: set workspace.state_dir (HUBWORKS_WORKSPACE_STATE_DIR) to a folder you "
+            f"can write") from None
     _stop_on_sigterm()
     return {
         "default_tasks": ["build_images"],
