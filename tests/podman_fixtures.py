@@ -1,7 +1,12 @@
 """Podman for tests: a private image store, a base image made offline, and reading files of
 built images without running them (containers cannot start on every host that builds).
 
-Load with ``pytest_plugins = ["tests.podman_fixtures"]`` in the top-level conftest.
+Load with ``pytest_plugins = ["tests.podman_fixtures"]`` in the top-level conftest. Every
+test that uses podman is marked ``slow``, so ``pytest -m "not slow"`` runs without it.
+
+Builds here need chroot isolation (podman cannot start OCI containers on every host): tests
+ask for it as users do, with ``images.isolation = "chroot"`` for hubworks and
+``BUILDAH_ISOLATION=chroot`` for plain repo2docker, never in the whole session's environment.
 """
 
 from __future__ import annotations
@@ -35,17 +40,23 @@ def _missing(what: str, package: str) -> None:
     pytest.skip(message)
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "podman_storage" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def podman_storage(tmp_path_factory):
-    """A private vfs image store with chroot isolation, set in os.environ for the session."""
+    """A private vfs image store, set in os.environ for the session."""
     if shutil.which("podman") is None:
         _missing("podman", "podman")
     root = tmp_path_factory.mktemp("podman")
     conf = root / "storage.conf"
-    # vfs and chroot need no kernel overlay support or container runtime features
+    # vfs needs no kernel overlay support
     conf.write_text(f'[storage]\ndriver = "vfs"\nrunroot = "{root / "run"}"\n'
                     f'graphroot = "{root / "graph"}"\n')
-    wanted = {"CONTAINERS_STORAGE_CONF": str(conf), "BUILDAH_ISOLATION": "chroot"}
+    wanted = {"CONTAINERS_STORAGE_CONF": str(conf)}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     try:
