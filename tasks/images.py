@@ -8,10 +8,17 @@ For every image that is out of date:
 2. preflight: the image's internal packages are resolved against the served channel with
    rattler's solver, so a missing package or version fails in seconds, by name;
 3. a staged copy of the folder is made in which the channel alias (``internal``) in every
-   environment.yml is replaced by the served URL; ``images/`` itself is never modified;
+   environment.yml is replaced by the channel URL for builds; ``images/`` itself is never
+   modified;
 4. repo2docker builds it (Docker with buildx, or podman), with ``CHANNEL_URL`` as a build
    argument for Dockerfile images and the host network so a loopback channel is reachable;
 5. the image is tagged ``<prefix>/<name>:<hash>`` and ``:latest`` (and pushed if asked).
+
+Tokens: on the host network (the default) builds reach the server on loopback and carry no
+token (the build server lets this machine in without one). A token reaches a build only
+for a remote engine or another network (``channel.public_url``): then it is the server's
+per-run token, dead when the run ends; the fixed ``channel.token`` never does. Build logs
+have every token replaced by ``<token>``.
 
 The hash covers the image folder and the exact internal packages it resolves to, so a
 rebuilt internal package rebuilds exactly the images that use it, and repo2docker's reuse
@@ -36,12 +43,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_json, folder_files, read_json, tree_digest
 from .recipes import spec_name
 from .settings import Settings
 from .workspace import RUN, current_settings, log_path, log_tail, print_line, run_logged
+
+if TYPE_CHECKING:
+    from .server import ServedChannel
 
 # What repo2docker can build from (any one is enough); see its buildpacks.
 REPO2DOCKER_FILES = (
@@ -289,14 +300,16 @@ def image_is_current(settings: Settings, image: Image) -> bool:
 
 # ---------------------------------------------------------------- staging and building
 
-def served_url_for_builds(settings: Settings, served_url: str, token: str | None) -> str:
-    """The channel URL a build container uses: the served one, or channel.public_url."""
-    if not settings.channel.public_url:
-        return served_url
-    url = settings.channel.public_url.rstrip("/") + "/"
-    if token and f"/t/{token}/" not in url:
-        url += f"t/{token}/"
-    return url
+def channel_url_for_builds(settings: Settings, served: ServedChannel) -> str:
+    """The channel URL a build uses: channel.public_url with the run's token when set (a
+    remote engine); on the host network the loopback URL, which needs no token; else the
+    served URL with the run's token."""
+    if settings.channel.public_url:
+        url = settings.channel.public_url.rstrip("/") + "/"
+        return url + (f"t/{served.token}/" if served.token else "")
+    if settings.images.network == "host":
+        return served.local_url
+    return served.url
 
 
 def stage_image(image: Image, target: Path, alias: str, channel_url: str,
@@ -406,7 +419,8 @@ def diagnose(log_text: str) -> tuple[str, str]:
 def _channel_server(settings: Settings):
     from .server import channel_server_from_settings
 
-    return channel_server_from_settings(settings)  # access log under the state directory
+    # access log under the state directory; a per-run token, never channel.token
+    return channel_server_from_settings(settings, for_builds=True)
 
 
 @reports_errors
@@ -417,11 +431,12 @@ def build_image(image: Image) -> None:
     started = time.monotonic()
     if image.problem:
         raise HubworksError(image.problem)
-    engine = select_engine(settings.images.engine)
     served = RUN.shared("channel-server", lambda: _channel_server(settings))
-    build_url = served_url_for_builds(settings, served.url, served.token)
+    build_url = channel_url_for_builds(settings, served)
 
+    # local_url carries no token, so none reaches rattler's cache
     resolution = resolve_internal(settings, image, served.local_url)
+    engine = select_engine(settings.images.engine)
     content_hash = image_hash(settings, image, resolution)
     tag, latest = tags_for(settings, image, content_hash)
     print_line(f"   image {image.name} ({image.kind}): building {tag}; internal packages: "
@@ -444,7 +459,8 @@ def build_image(image: Image) -> None:
     if settings.images.isolation and engine.name == "podman":
         env["BUILDAH_ISOLATION"] = settings.images.isolation
     returncode = run_logged(command, log, cwd=scratch, env=env,
-                            title=f"{engine.name} build of images/{image.name} ({engine.reason})")
+                            title=f"{engine.name} build of images/{image.name} ({engine.reason})",
+                            hide=[served.token] if served.token else [])
     if returncode != 0 or not engine.image_exists(tag):
         seconds = time.monotonic() - started
         print_line(f"   image {image.name}: failed ({seconds:.1f} s)")

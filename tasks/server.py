@@ -7,6 +7,10 @@ listen backlog of 128, ETag and Last-Modified on every 200 and 304 (rattler reje
 It serves regular files below the channel directory and nothing else, never lists folders,
 refuses write methods, and with a token serves only ``/t/<token>/...`` (the conda token URL
 form). Leaving the ``with`` block, by success, error or Ctrl-C, closes the port.
+
+Tokens: ``serve_channel`` uses the ``channel.token`` setting. The server that image builds
+share never does: it has no token on loopback, else a fresh random one per run that dies
+with it, and lets clients on this machine in without any, so local builds carry none.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import BinaryIO, Iterator, TextIO
 from urllib.parse import unquote
 
 from .errors import HubworksError, reports_errors
-from .settings import Settings
+from .settings import TOKEN_PATTERN, Settings
 from .workspace import current_settings, log_path, print_line
 
 NO_CACHE = "no-cache"
@@ -48,7 +52,6 @@ CONTENT_TYPES = {
     ".md": "text/plain; charset=utf-8",
 }
 READ_METHODS = "GET, HEAD"
-TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]+")
 _TOKEN_IN_PATH = re.compile(r"/t/[^/\s?#'\"]+")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
 _WILDCARDS = {"", "0.0.0.0", "::"}
@@ -176,7 +179,8 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
 
     def answer(self, with_body: bool) -> None:
         try:
-            path = channel_file(self.server.root, self.server.token, self.path)
+            token = self.server.token_for(self.client_address[0], self.path)
+            path = channel_file(self.server.root, token, self.path)
             with path.open("rb") as file:
                 self.send_file(file, path, with_body)
         except Refusal as refusal:
@@ -276,9 +280,10 @@ class ChannelServer(ThreadingHTTPServer):
     request_queue_size = 128  # bursts of parallel downloads; the default backlog is 5
 
     def __init__(self, address: tuple[str, int], root: Path, token: str | None,
-                 log: TextIO | None):
+                 log: TextIO | None, local_clients_without_token: bool = False):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.root, self.token, self.log = root, token, log
+        self.local_clients_without_token = local_clients_without_token
         self.requests_served = self.bytes_sent = 0
         self.lock = threading.Lock()
         self.connections: set[socket.socket] = set()
@@ -290,6 +295,15 @@ class ChannelServer(ThreadingHTTPServer):
         # HTTPServer.server_bind would ask DNS for our name (getfqdn): slow, and unused.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def token_for(self, client: str, target: str) -> str | None:
+        """The token a request from ``client`` must carry: none from this machine when the
+        server lets local clients in without it (a request that names a token still has it
+        checked)."""
+        if (self.token and self.local_clients_without_token and not target.startswith("/t/")
+                and is_local_client(client, self.server_address[0])):
+            return None
+        return self.token
 
     def process_request(self, request, client_address) -> None:
         with self.lock:
@@ -341,6 +355,7 @@ class ServedChannel:
     channel_dir: Path
     _server: ChannelServer = field(repr=False)
     note: str = ""
+    local_clients_without_token: bool = False
 
     @property
     def requests_served(self) -> int:
@@ -354,10 +369,13 @@ class ServedChannel:
     @property
     def local_url(self) -> str:
         """The URL for clients on this machine: loopback when bound to every address, so
-        it does not depend on the machine's name resolving."""
-        if self.host not in _WILDCARDS:
-            return self.url
-        return f"http://127.0.0.1:{self.port}/" + (f"t/{self.token}/" if self.token else "")
+        it does not depend on the machine's name resolving; without the token when the
+        server lets local clients in without it."""
+        path = f"t/{self.token}/" if self.token else ""
+        base = self.url.removesuffix(path)
+        if self.host in _WILDCARDS:
+            base = f"http://127.0.0.1:{self.port}/"
+        return base if self.local_clients_without_token else base + path
 
     def describe(self) -> str:
         return f"{self.url} ({self.note})" if self.note else self.url
@@ -365,9 +383,13 @@ class ServedChannel:
 
 @contextmanager
 def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 8000,
-                   token: str | None = None,
-                   access_log: Path | TextIO | None = None) -> Iterator[ServedChannel]:
-    """Serve ``channel_dir`` on ``host:port`` (0: a free port) while the block runs."""
+                   token: str | None = None, access_log: Path | TextIO | None = None,
+                   local_clients_without_token: bool = False) -> Iterator[ServedChannel]:
+    """Serve ``channel_dir`` on ``host:port`` (0: a free port) while the block runs.
+
+    ``local_clients_without_token``: clients on this machine (loopback, or the address the
+    server binds) need no token; everyone else does.
+    """
     root = Path(channel_dir).resolve()
     if not root.is_dir():
         raise HubworksError(f"Channel directory {root} does not exist.",
@@ -380,7 +402,7 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         log = access_log
         if isinstance(access_log, (str, Path)):
             log = stack.enter_context(open(access_log, "a", encoding="utf-8"))
-        server = _bind(host, port, root, token, log)
+        server = _bind(host, port, root, token, log, local_clients_without_token)
         stack.callback(server.server_close)
         # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -389,6 +411,7 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         stack.callback(thread.join)
         stack.callback(server.shutdown)
         served = _describe(server, host, root, token)
+        served.local_clients_without_token = local_clients_without_token
         # Start and stop lines let a reader of the log see each server's lifetime.
         server.write_log(f"serving {root} at {served.url}")
         stack.callback(lambda: server.write_log(
@@ -396,11 +419,11 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         yield served
 
 
-def _bind(host: str, port: int, root: Path, token: str | None,
-          log: TextIO | None) -> ChannelServer:
+def _bind(host: str, port: int, root: Path, token: str | None, log: TextIO | None,
+          local_clients_without_token: bool) -> ChannelServer:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        return ChannelServer((host, port), root, token, log)
+        return ChannelServer((host, port), root, token, log, local_clients_without_token)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise HubworksError(
@@ -435,22 +458,46 @@ def machine_name() -> str:
     return socket.gethostname() if fqdn.split(".")[0] == "localhost" else fqdn
 
 
+def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    # A dual-stack server sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+    address = _ip_address(host)
+    return bool(address and address.is_loopback)
+
+
+def is_local_client(client: str, bound_host: str) -> bool:
+    """A client on this machine: loopback, or the one address the server binds (a local
+    connection to an address of this machine comes from that address)."""
+    address = _ip_address(client)
+    if address is None:
         return False
+    return address.is_loopback or (bound_host not in _WILDCARDS
+                                   and address == _ip_address(bound_host))
 
 
-def channel_token(policy: str, host: str) -> str | None:
-    """The path token the [channel] token setting asks for on ``host``."""
+def channel_token(policy: str, host: str, *, per_run: bool = False) -> str | None:
+    """The path token the [channel] token setting asks for on ``host``.
+
+    ``per_run`` is for the server image builds use: it never takes a fixed token, which
+    would outlive the run in build logs and images, but a fresh random one.
+    """
     if policy in ("off", ""):
         return None
-    if policy == "auto":
+    if (policy == "auto" or per_run) and is_loopback(host):
         # A loopback server is reachable from this machine only; anything wider gets a token.
-        return None if is_loopback(host) else secrets.token_urlsafe(16)
+        return None
+    if policy == "auto" or per_run:
+        return secrets.token_urlsafe(24)
     return policy
 
 
@@ -459,18 +506,29 @@ _IN_STATE_DIR: Path = Path()  # marker: the default access log, a file in the st
 
 
 def channel_server_from_settings(settings: Settings, *,
-                                 access_log: Path | TextIO | None = _IN_STATE_DIR):
+                                 access_log: Path | TextIO | None = _IN_STATE_DIR,
+                                 for_builds: bool = False):
     """served_channel() on the configured folder, host, port and token policy.
 
-    The access log goes to logs/channel-server.log under the state directory unless given
-    (None: no log).
+    ``for_builds``: the server of an image build run, with a per-run token (never the fixed
+    one) that clients on this machine need not send. The access log goes to
+    logs/channel-server.log under the state directory unless given (None: no log).
     """
     if access_log is _IN_STATE_DIR:
         access_log = log_path(settings, ACCESS_LOG_NAME)
     host = settings.channel.host
     return served_channel(settings.channel_dir, host=host, port=settings.channel.port,
-                          token=channel_token(settings.channel.token, host),
-                          access_log=access_log)
+                          token=channel_token(settings.channel.token, host, per_run=for_builds),
+                          access_log=access_log, local_clients_without_token=for_builds)
+
+
+def printable_url(settings: Settings, channel: ServedChannel) -> str:
+    """The served URL as serve_channel prints it: a fixed token (channel.token) is never
+    printed; a per-run one is, as it is the only way to learn it and dies with the server."""
+    shown = channel.describe()
+    if channel.token and channel.token == settings.channel.token:
+        shown = shown.replace(f"/t/{channel.token}/", "/t/<channel.token>/")
+    return shown
 
 
 @reports_errors
@@ -478,7 +536,7 @@ def serve_until_interrupted() -> None:
     settings = current_settings()
     log = sys.__stderr__ or sys.stderr  # past doit's capture: one line per request, live
     with channel_server_from_settings(settings, access_log=log) as channel:
-        print_line(f"Serving {channel.channel_dir} at {channel.describe()}")
+        print_line(f"Serving {channel.channel_dir} at {printable_url(settings, channel)}")
         public = settings.channel.public_url
         if public and public.rstrip("/") != channel.url.rstrip("/"):
             print_line(f"Public URL: {public}")

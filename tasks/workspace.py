@@ -188,14 +188,46 @@ def log_path(settings: Settings, *parts: str) -> Path:
 
 
 def run_logged(command: list[str], log: Path, *, title: str, cwd: Path,
-               env: dict[str, str] | None = None) -> int:
-    """Run a build command with all its output in ``log`` (replaced), headed by what ran."""
+               env: dict[str, str] | None = None, hide: Sequence[str] = ()) -> int:
+    """Run a build command with all its output in ``log`` (replaced), headed by what ran.
+
+    Every string in ``hide`` (a channel token) is written as ``<token>``, in the command
+    line and in the output alike.
+    """
+    if any(hide):
+        return _run_logged_hiding(command, log, title=title, cwd=cwd, env=env, hide=hide)
     with log.open("w") as handle:
         handle.write(f"# {title}\n# {shlex.join(command)}\n")
         handle.flush()
         return subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, cwd=cwd,
                               env=dict(env or os.environ, PYTHONUNBUFFERED="1")).returncode
+
+
+def _run_logged_hiding(command: list[str], log: Path, *, title: str, cwd: Path,
+                       env: dict[str, str] | None, hide: Sequence[str]) -> int:
+    """run_logged through a pipe, so that each line is cleaned before it reaches the disk."""
+    hidden = [text.encode() for text in hide if text]
+
+    def cleaned(line: bytes) -> bytes:
+        for text in hidden:
+            line = line.replace(text, b"<token>")
+        return line
+
+    with log.open("wb") as handle:
+        handle.write(cleaned(f"# {title}\n# {shlex.join(command)}\n".encode()))
+        handle.flush()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, cwd=cwd,
+                              env=dict(env or os.environ, PYTHONUNBUFFERED="1")) as process:
+            try:
+                for line in process.stdout:
+                    handle.write(cleaned(line))
+                    handle.flush()
+            except BaseException:  # Ctrl-C: stop the build, as subprocess.run does
+                process.kill()
+                raise
+        return process.returncode
 
 
 def log_tail(log: Path, lines: int) -> str:

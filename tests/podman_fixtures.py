@@ -114,15 +114,40 @@ _READ_FROM_MOUNT = ('dir=$(podman image mount "$1") || exit 1; cat "$dir/$2"; st
                     'podman image unmount "$1" >/dev/null; exit $status')
 
 
-def image_file(ref: str, path: str) -> bytes:
-    """The contents of ``path`` inside the podman image ``ref``, read from a mount of it."""
+_GREP_MOUNT = ('dir=$(podman image mount "$1") || exit 2; cd "$dir" && grep -rlF -e "$2" .; '
+               'status=$?; podman image unmount "$1" >/dev/null; exit $status')
+
+
+def _in_mount(script: str, ref: str, argument: str) -> subprocess.CompletedProcess:
     # mounting needs root; rootless podman mounts inside its own user namespace
     namespace = [] if os.geteuid() == 0 else ["podman", "unshare"]
-    proc = subprocess.run([*namespace, "sh", "-c", _READ_FROM_MOUNT, "sh", ref, path],
+    return subprocess.run([*namespace, "sh", "-c", script, "sh", ref, argument],
                           capture_output=True)
+
+
+def image_file(ref: str, path: str) -> bytes:
+    """The contents of ``path`` inside the podman image ``ref``, read from a mount of it."""
+    proc = _in_mount(_READ_FROM_MOUNT, ref, path)
     if proc.returncode != 0:
         raise FileNotFoundError(f"{path} in image {ref}: {proc.stderr.decode().strip()}")
     return proc.stdout
+
+
+def files_in_image_containing(ref: str, text: str) -> list[str]:
+    """Paths of the files in the podman image ``ref`` that contain ``text``."""
+    proc = _in_mount(_GREP_MOUNT, ref, text)
+    if proc.returncode not in (0, 1):  # grep: 1 is "no match"
+        raise RuntimeError(f"cannot search image {ref}: {proc.stderr.decode().strip()}")
+    return [line.removeprefix(".") for line in proc.stdout.decode().splitlines()]
+
+
+def image_metadata(ref: str) -> str:
+    """Everything the image ``ref`` says about itself: config, labels, history (no files)."""
+    inspect = subprocess.run(["podman", "image", "inspect", ref], capture_output=True,
+                             text=True, check=True).stdout
+    history = subprocess.run(["podman", "history", "--no-trunc", "--format", "json", ref],
+                             capture_output=True, text=True, check=True).stdout
+    return inspect + history
 
 
 def free_port() -> int:

@@ -20,7 +20,8 @@ import time
 import pytest
 
 from tests.conftest import DODO, Workspace, port_refuses
-from tests.podman_fixtures import free_port, image_file, registry_tags
+from tests.podman_fixtures import (files_in_image_containing, free_port, image_file,
+                                   image_metadata, registry_tags)
 
 pytestmark = pytest.mark.slow
 
@@ -175,41 +176,103 @@ def test_ctrl_c_during_a_build_stops_the_server(image_workspace):
     assert not (ws.state / "images" / "slow.json").exists()   # not recorded as built
 
 
-def test_remote_engine_settings_bind_address_public_url_and_token(image_workspace):
-    """A remote engine: the server binds beyond loopback, so a token guards it, and builds
-    use channel.public_url (here a loopback name for the same server) with the token."""
+FIXED_TOKEN = "fixed-TOKEN-for-serve-channel-only"
+ENVIRONMENT_DOCKERFILE = """\
+FROM {base}
+ARG CHANNEL_URL
+# The staged environment.yml goes into the image, as repo2docker's conda buildpack copies it.
+COPY environment.yml /opt/env/environment.yml
+RUN wget -q -O /tmp/pkg.tar.bz2 "${{CHANNEL_URL}}noarch/tool-1.0.0-h4616a5c_0.tar.bz2" \\
+ && mkdir -p /opt/tool && tar -xjf /tmp/pkg.tar.bz2 -C /opt/tool && rm /tmp/pkg.tar.bz2
+"""
+
+
+def add_image_with_environment(ws, image: str) -> None:
+    """An image whose environment.yml names the internal channel and lands in the image."""
+    folder = ws.root / "images" / image
+    folder.mkdir(parents=True)
+    (folder / "Dockerfile").write_text(ENVIRONMENT_DOCKERFILE.format(base=ws.base))
+    (folder / "environment.yml").write_text("channels:\n  - internal\ndependencies:\n  - tool\n")
+
+
+def places_holding(ws, run, tag: str, text: str) -> list[str]:
+    """Everywhere ``text`` is to be found after a build: the console output, every file of
+    the state folder (logs, staged copies, caches, records, doit's database), the channel
+    and images folders, the image's files and its metadata (history, labels, config)."""
+    found = ["console output"] if text in run.output else []
+    for folder in (ws.state, ws.channel, ws.root / "images"):
+        found += [str(path.relative_to(ws.root)) for path in sorted(folder.rglob("*"))
+                  if path.is_file() and text.encode() in path.read_bytes()]
+    found += [f"image:{path}" for path in files_in_image_containing(tag, text)]
+    if text in image_metadata(tag):
+        found.append("image metadata")
+    return found
+
+
+def test_a_local_build_carries_no_token_even_with_a_fixed_one_set(image_workspace):
+    """Bound to every address with a fixed token for serve_channel: the build reaches the
+    server on loopback, which lets this machine in without a token, so none is needed."""
     ws = image_workspace
-    ws.configure(f"""
-        [recipes]
-        package_format = "tar.bz2"
-        [channel]
-        host = "0.0.0.0"
-        port = {ws.port}
-        public_url = "http://127.0.0.1:{ws.port}/"
-        [images]
-        prefix = "hubworks-test"
-    """)
+    configure(ws, channel=f'host = "0.0.0.0"\ntoken = "{FIXED_TOKEN}"')
     ws.add_recipe("tool")
-    add_fetching_image(ws, "remote", "tool")
-    ws.doit("build_images")
-    assert image_file(record(ws, "remote")["tag"], "/opt/tool/share/tool/version.txt")
+    add_image_with_environment(ws, "local")
+    run = ws.doit("build_images")
+    tag = record(ws, "local")["tag"]
+    assert image_file(tag, "/opt/tool/share/tool/version.txt").strip() == b"tool 1.0.0"
+    url = f"http://127.0.0.1:{ws.port}/"
+    assert f"  - {url}\n" in image_file(tag, "/opt/env/environment.yml").decode()
+    assert f"CHANNEL_URL={url} " in (ws.state / "logs" / "images" / "local.log").read_text()
+
+    assert places_holding(ws, run, tag, FIXED_TOKEN) == []
+    assert places_holding(ws, run, tag, f"{url}t/") == []  # no token of any kind
+    access = (ws.state / "logs" / "channel-server.log").read_text()
+    assert re.search(r"127\.0\.0\.1 GET /noarch/tool-1\.0\.0-h4616a5c_0\.tar\.bz2 200", access)
+    assert re.search(r"serving \S+ at http://\S+/t/<token>/$", access, re.MULTILINE)
+    assert port_refuses(ws.port)
+
+
+def test_a_remote_build_gets_a_per_run_token_that_dies_with_the_run(image_workspace):
+    """A remote engine (channel.public_url; here a loopback name for the same server): the
+    build needs a token, and gets the run's own, never the fixed one; it is in what the
+    build must carry (the staged environment.yml, the build argument) and nowhere else."""
+    ws = image_workspace
+    public = f"http://127.0.0.1:{ws.port}/"
+    configure(ws, channel=f'host = "0.0.0.0"\ntoken = "{FIXED_TOKEN}"\npublic_url = "{public}"')
+    ws.add_recipe("tool")
+    add_image_with_environment(ws, "remote")
+    run = ws.doit("build_images")
+    tag = record(ws, "remote")["tag"]
+    assert image_file(tag, "/opt/tool/share/tool/version.txt").strip() == b"tool 1.0.0"
+    staged = image_file(tag, "/opt/env/environment.yml").decode()
+    per_run = re.search(rf"  - {re.escape(public)}t/([^/\s]+)/\n", staged)[1]
+    assert per_run != FIXED_TOKEN and len(per_run) >= 16
+
+    assert places_holding(ws, run, tag, FIXED_TOKEN) == []
+    assert places_holding(ws, run, tag, per_run) == [
+        ".hubworks/images/remote/stage/environment.yml", "image:/opt/env/environment.yml",
+        "image metadata"]   # the history of the RUN step that used CHANNEL_URL
     access = (ws.state / "logs" / "channel-server.log").read_text()
     assert re.search(r"GET /t/<token>/noarch/tool-\S+ 200", access)   # token used, not logged
-    assert not re.search(r"GET /noarch/\S+ 200", access)              # nothing without it
+    assert not re.search(r"GET /noarch/tool-\S+ 200", access)         # never without it
+    assert port_refuses(ws.port)   # the server, and with it the token, is gone
+
+
+def test_the_isolation_setting_reaches_podman(image_workspace):
+    """images.isolation = "chroot" (set as users set it; nothing else asks for chroot) is
+    what podman builds with: chroot isolation gives a RUN step no PID namespace of its own,
+    so its shell is not PID 1 as in an OCI container (where this host cannot build at all)."""
+    ws = image_workspace
+    folder = ws.root / "images" / "isolated"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(f"FROM {ws.base}\nRUN echo $$ > /run-step-pid\n")
+    ws.doit("build_images")
+    assert int(image_file(record(ws, "isolated")["tag"], "/run-step-pid")) != 1
 
 
 def test_push_sends_both_tags_to_the_registry(image_workspace, local_registry):
     ws = image_workspace
     ws.env["CONTAINERS_REGISTRIES_CONF"] = os.environ["CONTAINERS_REGISTRIES_CONF"]
-    ws.configure(f"""
-        [recipes]
-        package_format = "tar.bz2"
-        [channel]
-        port = {ws.port}
-        [images]
-        prefix = "{local_registry}/analytics"
-        push = true
-    """)
+    configure(ws, images=f'prefix = "{local_registry}/analytics"\npush = true')
     ws.add_recipe("tool")
     add_fetching_image(ws, "pushed", "tool")
     ws.doit("build_images")

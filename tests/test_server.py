@@ -31,7 +31,7 @@ from rattler_build import Stage0Recipe
 
 from tasks.errors import HubworksError
 from tasks.server import (channel_server_from_settings, channel_token, machine_name,
-                          served_channel)
+                          printable_url, served_channel)
 from tasks.settings import load_settings
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -289,6 +289,64 @@ def test_token_setting_policy(channel):
     with pytest.raises(HubworksError, match="token"):
         with served_channel(channel, port=0, token="a/b"):
             pass
+
+
+FIXED_TOKEN = "fixed-token-for-serve-channel"
+
+
+def this_machines_lan_address() -> str | None:
+    """An address of this machine other than loopback (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_image_builds_get_a_per_run_token_and_this_machine_needs_none(channel, tmp_path):
+    assert channel_token(FIXED_TOKEN, "0.0.0.0", per_run=True) not in (None, FIXED_TOKEN)
+    assert channel_token(FIXED_TOKEN, "127.0.0.1", per_run=True) is None
+    assert channel_token("off", "0.0.0.0", per_run=True) is None
+    lan = this_machines_lan_address()
+    if lan is None:
+        pytest.skip("this machine has no address but loopback")
+    direct = requests.Session()
+    direct.trust_env = False  # no proxy between this machine and itself
+    settings = load_settings(tmp_path, environ={
+        "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_HOST": "0.0.0.0",
+        "HUBWORKS_CHANNEL_PORT": "0", "HUBWORKS_CHANNEL_TOKEN": FIXED_TOKEN})
+    with channel_server_from_settings(settings, for_builds=True) as served:
+        assert served.token and served.token != FIXED_TOKEN
+        assert served.local_url == f"http://127.0.0.1:{served.port}/"
+        base = f"http://127.0.0.1:{served.port}/"
+        assert direct.get(base + "noarch/repodata.json").status_code == 200
+        assert direct.get(f"{base}t/{served.token}/noarch/repodata.json").status_code == 200
+        assert direct.get(f"{base}t/{FIXED_TOKEN}/noarch/repodata.json").status_code == 403
+        # Through the LAN address a client is no longer loopback: the token is required.
+        lan_base = f"http://{lan}:{served.port}/"
+        assert direct.get(lan_base + "noarch/repodata.json").status_code == 403
+        assert direct.get(f"{lan_base}t/{served.token}/noarch/repodata.json").status_code == 200
+    # Bound to that one address, this machine's clients come from it: no token needed.
+    settings = load_settings(tmp_path, environ={
+        "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_HOST": lan,
+        "HUBWORKS_CHANNEL_PORT": "0"})
+    with channel_server_from_settings(settings, for_builds=True) as served:
+        assert served.token and served.local_url == f"http://{lan}:{served.port}/"
+        assert direct.get(served.local_url + "noarch/repodata.json").status_code == 200
+
+
+def test_serve_channel_never_prints_a_fixed_token(channel, tmp_path):
+    settings = load_settings(tmp_path, environ={
+        "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_PORT": "0",
+        "HUBWORKS_CHANNEL_TOKEN": FIXED_TOKEN})
+    with channel_server_from_settings(settings) as served:
+        assert served.token == FIXED_TOKEN  # serve_channel's own server uses it
+        assert printable_url(settings, served) == \
+            f"http://127.0.0.1:{served.port}/t/<channel.token>/"
+        answer = requests.get(f"http://127.0.0.1:{served.port}/noarch/repodata.json")
+        assert answer.status_code == 403  # from loopback too: its token guards everything
 
 
 def test_settings_bind_all_interfaces_with_a_token_and_a_reachable_name(channel, tmp_path):
