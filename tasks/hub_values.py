@@ -73,6 +73,7 @@ def render_values(values: dict) -> str:
 
     yaml = YAML()
     yaml.default_flow_style = False
+    yaml.width = 4096  # one line per description
     buffer = io.StringIO()
     yaml.dump(values, buffer)
     return HEADER + buffer.getvalue()
