@@ -15,11 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import warnings
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import DODO, Workspace
+from tests.conftest import DODO, Workspace, port_refuses
 from tests.podman_fixtures import (_READ_FROM_MOUNT, BUSYBOX_IMAGE, PATH_IN_IMAGE, REGISTRY,
                                    _wait_for, busybox_rootfs, free_port, registry_tags)
 from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
@@ -203,3 +205,68 @@ def test_a_registry_that_refuses_the_push_is_named_with_the_fix(
            f"{read_only_registry}`" in run.output
     # Not recorded as done: the next run tries again.
     assert not (ws.state / "images" / "plain.json").exists()
+
+
+@pytest.fixture
+def registry_with_login(podman_storage, tmp_path, monkeypatch):
+    """A registry that lets in only user ci (password s3cret), with HTTP basic auth."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the standard library's bcrypt, the hash the registry's htpasswd reads (to 3.12)
+        crypt = pytest.importorskip("crypt")
+    if not os.path.exists(REGISTRY):
+        pytest.skip(f"{REGISTRY} is missing; install docker-registry")
+    host = f"127.0.0.1:{free_port()}"
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("ci:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
+    config = tmp_path / "login-registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
+                      f"{tmp_path / 'login-registry'}\nauth:\n  htpasswd:\n    realm: test\n"
+                      f"    path: {htpasswd}\nhttp:\n  addr: {host}\n")
+    registries = tmp_path / "login-registries.conf"
+    registries.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries))
+    server = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while port_refuses(int(host.rsplit(":", 1)[1])):   # it answers /v2/ with 401 only
+            assert time.monotonic() < deadline and server.poll() is None, "registry down"
+            time.sleep(0.05)
+        yield host
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_the_registry_check_logs_in_like_the_engine(tmp_path, registry_with_login,
+                                                    busybox_base_image):
+    host = registry_with_login
+    auth_file = tmp_path / "auth.json"
+    subprocess.run(["podman", "login", "--authfile", str(auth_file), "-u", "ci",
+                    "--password-stdin", host], input="s3cret", text=True, check=True,
+                   capture_output=True)
+
+    def workspace(name: str, auth: str) -> Workspace:
+        ws = Workspace(tmp_path / name)
+        ws.configure(f'[channel]\nport = 0\n[images]\nprefix = "{host}/office"\npush = true\n')
+        folder = ws.root / "images" / "plain"
+        folder.mkdir()
+        (folder / "Dockerfile").write_text(f"FROM {busybox_base_image}\nRUN echo ok > /ok\n")
+        ws.env["REGISTRY_AUTH_FILE"] = auth
+        return ws
+
+    builder = workspace("builder", str(auth_file))
+    builder.doit("build_images")
+
+    fresh = workspace("fresh", str(auth_file))
+    fresh.env.update(podman_storage_env(tmp_path / "fresh-podman"))
+    assert "build_images:plain" in fresh.doit("build_images").up_to_date
+    assert "[]" in fresh.doit("image_matrix").output.splitlines()
+
+    # Without the login the registry refuses to answer, and the matrix says so.
+    stranger = workspace("stranger", str(tmp_path / "no-auth.json"))
+    run = stranger.doit("image_matrix", check=False)
+    assert run.returncode != 0
+    assert f"the registry {host} refused to say whether it has {host}/office/plain:" in run.output
+    assert f"fix: log in to {host} on this machine (`podman login {host}`" in run.output
