@@ -19,7 +19,7 @@ import rattler
 
 from tests.conftest import DODO, Workspace
 from tests.podman_fixtures import free_port
-from tests.s3_fixtures import REGION, moto_endpoint, s3_store  # noqa: F401  (fixtures)
+from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
 
 PLATFORMS = [str(rattler.Subdir.current()), "noarch"]
 
@@ -100,27 +100,40 @@ def test_a_published_package_is_never_overwritten(workspace, s3_store):
     assert "publish_channel" in ws.doit("publish_channel").up_to_date
 
 
-def test_two_publishers_at_once_both_end_indexed(tmp_path, s3_store):
-    bucket = s3_store.make_bucket("office-channel")
+@pytest.mark.parametrize("target", ["s3", "folder"])
+def test_two_publishers_at_once_both_end_indexed(tmp_path, s3_store, target):
+    if target == "s3":
+        bucket = s3_store.make_bucket("office-channel")
+        url = f"s3://{bucket}/conda"
+
+        def names():
+            return published_names(s3_store, bucket)
+    else:
+        share = tmp_path / "share"
+        share.mkdir()
+        url = share.as_uri()
+
+        def names():
+            return sorted(json.loads((share / "noarch" / "repodata.json").read_text())[
+                "packages.conda"])
     for version in ("1.0.0", "2.0.0", "3.0.0"):
         pair = []
         for name in ("alpha", "beta"):
             ws = Workspace(tmp_path / f"{name}-{version}")
-            s3_store.configure(ws, f"s3://{bucket}/conda")
+            s3_store.configure(ws, url)
             ws.add_recipe(name, version=version)
             ws.doit("index_channel")
             pair.append(ws)
-        # Both publish at the same moment: each uploads its package and indexes the bucket.
+        # Both publish at the same moment: each uploads its package and indexes the target.
         runs = [subprocess.Popen([sys.executable, "-m", "doit", "-f", str(DODO), "-d",
                                   str(ws.root), "publish_channel"], env=ws.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for ws in pair]
         outputs = [run.communicate(timeout=300)[0] for run in runs]
         assert [run.returncode for run in runs] == [0, 0], outputs
-        names = published_names(s3_store, bucket)
         for name in ("alpha", "beta"):
-            assert f"{name}-{version}-h4616a5c_0.conda" in names, (names, outputs)
-    assert len(published_names(s3_store, bucket)) == 6
+            assert f"{name}-{version}-h4616a5c_0.conda" in names(), (names(), outputs)
+    assert len(names()) == 6
 
 
 def test_bad_targets_get_one_message_naming_the_target_and_the_fix(workspace, s3_store):
