@@ -71,7 +71,14 @@ def _published_names(url: str) -> frozenset[str]:
                 fix="publish it first (doit publish_channel), make it readable to this "
                     "machine (a public-read bucket policy for an S3 bucket), or correct "
                     "channel.url")
-        data = response.json()
+        try:
+            data = response.json()
+        except ValueError:
+            raise HubworksError(
+                f"{url}{subdir}/repodata.json is not JSON: channel.url does not point at a "
+                f"conda channel.",
+                fix="give the channel's own URL, the folder that holds noarch/ "
+                    "(HUBWORKS_CHANNEL_URL)") from None
         for section in ("packages", "packages.conda"):
             names.update(record["name"] for record in data.get(section, {}).values())
     return frozenset(names)
