@@ -270,3 +270,18 @@ def test_the_registry_check_logs_in_like_the_engine(tmp_path, registry_with_logi
     assert run.returncode != 0
     assert f"the registry {host} refused to say whether it has {host}/office/plain:" in run.output
     assert f"fix: log in to {host} on this machine (`podman login {host}`" in run.output
+
+
+def test_an_unreachable_channel_url_is_named_with_the_fix(workspace, busybox_base_image):
+    ws = workspace
+    url = f"http://127.0.0.1:{free_port()}/conda/"
+    ws.env["HUBWORKS_CHANNEL_URL"] = url
+    folder = ws.root / "images" / "plain"
+    folder.mkdir()
+    (folder / "Dockerfile").write_text(f"FROM {busybox_base_image}\nRUN true\n")
+    run = ws.doit("build_images", check=False)
+    assert run.returncode != 0
+    assert f"the published channel {url} cannot be reached" in run.output
+    assert "fix: check channel.url (HUBWORKS_CHANNEL_URL)" in run.output
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert not (ws.state / "logs" / "channel-server.log").exists()
