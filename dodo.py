@@ -3,6 +3,7 @@
     recipes/ --build_recipes--> channel/ --index_channel--> repodata, shards, index.html
     images/  --build_images--> repo2docker images, the channel served while they build
     install_hub:* / hub_start / hub_stop: a JupyterHub on this server
+    publish_channel, image_matrix, hub_values: beyond one machine (S3, CI runners, Kubernetes)
 """
 
 # ruff: noqa: F401  (doit finds the task creators by name in this module)
@@ -12,5 +13,8 @@ from tasks.server import task_serve_channel
 from tasks.images import task_build_images
 from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
 from tasks.workspace import doit_config, task_settings
+from tasks.publish import task_publish_channel
+from tasks.registry import task_image_matrix
+from tasks.hub_values import task_hub_values
 
 DOIT_CONFIG = doit_config()

@@ -230,7 +230,9 @@ def resolve_internal(settings: Settings, image: Image, channel_url: str,
                      internal_names: set[str] | None = None) -> Resolution:
     """Solve the image's internal requirements against the channel at ``channel_url``."""
     if internal_names is None:
-        internal_names = internal_package_names(settings.channel_dir)
+        from .channel_source import channel_package_names
+
+        internal_names = channel_package_names(settings)  # channel/, or channel.url's
     specs = internal_specs(image, settings.images.channel_alias, internal_names)
     if not specs:
         return Resolution([])
@@ -286,11 +288,18 @@ def image_is_current(settings: Settings, image: Image) -> bool:
     """Up to date: same hash as the last build, and the engine still has that image."""
     from .engines import select_engine
 
+    from .channel_source import preflight_channel_url
+
+    if settings.images.push and not image.problem:
+        # A fresh CI runner has no records and an empty engine: the registry decides.
+        from .registry import image_in_registry
+
+        return image_in_registry(settings, image)
     record = read_json(record_path(settings, image.name))
     if not record or image.problem:
         return False
     try:
-        resolution = resolve_internal(settings, image, settings.channel_dir.as_uri())
+        resolution = resolve_internal(settings, image, preflight_channel_url(settings))
         if image_hash(settings, image, resolution) != record["hash"]:
             return False
         return select_engine(settings.images.engine).image_exists(record["tag"])
@@ -425,18 +434,25 @@ def _channel_server(settings: Settings):
 
 @reports_errors
 def build_image(image: Image) -> None:
+    from .channel_source import published_channel_url
     from .engines import select_engine
 
     settings = current_settings()
     started = time.monotonic()
     if image.problem:
         raise HubworksError(image.problem)
-    served = RUN.shared("channel-server", lambda: _channel_server(settings))
-    build_url = channel_url_for_builds(settings, served)
+    hidden_tokens: list[str] = []  # the run's own token: kept out of the build log
+    if published := published_channel_url(settings):  # channel.url: nothing served here
+        build_url = preflight_url = published
+    else:
+        served = RUN.shared("channel-server", lambda: _channel_server(settings))
+        build_url = channel_url_for_builds(settings, served)
+        # local_url carries no token, so none reaches rattler's cache
+        preflight_url = served.local_url
+        hidden_tokens = [served.token] if served.token else []
 
-    # local_url carries no token, so none reaches rattler's cache
-    resolution = resolve_internal(settings, image, served.local_url)
-    engine = select_engine(settings.images.engine)
+    resolution = resolve_internal(settings, image, preflight_url)
+    engine = select_engine(settings.images.engine)  # after preflight: spec errors need none
     content_hash = image_hash(settings, image, resolution)
     tag, latest = tags_for(settings, image, content_hash)
     print_line(f"   image {image.name} ({image.kind}): building {tag}; internal packages: "
@@ -460,7 +476,7 @@ def build_image(image: Image) -> None:
         env["BUILDAH_ISOLATION"] = settings.images.isolation
     returncode = run_logged(command, log, cwd=scratch, env=env,
                             title=f"{engine.name} build of images/{image.name} ({engine.reason})",
-                            hide=[served.token] if served.token else [])
+                            hide=hidden_tokens)
     if returncode != 0 or not engine.image_exists(tag):
         seconds = time.monotonic() - started
         print_line(f"   image {image.name}: failed ({seconds:.1f} s)")
@@ -490,10 +506,14 @@ def task_build_images():
     images = discover_images(settings.images_dir)
     yield {"name": None, "doc": task_build_images.__doc__}
     for name, image in images.items():
-        yield {
+        task = {
             "name": name,
             "doc": f"build images/{name} ({image.kind})",
             "actions": [(build_image, [image])],
             "task_dep": ["index_channel"],
             "uptodate": [lambda task, values, image=image: image_is_current(settings, image)],
         }
+        if settings.channel.url:
+            # A published channel (channel_source): no local recipes or index to wait for.
+            task["task_dep"] = []
+        yield task

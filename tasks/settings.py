@@ -85,6 +85,9 @@ SETTINGS: list[Setting] = [
     Setting("channel", "public_url", "",
             "URL image builds use to reach the channel (remote engines), without a token; "
             "empty: the served URL.", kind="url"),
+    Setting("channel", "url", "",
+            "A published channel (any http(s) URL conda clients read) that build_images uses "
+            "instead of channel/: no local server, no recipe builds, no local index."),
     # images
     Setting("images", "dir", "images", "Folder of images, one repo2docker repository each.",
             kind="path"),
@@ -102,6 +105,18 @@ SETTINGS: list[Setting] = [
     Setting("images", "push", False, "Push both tags after a build (prefix names the registry)."),
     Setting("images", "user_name", "jovyan", "User repo2docker creates in the images."),
     Setting("images", "user_id", 1000, "Uid of that user."),
+    # publish
+    Setting("publish", "url", "",
+            "Where publish_channel copies the channel: s3://bucket/prefix or file:///folder "
+            "(a plain folder path works too)."),
+    Setting("publish", "endpoint_url", "",
+            "S3 endpoint of an S3-compatible store (MinIO, Ceph, ...); empty: AWS (or "
+            "AWS_ENDPOINT_URL)."),
+    Setting("publish", "region", "",
+            "S3 region; empty: AWS_REGION / AWS_DEFAULT_REGION / the profile's, else us-east-1."),
+    Setting("publish", "force_path_style", False,
+            "S3 path-style addressing (endpoint/bucket/key), which most S3-compatible stores "
+            "need; false: virtual-host style (bucket.endpoint/key)."),
     # hub
     Setting("hub", "prefix", "/opt/jupyterhub",
             "Where install_hub puts the hub: venv, proxy, config, secrets, database, log. "
@@ -137,6 +152,11 @@ SETTINGS: list[Setting] = [
             "the images build_images tagged)."),
     Setting("hub", "service", "auto",
             "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
+    Setting("hub", "default_image", "",
+            "Image (its folder name in images/) users get by default; empty: the first."),
+    Setting("hub", "values_file", "hub-values.yaml",
+            "Where hub_values writes the zero-to-jupyterhub values (helm upgrade --values).",
+            kind="path"),
 ]
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}

@@ -1,0 +1,480 @@
+"""publish_channel: copy the channel's packages to where other machines read it, and index there.
+
+``publish.url`` (``HUBWORKS_PUBLISH_URL``) names the target:
+
+- ``s3://bucket/prefix``: S3 or an S3-compatible store (``publish.endpoint_url``,
+  ``publish.region``, ``publish.force_path_style``). Credentials come the usual AWS way
+  (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
+  ``~/.aws``, instance or container roles), resolved once by boto3 and handed to rattler's
+  ``index_s3``, which indexes the bucket in place.
+- ``file:///folder`` or a path: a plain folder, e.g. a network share; rattler's ``index_fs``
+  indexes it.
+
+Rules, for both:
+
+- Only packages the target lacks are copied: the target is listed (names and sizes; S3 also
+  gives each object's MD5 as its ETag) and its repodata read; no package is downloaded.
+- Nothing on the target is deleted or overwritten. A package is written only if its name is
+  free (S3 ``If-None-Match: *``; a folder: a hard link from a hidden temporary file). A file of
+  the same name with other bytes is left alone and reported.
+- Nothing half-published: a package is whole before its name exists (one S3 PUT; a folder:
+  written, synced, then linked), and the index runs after the uploads, so a package that
+  failed to upload is in no index.
+- Two publishers at once both end indexed: ``index_s3`` writes repodata with conditional
+  requests (``If-Match`` on the ETag it read, ``If-None-Match`` for new files) and re-reads
+  and retries when another indexer got there first; folders are indexed under a lock file.
+  Either way the published repodata is read back afterwards and indexing repeated until it
+  lists every package this run published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .errors import HubworksError, reports_errors
+from .fsutil import atomic_write_json, exclusive_lock, is_package, read_json
+from .settings import Settings
+from .workspace import current_settings, print_line
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+INDEX_ATTEMPTS = 3
+S3_CONNECT_SECONDS = 10
+CREDENTIALS_FIX = ("give credentials the usual AWS way: AWS_ACCESS_KEY_ID and "
+                   "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), or AWS_PROFILE with "
+                   "~/.aws/credentials; they must allow listing the bucket and putting objects")
+
+
+@dataclass(frozen=True)
+class LocalPackage:
+    key: str        # <subdir>/<file name>
+    path: Path
+    size: int
+    md5: str
+    sha256: str
+
+
+@dataclass
+class TargetFile:
+    size: int
+    md5: str = ""   # known without reading the file (S3 ETag of a single-part upload)
+
+
+def local_packages(channel_dir: Path) -> dict[str, LocalPackage]:
+    """The indexed packages of channel/, from its repodata (no package is read)."""
+    found: dict[str, LocalPackage] = {}
+    for repodata in sorted(channel_dir.glob("*/repodata.json")):
+        subdir = repodata.parent.name
+        data = read_json(repodata, {}) or {}
+        for section in ("packages", "packages.conda"):
+            for filename, record in data.get(section, {}).items():
+                path = repodata.parent / filename
+                if path.is_file():
+                    found[f"{subdir}/{filename}"] = LocalPackage(
+                        f"{subdir}/{filename}", path, record.get("size", path.stat().st_size),
+                        record.get("md5", ""), record.get("sha256", ""))
+    return found
+
+
+# ---------------------------------------------------------------- targets
+
+class Target:
+    """Where packages are published. Subclasses list, write new files only, and index."""
+
+    url: str
+
+    def files(self) -> dict[str, TargetFile]:
+        """Package files on the target by ``<subdir>/<name>``."""
+        raise NotImplementedError
+
+    def repodata(self, subdir: str) -> dict:
+        """The target's ``<subdir>/repodata.json`` ({} when there is none)."""
+        raise NotImplementedError
+
+    def put_new(self, package: LocalPackage) -> bool:
+        """Write ``package`` unless its name exists; False when it did (nothing written)."""
+        raise NotImplementedError
+
+    def index(self) -> None:
+        raise NotImplementedError
+
+    def reader_url(self) -> str:
+        """Where conda clients read the published channel, for the closing message."""
+        return self.url
+
+    def indexed(self, subdirs: set[str]) -> dict[str, dict]:
+        records = {}
+        for subdir in sorted(subdirs | {"noarch"}):
+            data = self.repodata(subdir)
+            for section in ("packages", "packages.conda"):
+                for filename, record in data.get(section, {}).items():
+                    records[f"{subdir}/{filename}"] = record
+        return records
+
+
+class FolderTarget(Target):
+    def __init__(self, folder: Path, url: str):
+        self.folder = folder
+        self.url = url
+        if not folder.is_dir():
+            raise HubworksError(
+                f"the publish target {url} is not a folder that exists.",
+                fix="create it (or mount the share), or correct publish.url "
+                    "(HUBWORKS_PUBLISH_URL)")
+
+    def files(self) -> dict[str, TargetFile]:
+        found = {}
+        for subdir in self.folder.iterdir():
+            if not subdir.is_dir() or subdir.name.startswith("."):
+                continue
+            for entry in os.scandir(subdir):
+                if is_package(entry.name) and entry.is_file():
+                    found[f"{subdir.name}/{entry.name}"] = TargetFile(entry.stat().st_size)
+        return found
+
+    def repodata(self, subdir: str) -> dict:
+        return read_json(self.folder / subdir / "repodata.json", {}) or {}
+
+    def put_new(self, package: LocalPackage) -> bool:
+        target = self.folder / package.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A hidden temporary name no indexer reads; linked to its name only once complete.
+        partial = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
+        try:
+            with package.path.open("rb") as source, partial.open("xb") as handle:
+                while block := source.read(1 << 20):
+                    handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(partial, target)  # fails if the name exists: never overwrites
+            except FileExistsError:
+                return False
+            return True
+        except OSError as exc:
+            raise HubworksError(
+                f"{package.key} could not be written to {self.url}: "
+                f"{exc.strerror or exc}.",
+                fix=f"make {target.parent} writable for this user (and the share mounted "
+                    f"read-write)") from None
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def index(self) -> None:
+        from rattler.index import index_fs
+
+        (self.folder / "noarch").mkdir(exist_ok=True)  # conda clients require noarch
+        try:
+            with exclusive_lock(self.folder / ".hubworks-publish.lock", f"the index of {self.url}"):
+                asyncio.run(index_fs(self.folder, write_zst=True, write_shards=True))
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+                raise HubworksError(f"{self.url} cannot be indexed: {exc.strerror}.",
+                                    fix="make the folder writable for this user") from None
+            raise
+
+
+@dataclass
+class S3Location:
+    bucket: str
+    prefix: str     # no leading or trailing slash; may be ''
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+
+class S3Target(Target):
+    def __init__(self, settings: Settings, url: str):
+        import boto3
+        from botocore.config import Config
+
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise HubworksError(f"publish.url {url!r} names no bucket.",
+                                fix="write it as s3://bucket or s3://bucket/prefix")
+        self.url = url.rstrip("/")
+        self.where = S3Location(parts.netloc, parts.path.strip("/"))
+        publish = settings.publish
+        session = boto3.session.Session()
+        self.region = publish.region or session.region_name or "us-east-1"
+        config = Config(
+            connect_timeout=S3_CONNECT_SECONDS, read_timeout=60,
+            retries={"max_attempts": 2, "mode": "standard"},
+            s3={"addressing_style": "path" if publish.force_path_style else "virtual"},
+            # only when the store asks for them: many S3-compatible stores reject them
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required")
+        self.client = session.client("s3", region_name=self.region, config=config,
+                                     endpoint_url=publish.endpoint_url or None)
+        self.endpoint = self.client.meta.endpoint_url
+        self.path_style = publish.force_path_style
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise HubworksError(f"no AWS credentials were found for {self.url}.",
+                                fix=CREDENTIALS_FIX)
+        self.credentials = credentials.get_frozen_credentials()
+
+    def _fail(self, exc: Exception, doing: str) -> HubworksError:
+        """One message naming the target and the fix, for what boto3 raised."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, \
+            NoCredentialsError
+
+        where = f"{self.url} (endpoint {self.endpoint})"
+        if isinstance(exc, NoCredentialsError):
+            return HubworksError(f"no AWS credentials were found for {where}.",
+                                 fix=CREDENTIALS_FIX)
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                return HubworksError(
+                    f"the bucket {self.where.bucket!r} does not exist at {self.endpoint} "
+                    f"(publish target {self.url}).",
+                    fix=f"create it (e.g. `aws s3 mb s3://{self.where.bucket}`), or correct "
+                        f"publish.url / publish.endpoint_url")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                        "InvalidToken", "AccessDenied", "403", "Forbidden"):
+                return HubworksError(
+                    f"{where} refused these credentials while {doing} ({code}).",
+                    fix=CREDENTIALS_FIX)
+            message = exc.response.get("Error", {}).get("Message", "") or str(exc)
+            return HubworksError(f"{where} answered {code or 'an error'} while {doing}: "
+                                 f"{message}", fix="check publish.url and the bucket's settings")
+        if isinstance(exc, EndpointConnectionError) or "connect" in type(exc).__name__.lower():
+            return HubworksError(
+                f"the S3 endpoint {self.endpoint} cannot be reached (publish target "
+                f"{self.url}).",
+                fix="check publish.endpoint_url (HUBWORKS_PUBLISH_ENDPOINT_URL) and that "
+                    "this machine reaches it")
+        return HubworksError(f"{where}: {doing} failed: {exc}",
+                             fix="check publish.url and publish.endpoint_url")
+
+    def files(self) -> dict[str, TargetFile]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found = {}
+        start = self.where.key("")
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.where.bucket, Prefix=start)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(start):]
+                    subdir, _, filename = name.partition("/")
+                    if "/" in filename or not is_package(filename):
+                        continue
+                    etag = item.get("ETag", "").strip('"')
+                    found[name] = TargetFile(item["Size"], etag if "-" not in etag else "")
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(exc, "listing the bucket") from None
+        return found
+
+    def repodata(self, subdir: str) -> dict:
+        import orjson
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.where.bucket,
+                                          Key=self.where.key(f"{subdir}/repodata.json"))["Body"]
+            return orjson.loads(body.read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return {}
+            raise self._fail(exc, f"reading {subdir}/repodata.json") from None
+        except BotoCoreError as exc:
+            raise self._fail(exc, f"reading {subdir}/repodata.json") from None
+        except orjson.JSONDecodeError:
+            return {}  # a broken index is rewritten by the next index run
+
+    def put_new(self, package: LocalPackage) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            with package.path.open("rb") as body:
+                self.client.put_object(
+                    Bucket=self.where.bucket, Key=self.where.key(package.key), Body=body,
+                    IfNoneMatch="*", CacheControl=IMMUTABLE,
+                    ContentType="application/octet-stream")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                return False
+            raise self._fail(exc, f"uploading {package.key}") from None
+        except BotoCoreError as exc:
+            raise self._fail(exc, f"uploading {package.key}") from None
+
+    def index(self) -> None:
+        from rattler.index import S3Credentials, index_s3
+
+        credentials = S3Credentials(
+            endpoint_url=self.endpoint, region=self.region,
+            access_key_id=self.credentials.access_key,
+            secret_access_key=self.credentials.secret_key,
+            session_token=self.credentials.token,
+            addressing_style="path" if self.path_style else "virtual-host")
+        try:
+            asyncio.run(index_s3(self.url, credentials=credentials, write_zst=True,
+                                 write_shards=True))
+        except Exception as exc:  # rattler raises its own types; the text says what failed
+            text = " ".join(str(exc).split())
+            raise HubworksError(
+                f"rattler could not index {self.url} (endpoint {self.endpoint}): "
+                f"{text[:300]}",
+                fix="check that the credentials may read, list and put objects in the "
+                    "bucket, then run publish_channel again (published packages stay)") from None
+
+    def reader_url(self) -> str:
+        if self.path_style or "amazonaws.com" not in self.endpoint:
+            return f"{self.endpoint.rstrip('/')}/{self.where.bucket}/{self.where.key('')}"
+        return f"https://{self.where.bucket}.s3.{self.region}.amazonaws.com/{self.where.key('')}"
+
+
+def open_target(settings: Settings) -> Target:
+    """The target ``publish.url`` names, its settings checked."""
+    url = settings.publish.url.strip()
+    if not url:
+        raise HubworksError(
+            "publish.url is not set, so publish_channel has nowhere to publish.",
+            fix="set publish.url (HUBWORKS_PUBLISH_URL) to s3://bucket/prefix or a folder "
+                "(file:///srv/channel)")
+    scheme = urlsplit(url).scheme
+    if scheme == "s3":
+        return S3Target(settings, url)
+    if scheme == "file":
+        return FolderTarget(Path(unquote(urlsplit(url).path)), url)
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        folder = (settings.root / os.path.expanduser(url)).resolve()
+        return FolderTarget(folder, folder.as_uri())
+    raise HubworksError(
+        f"publish.url {url!r} is not a target publish_channel knows.",
+        fix="use s3://bucket/prefix (S3 or S3-compatible object storage) or a folder "
+            "(file:///path)")
+
+
+# ---------------------------------------------------------------- comparing and publishing
+
+@dataclass
+class Plan:
+    missing: list[LocalPackage] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)   # same name, other bytes
+    unindexed: list[str] = field(default_factory=list)   # on the target, not in its index
+
+    @property
+    def nothing_to_do(self) -> bool:
+        # A same-named file with other bytes stays as it is: nothing to do about it here.
+        return not (self.missing or self.unindexed)
+
+
+def plan_publish(local: dict[str, LocalPackage], target: Target) -> Plan:
+    """What the target lacks, from its listing and its repodata only."""
+    on_target = target.files()
+    indexed = target.indexed({key.split("/", 1)[0] for key in local})
+    plan = Plan()
+    for key, package in sorted(local.items()):
+        there = on_target.get(key)
+        if there is None:
+            plan.missing.append(package)
+            continue
+        record = indexed.get(key)
+        if (there.size != package.size or (there.md5 and package.md5 and there.md5 != package.md5)
+                or (record and record.get("sha256") and record["sha256"] != package.sha256)):
+            plan.conflicts.append(key)
+        elif record is None:
+            plan.unindexed.append(key)
+    return plan
+
+
+def _kept_record(settings: Settings, target: Target) -> Path:
+    name = hashlib.sha256(target.url.encode()).hexdigest()[:16]
+    return settings.state("publish", f"{name}.json")
+
+
+def _kept_signature(local: dict[str, LocalPackage], keys: list[str]) -> list[str]:
+    return sorted(f"{key} {local[key].sha256}" for key in keys)
+
+
+def publish_is_current(settings: Settings) -> bool:
+    """doit's uptodate: the target holds and indexes every package (nothing downloaded),
+    and every local rebuild it keeps its own copy of was reported once."""
+    try:
+        target = open_target(settings)
+        local = local_packages(settings.channel_dir)
+        plan = plan_publish(local, target)
+        reported = read_json(_kept_record(settings, target), [])
+        return plan.nothing_to_do and _kept_signature(local, plan.conflicts) == reported
+    except Exception:  # unclear: run, and let the action say what is wrong
+        return False
+
+
+def publish_channel(settings: Settings) -> str:
+    """Copy what the target lacks, index it, and check the index; returns a summary."""
+    target = open_target(settings)
+    local = local_packages(settings.channel_dir)
+    plan = plan_publish(local, target)
+    copied: list[str] = []
+    raced = False
+    failed: dict[str, str] = {}
+    for package in plan.missing:
+        try:
+            if target.put_new(package):
+                copied.append(package.key)
+                print_line(f"   published {package.key}")
+            else:
+                raced = True  # another publisher wrote that name meanwhile: compared below
+        except HubworksError as exc:
+            failed[package.key] = exc.message  # the others are still published and indexed
+    if copied or plan.unindexed or raced:
+        _index_until_listed(target, set(copied) | set(plan.unindexed))
+    kept = sorted(set(plan_publish(local, target).conflicts if raced else plan.conflicts))
+    if kept:
+        # hubworks rebuilds dependents under the same file name; a published file stays.
+        print_line(f"   kept the copies {target.url} has of {len(kept)} package(s) rebuilt "
+                   f"here under the same name (published packages never change; bump the "
+                   f"recipe's build.number to publish new contents): {', '.join(kept)}")
+    atomic_write_json(_kept_record(settings, target), _kept_signature(local, kept))
+    if failed:
+        lines = "\n".join(f"    {key}: {message}" for key, message in sorted(failed.items()))
+        raise HubworksError(
+            f"{len(failed)} package(s) could not be published to {target.url} and are in "
+            f"no index there:\n{lines}",
+            fix="fix what the message names (credentials that may put those keys, space on "
+                "the share), then run publish_channel again: it copies only what is missing")
+    if not copied and not plan.unindexed:
+        return f"{target.url} is up to date: it holds all {len(local)} packages"
+    return (f"published {len(copied)} package(s) to {target.url} ({len(local) - len(copied)} "
+            f"already there); indexed. Conda clients read it at {target.reader_url()}")
+
+
+def _index_until_listed(target: Target, wanted: set[str]) -> None:
+    """Index, then read the index back: a server that ignored a conditional write can
+    leave another publisher's index in place, so index again until ours is listed."""
+    subdirs = {key.split("/", 1)[0] for key in wanted}
+    for _ in range(INDEX_ATTEMPTS):
+        target.index()
+        if wanted <= set(target.indexed(subdirs)):
+            return
+    missing = ", ".join(sorted(wanted - set(target.indexed(subdirs))))
+    raise HubworksError(f"{target.url} was indexed {INDEX_ATTEMPTS} times and its repodata "
+                        f"still lacks: {missing}.",
+                        fix="run publish_channel again once other publishers are done")
+
+
+@reports_errors
+def run_publish_channel() -> None:
+    print_line(f"   {publish_channel(current_settings())}")
+
+
+def task_publish_channel():
+    """Copy the packages publish.url lacks there (S3 or a folder) and index it there."""
+    settings = current_settings()
+    return {
+        "actions": [run_publish_channel],
+        "task_dep": ["index_channel"],
+        "uptodate": [lambda task, values: publish_is_current(settings)],
+        "verbosity": 2,
+    }
