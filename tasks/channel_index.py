@@ -28,6 +28,7 @@ import hashlib
 import html
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import orjson
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_copy, atomic_write_bytes, exclusive_lock, is_package, read_json
 from .settings import Settings
-from .workspace import current_settings
+from .workspace import RUN, current_settings
 
 STATE_VERSION = 2
 VALIDATION_CONCURRENCY = 8
@@ -407,28 +408,50 @@ tr:nth-child(even) {{ background: #f3f3f3; }} td.n {{ text-align: right; }}
 
 # ---------------------------------------------------------------- the doit task
 
-@reports_errors
-def run_index_channel() -> None:
-    settings = current_settings()
-    report = index_channel(settings)
+# Threads of one run index one at a time without a word; the file lock inside
+# index_channel is for other doit processes, and says when it waits for one.
+_index_turn = threading.Lock()
+
+
+def index_and_report(settings: Settings) -> IndexReport:
+    """Index the channel as it is now; name unreadable files as a problem of the run.
+
+    An unreadable file fails the run at its end, not the task: everything else is indexed,
+    so what needs the index (serving, image builds) still goes ahead.
+    """
+    with _index_turn:
+        report = index_channel(settings)
     print(f"   indexed {report.packages} packages ({report.read} read) in "
           f"{settings.channel_dir}")
+    problem = None
     if report.bad:
         lines = "\n".join(f"    {settings.channel_dir / key}: {error}"
                           for key, error in sorted(report.bad.items()))
-        raise HubworksError(
+        problem = HubworksError(
             f"{len(report.bad)} package file(s) in the channel are unreadable and were left "
             f"out of the index (the other {report.packages} are indexed and served):\n{lines}",
             fix="delete each file named, or rebuild the recipe that makes it "
                 "(doit forget build_recipes:<recipe>; doit build_recipes)")
+        print(f"   left out of the index: {problem.message}")
+    RUN.note_problem("channel index: unreadable files", problem)
+    return report
+
+
+@reports_errors
+def run_index_channel() -> None:
+    index_and_report(current_settings())
 
 
 def task_index_channel():
-    """Index channel/ (repodata.json, .zst, shards) and write its index.html."""
+    """Index channel/ as it is (repodata.json, .zst, shards) and write its index.html."""
     settings = current_settings()
+    # No task_dep on build_recipes: each recipe build indexes what it publishes, so the
+    # index never lags the packages, and a failed recipe never keeps the rest unindexed.
     return {
         "actions": [run_index_channel],
-        "task_dep": ["build_recipes"],
         "uptodate": [lambda task, values: channel_is_indexed(settings)],
         "verbosity": 2,
+        "meta": {"what": "the channel index",
+                 "interrupted": "index files are replaced whole: clients see the previous "
+                                "index or the new one; the next run indexes again"},
     }

@@ -474,7 +474,7 @@ def task_publish_channel():
     settings = current_settings()
     return {
         "actions": [run_publish_channel],
-        "task_dep": ["index_channel"],
+        "task_dep": ["build_recipes", "index_channel"],  # publishes what the recipes make
         "uptodate": [lambda task, values: publish_is_current(settings)],
         "verbosity": 2,
     }

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from .channel_index import index_and_report
 from .errors import HubworksError, reports_errors
 from .fsutil import (atomic_copy, atomic_write_json, exclusive_lock, folder_files, is_package,
                      read_json, sha256_file)
@@ -339,6 +340,9 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
         packages = _build_and_publish(settings, recipe, dependencies, needs_upstream, scratch)
     for package in packages:
         print(f"   {recipe.name}: {package['file']}")
+    # The channel's index never lags its packages: what is built is served, even when a
+    # later recipe fails.
+    index_and_report(settings)
 
 
 def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[str],
@@ -380,13 +384,39 @@ def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[st
 
 # ---------------------------------------------------------------- the doit task
 
+_discovered: dict[Path, tuple[dict[str, Recipe], dict[str, set[str]]]] = {}
+
+
+def workspace_recipes(settings: Settings) -> tuple[dict[str, Recipe], dict[str, set[str]]]:
+    """The recipes and their dependency graph, read once per process: rendering recipes is
+    the costly part of loading the tasks, and build_images needs them too."""
+    if settings.recipes_dir not in _discovered:
+        recipes = discover_recipes(settings.recipes_dir)
+        _discovered[settings.recipes_dir] = (recipes, analyse(recipes))
+    return _discovered[settings.recipes_dir]
+
+
+def package_makers(settings: Settings) -> dict[str, str]:
+    """Which recipe makes each internal package name. A recipe that cannot be read now still
+    makes what its last build made, so what needs those packages waits for it to be fixed."""
+    recipes, _ = workspace_recipes(settings)
+    makers: dict[str, str] = {}
+    for name, recipe in recipes.items():
+        outputs = recipe.outputs or (read_json(record_path(settings, name), {}) or {}).get(
+            "outputs", [])
+        for output in outputs:
+            makers.setdefault(output, name)
+    return makers
+
+
 def task_build_recipes():
     """Build the conda packages in recipes/ into channel/ (rattler-build; conda-build for meta.yaml)."""
     settings = current_settings()
-    recipes = discover_recipes(settings.recipes_dir)
-    graph = analyse(recipes)
+    recipes, graph = workspace_recipes(settings)
     internal = {output for recipe in recipes.values() for output in recipe.outputs}
-    yield {"name": None, "doc": task_build_recipes.__doc__}
+    # index_channel first: it indexes what an earlier, interrupted run published and left
+    # unindexed; each build then indexes its own packages.
+    yield {"name": None, "doc": task_build_recipes.__doc__, "task_dep": ["index_channel"]}
     for name, recipe in recipes.items():
         # A recipe with a problem fails on its own; its edges could form a cycle for doit.
         uses = sorted(graph[name]) if not recipe.problem else []
@@ -413,4 +443,7 @@ def task_build_recipes():
                 lambda task, values, name=name: _packages_still_in_channel(settings, name),
             ],
             "clean": True,
+            "meta": {"what": f"recipe '{name}'",
+                     "interrupted": "packages reach the channel whole or not at all; the "
+                                    "next run builds and indexes what did not finish"},
         }

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 from tasks.channel_index import index_channel
 from tasks.settings import load_settings
+from tests.conftest import DODO
 
 
 def repodata(ws, subdir: str = "noarch") -> dict:
@@ -23,7 +29,7 @@ def sha256(path) -> str:
 
 def test_index_writes_repodata_shards_and_index_page(example_workspace):
     ws = example_workspace
-    ws.doit("index_channel")  # builds the recipes first
+    ws.doit("build_recipes")  # each build indexes what it published
     noarch = ws.channel / "noarch"
     records = repodata(ws)
     assert {r["name"] for r in records.values()} == {"lab-templates", "lab-settings",
@@ -44,11 +50,11 @@ def test_index_writes_repodata_shards_and_index_page(example_workspace):
 def test_index_is_incremental(workspace):
     ws = workspace
     ws.add_recipe("one")
-    ws.doit("index_channel")
+    ws.doit("build_recipes", "index_channel")
     assert ws.doit("index_channel").executed == []          # nothing changed: no work
 
     ws.add_recipe("two")
-    run = ws.doit("index_channel")
+    run = ws.doit("build_recipes", "index_channel")
     assert "indexed 2 packages (1 read)" in run.output      # only the new one is read
     assert {r["name"] for r in repodata(ws).values()} == {"one", "two"}
 
@@ -64,10 +70,10 @@ def test_index_is_incremental(workspace):
 def test_same_file_name_rebuild_gets_new_metadata(workspace):
     ws = workspace
     ws.add_recipe("tool")
-    ws.doit("index_channel")
+    ws.doit("build_recipes", "index_channel")
     [(filename, old)] = repodata(ws).items()
     ws.add_recipe("tool", script=["echo more > $PREFIX/share/tool/more.txt"])
-    ws.doit("index_channel")
+    ws.doit("build_recipes", "index_channel")
     [(same_name, new)] = repodata(ws).items()
     assert same_name == filename
     assert new["sha256"] != old["sha256"]
@@ -78,7 +84,7 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     ws = workspace
     ws.add_recipe("good")
     ws.add_recipe("other")
-    ws.doit("index_channel")
+    ws.doit("build_recipes", "index_channel")
     good = ws.channel / "noarch" / ws.packages()[0]
     truncated = ws.channel / "noarch" / "truncated-1.0-0.conda"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -86,9 +92,15 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     garbage.write_bytes(b"this is not a package")
 
     run = ws.doit("index_channel", check=False)
-    assert run.returncode != 0
-    assert str(truncated) in run.output and str(garbage) in run.output
-    assert "the other 2 are indexed and served" in run.output
+    # The task succeeds, so what needs the index goes ahead; the run fails at its end,
+    # naming the files and what to do.
+    assert "ok index_channel" in run.output
+    assert run.returncode == 1
+    problem = run.output[run.output.index("problem: "):]
+    assert str(truncated) in problem and str(garbage) in problem
+    assert "the other 2 are indexed and served" in problem
+    assert "fix: delete each file named" in problem
+    assert "hubworks: 1 ran, 1 problem" in run.output
     assert {r["name"] for r in repodata(ws).values()} == {"good", "other"}
     assert "truncated-1.0-0.conda" in (ws.channel / "index.html").read_text()  # listed as bad
     assert truncated.exists() and garbage.exists()  # nothing is deleted
@@ -104,7 +116,7 @@ def test_readers_never_see_a_partial_index(workspace):
     ws = workspace
     for n in range(3):
         ws.add_recipe(f"pkg{n}")
-    ws.doit("index_channel")
+    ws.doit("build_recipes", "index_channel")
     settings = load_settings(ws.root)
     target = ws.channel / "noarch" / "repodata.json"
     stop = threading.Event()
@@ -130,3 +142,32 @@ def test_readers_never_see_a_partial_index(workspace):
         thread.join()
     assert reads[0] > 0 and failures == []
     assert len(repodata(ws)) == 18
+
+
+def test_ctrl_c_during_index_channel_says_what_is_left_and_exits_130(workspace):
+    ws = workspace
+    ws.add_recipe("one")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    before = (noarch / "repodata.json").read_bytes()
+    shutil.copy(noarch / ws.packages()[0], noarch / "two-1.0-0.conda")
+    # Another run holds the index: this one waits inside index_channel, where Ctrl-C lands.
+    with (ws.state / "index" / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doit = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root), "index_channel"],
+            env=ws.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        seen = ""
+        while "waiting for another run to finish with the channel index" not in seen:
+            line = doit.stdout.readline()
+            assert line, seen
+            seen += line
+        os.killpg(doit.pid, signal.SIGINT)   # Ctrl-C in a terminal
+        output = seen + doit.communicate(timeout=60)[0]
+    assert doit.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "interrupted: index_channel (index files are replaced whole: clients see the " \
+        "previous index or the new one; the next run indexes again)" in output
+    assert (noarch / "repodata.json").read_bytes() == before
+    assert "indexed 2 packages" in ws.doit("index_channel").output

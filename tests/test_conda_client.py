@@ -37,7 +37,7 @@ def new_notebook(prefix, *args: str, cwd=None) -> str:
 
 def test_client_installs_and_sees_rebuilds(example_workspace, tmp_path):
     ws = example_workspace
-    ws.doit("index_channel")
+    ws.doit("build_recipes")
     cache = tmp_path / "client-cache"
     with served_channel(ws.channel, port=0) as served:
         prefix = tmp_path / "env1"
@@ -55,8 +55,9 @@ def test_client_installs_and_sees_rebuilds(example_workspace, tmp_path):
             (recipe / "templates" / "report.ipynb").read_text())
         spec = recipe / "recipe.yaml"
         spec.write_text(spec.read_text().replace('version: "1.2.0"', 'version: "1.3.0"'))
-        assert ws.doit("index_channel").executed == [
-            "build_recipes:lab-templates", "build_recipes:new-notebook", "index_channel"]
+        # Each build indexes what it published: nothing is left for index_channel.
+        run = ws.doit("build_recipes", "index_channel")
+        assert run.executed == ["build_recipes:lab-templates", "build_recipes:new-notebook"]
 
         prefix2 = tmp_path / "env2"
         records = install(served.url, ["new-notebook"], prefix2, cache)  # same client cache
@@ -66,7 +67,7 @@ def test_client_installs_and_sees_rebuilds(example_workspace, tmp_path):
         # Rebuilt under the same file name: the client gets the new bytes, not its cache's.
         tool = ws.root / "recipes" / "new-notebook" / "new-notebook.sh"
         tool.write_text(tool.read_text().replace('echo "created', 'echo "new notebook'))
-        ws.doit("index_channel")
+        ws.doit("build_recipes")
         prefix3 = tmp_path / "env3"
         again = install(served.url, ["new-notebook"], prefix3, cache)
         assert again["new-notebook"].file_name == records["new-notebook"].file_name
@@ -78,7 +79,7 @@ def test_client_installs_and_sees_rebuilds(example_workspace, tmp_path):
 
 def test_client_uses_token_urls(example_workspace, tmp_path):
     ws = example_workspace
-    ws.doit("index_channel")
+    ws.doit("build_recipes")
     with served_channel(ws.channel, port=0, token="s3cret-token") as served:
         assert served.url.endswith("/t/s3cret-token/")
         records = install(served.url, ["lab-settings"], tmp_path / "env", tmp_path / "cache")

@@ -148,6 +148,38 @@ def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_wor
     assert port_refuses(ws.port)
 
 
+def test_an_image_needing_a_failed_recipe_is_named_and_the_others_build(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    ws.add_recipe("broken", script=["exit 7"])
+    add_fetching_image(ws, "uses-tool", "tool")
+    add_fetching_image(ws, "uses-broken", "broken")
+    run = ws.doit("--continue", "build_images", check=False)
+    assert run.returncode != 0
+    assert "FAILED build_recipes:broken" in run.output
+    assert "image 'uses-broken' not built: it needs recipe 'broken', which failed" in run.output
+    assert "UnmetDependency" not in run.output
+    assert "build_images:uses-broken" not in run.executed   # never built against a stale one
+    assert record(ws, "uses-tool")["internal_packages"][0]["name"] == "tool"
+    assert not (ws.state / "images" / "uses-broken.json").exists()
+    assert "hubworks: 3 ran, 1 failed (build_recipes:broken), 1 not built " \
+        "(build_images:uses-broken)" in run.output
+    assert port_refuses(ws.port)
+
+
+def test_an_image_waits_for_a_recipe_that_can_no_longer_be_read(image_workspace):
+    ws = image_workspace
+    ws.add_recipe("tool")
+    add_fetching_image(ws, "uses-tool", "tool")
+    ws.doit("build_recipes")
+    # Its package is still in the channel, but the recipe as it is now cannot be built.
+    (ws.root / "recipes" / "tool" / "recipe.yaml").write_text("package: [\n")
+    run = ws.doit("--continue", "build_images", check=False)
+    assert "recipe 'tool' cannot be read" in run.output
+    assert "image 'uses-tool' not built: it needs recipe 'tool', which failed" in run.output
+    assert "build_images:uses-tool" not in run.executed
+
+
 def test_ctrl_c_during_a_build_stops_the_server(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -169,7 +201,11 @@ def test_ctrl_c_during_a_build_stops_the_server(image_workspace):
     assert not port_refuses(ws.port)           # serving while the build runs
     os.killpg(doit.pid, signal.SIGINT)
     output = doit.communicate(timeout=60)[0]
-    assert doit.returncode != 0, output
+    assert doit.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert "interrupted: build_images:slow (nothing is tagged or recorded; the next run " \
+        "builds it again)" in output
+    assert "stopped: channel server" in output
     assert port_refuses(ws.port)
     access = (ws.state / "logs" / "channel-server.log").read_text()
     assert re.search(r"stopped serving http://127\.0\.0\.1:\d+/ after \d+ requests", access)

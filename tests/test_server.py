@@ -33,6 +33,7 @@ from tasks.errors import HubworksError
 from tasks.server import (channel_server_from_settings, channel_token, machine_name,
                           printable_url, served_channel)
 from tasks.settings import load_settings
+from tests.conftest import DODO, Workspace
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 
@@ -394,36 +395,95 @@ def test_port_closes_when_the_block_ends_however_it_ends(channel, ending):
     idle.close()
 
 
-def test_doit_serve_channel_prints_the_url_and_stops_on_ctrl_c(channel, tmp_path):
-    (tmp_path / "dodo.py").write_text(
-        "from tasks.server import task_serve_channel\n"
-        "from tasks.workspace import doit_config\n"
-        "def task_index_channel():\n"
-        "    return {'actions': []}\n"
-        "DOIT_CONFIG = doit_config()\n")
-    env = {**os.environ, "HUBWORKS_CHANNEL_DIR": str(channel), "HUBWORKS_CHANNEL_PORT": "0"}
-    doit = [sys.executable, "-m", "doit"]
-    listed = subprocess.run(doit + ["list"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, check=True).stdout
-    assert re.search(r"^serve_channel +Serve the channel over HTTP until Ctrl-C", listed, re.M)
+class ServeChannel:
+    """`doit serve_channel` in a workspace, as a user runs it, on a free port."""
 
-    serving = subprocess.Popen(doit + ["serve_channel"], cwd=tmp_path, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        line = ""
-        while "Serving" not in line:
-            line = serving.stdout.readline()
-            assert line, serving.stderr.read()
-        url = line.split(" at ")[1].split()[0]
-        assert requests.get(url + "noarch/repodata.json").status_code == 200
-        serving.send_signal(signal.SIGINT)
-        out, err = serving.communicate(timeout=10)
-    finally:
-        serving.kill()
-    assert serving.returncode == 0, err
+    def __init__(self, ws: Workspace):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root), "serve_channel"],
+            env={**ws.env, "HUBWORKS_CHANNEL_PORT": "0"}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.printed = line = ""
+        try:
+            while "Serving" not in line:
+                line = self.process.stdout.readline()
+                assert line, self.printed + self.process.stderr.read()
+                self.printed += line
+        except BaseException:
+            self.process.kill()
+            raise
+        self.url = line.split(" at ")[1].split()[0]
+
+    def repodata(self, subdir: str = "noarch") -> dict:
+        response = requests.get(self.url + f"{subdir}/repodata.json")
+        assert response.status_code == 200, f"{subdir}/repodata.json is not served"
+        return response.json()
+
+    def stop(self) -> tuple[str, str]:
+        """Ctrl-C; what it printed on stdout and stderr."""
+        self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=30)
+        return self.printed + out, err
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].strip("/"))
+
+
+@pytest.fixture
+def serve_channel():
+    """Starts `doit serve_channel` in a workspace; it ends with the test, whatever happens."""
+    started: list[ServeChannel] = []
+
+    def start(ws: Workspace) -> ServeChannel:
+        started.append(ServeChannel(ws))
+        return started[-1]
+
+    yield start
+    for serving in started:
+        serving.process.kill()
+        serving.process.wait()
+
+
+def test_doit_serve_channel_indexes_first_prints_the_url_and_stops_on_ctrl_c(
+        channel, tmp_path, serve_channel):
+    ws = Workspace(tmp_path / "ws")
+    listed = ws.doit("list").output
+    assert re.search(r"^serve_channel +Serve the channel over HTTP until Ctrl-C", listed, re.M)
+    # Packages dropped into channel/ and never indexed: serve_channel indexes them first.
+    (ws.channel / "noarch").mkdir()
+    for package in (channel / "noarch").glob("*.conda"):
+        shutil.copy(package, ws.channel / "noarch")
+    assert not (ws.channel / "noarch" / "repodata.json").exists()
+
+    serving = serve_channel(ws)
+    records = serving.repodata()["packages.conda"].values()
+    assert sorted(r["name"] for r in records) == ["hw-app", "hw-dep"]
+    out, err = serving.stop()
+    assert serving.process.returncode == 0, out + err
     assert "Stopping the channel server" in out
     assert "GET /noarch/repodata.json 200" in err
-    assert refuses_connections(int(url.rsplit(":", 1)[1].strip("/")))
+    assert refuses_connections(serving.port)
+
+
+def test_an_unreadable_package_does_not_stop_serving_and_is_named_at_the_end(
+        channel, tmp_path, serve_channel):
+    ws = Workspace(tmp_path / "ws")
+    (ws.channel / "noarch").mkdir()
+    for package in (channel / "noarch").glob("*.conda"):
+        shutil.copy(package, ws.channel / "noarch")
+    garbage = ws.channel / "noarch" / "garbage-2.0-0.conda"
+    garbage.write_bytes(b"this is not a package")
+
+    serving = serve_channel(ws)
+    assert "left out of the index: 1 package file(s)" in serving.printed
+    records = serving.repodata()["packages.conda"]
+    assert sorted(r["name"] for r in records.values()) == ["hw-app", "hw-dep"]
+    out, err = serving.stop()
+    assert serving.process.returncode == 1, out + err    # served, but the run is not clean
+    assert "problem: 1 package file(s) in the channel are unreadable" in out
+    assert str(garbage) in out.rpartition("problem: ")[2]
+    assert "Traceback" not in out + err
 
 
 # A real conda client ----------------------------------------------------------------------
