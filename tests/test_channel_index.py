@@ -7,6 +7,12 @@ import json
 import re
 import shutil
 import threading
+from html.parser import HTMLParser
+from urllib.parse import unquote
+
+import msgpack
+import pytest
+import zstandard
 
 from tasks.channel_index import index_channel
 from tasks.settings import load_settings
@@ -15,6 +21,15 @@ from tasks.settings import load_settings
 def repodata(ws, subdir: str = "noarch") -> dict:
     data = json.loads((ws.channel / subdir / "repodata.json").read_text())
     return {**data.get("packages", {}), **data.get("packages.conda", {})}
+
+
+def sharded_names(ws, subdir: str = "noarch") -> set[str]:
+    """Package names in the served shard index, each with its shard file present."""
+    compressed = (ws.channel / subdir / "repodata_shards.msgpack.zst").read_bytes()
+    index = msgpack.unpackb(zstandard.ZstdDecompressor().decompressobj().decompress(compressed))
+    for digest in index["shards"].values():
+        assert (ws.channel / subdir / "shards" / f"{bytes(digest).hex()}.msgpack.zst").is_file()
+    return set(index["shards"])
 
 
 def sha256(path) -> str:
@@ -130,3 +145,133 @@ def test_readers_never_see_a_partial_index(workspace):
         thread.join()
     assert reads[0] > 0 and failures == []
     assert len(repodata(ws)) == 18
+
+
+def _cut_to_1000_bytes(path):  # what a write cut short leaves: `head -c 1000`
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _not_msgpack(path):
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\xc1 not msgpack"))
+
+
+@pytest.mark.parametrize("state_file, damage", [
+    ("staging/noarch/repodata.json", _cut_to_1000_bytes),
+    ("staging/noarch/repodata.json", lambda path: path.write_bytes(b'{"packages": {}}')),
+    ("staging/noarch/repodata.json.zst", _cut_to_1000_bytes),
+    ("staging/noarch/repodata_shards.msgpack.zst", lambda path: path.write_bytes(b"\0" * 40)),
+    ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
+    ("state.json", _cut_to_1000_bytes),
+    ("state.json", lambda path: path.write_bytes(b'{"version": 2, "packages": []}')),
+], ids=["repodata-cut", "repodata-emptied", "zst-cut", "shard-index-zeros",
+        "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
+def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
+    ws = workspace
+    names = {f"pkg{n}" for n in range(6)}
+    for name in names:
+        ws.add_recipe(name)
+    ws.doit("index_channel")
+    target = ws.state / "index" / state_file
+    assert target.stat().st_size > 1000 or not state_file.endswith(".json")
+    damage(target)
+
+    ws.add_recipe("late")
+    run = ws.doit("index_channel")
+    assert "indexed 7 packages" in run.output
+    assert {r["name"] for r in repodata(ws).values()} == names | {"late"}
+    assert sharded_names(ws) == names | {"late"}
+    # The rebuilt staged index is whole again: the next change folds into it.
+    ws.add_recipe("later")
+    ws.doit("index_channel")
+    assert {r["name"] for r in repodata(ws).values()} == names | {"late", "later"}
+    assert sharded_names(ws) == names | {"late", "later"}
+
+
+def test_a_staged_shard_that_went_missing_is_rebuilt(workspace):
+    ws = workspace
+    for name in ("one", "two"):
+        ws.add_recipe(name)
+    ws.doit("index_channel")
+    for shard in (ws.state / "index" / "staging" / "noarch" / "shards").iterdir():
+        shard.unlink()
+    shutil.rmtree(ws.channel / "noarch" / "shards")  # and the served copies with them
+    ws.add_recipe("three")
+    ws.doit("index_channel")
+    assert sharded_names(ws) == {"one", "two", "three"}
+
+
+def test_package_in_a_folder_its_subdir_disagrees_with_is_refused_by_name(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("index_channel")
+    built = ws.channel / "noarch" / ws.packages()[0]
+    misplaced = ws.channel / "linux-64" / built.name
+    misplaced.parent.mkdir()
+    shutil.copy(built, misplaced)
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0
+    assert f"{misplaced}: its index.json says subdir 'noarch'" in run.output
+    assert "the other 1 are indexed and served" in run.output
+    assert repodata(ws, "linux-64") == {}
+    assert sharded_names(ws, "linux-64") == set()
+    assert [r["name"] for r in repodata(ws).values()] == ["tool"]
+    assert "linux-64/" + built.name in (ws.channel / "index.html").read_text()
+
+
+class PageParts(HTMLParser):
+    """The tags, attributes, link targets and text of a page, as a browser would parse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attributes, self.hrefs, self.text = set(), set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for name, value in attrs:
+            self.attributes.add(name)
+            if name == "href":
+                self.hrefs.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def assert_page_shows_but_does_not_run(ws, shown: list[str], links: int) -> None:
+    page = PageParts()
+    page.feed((ws.channel / "index.html").read_text())
+    assert page.tags <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "a",
+                         "ul", "li", "code", "table", "tr", "th", "td"}, page.tags
+    assert not [name for name in page.attributes if name.startswith("on")]
+    text = "".join(page.text)
+    for value in shown:
+        assert value in text
+    assert len(page.hrefs) == links
+    for href in page.hrefs:
+        assert re.fullmatch(r"[A-Za-z0-9%._~/-]+", href), href
+        assert (ws.channel / unquote(href)).is_file(), href
+
+
+def test_index_page_escapes_every_value_and_encodes_every_link(workspace):
+    ws = workspace
+    recipe = ws.add_recipe("evil", summary="<script>alert('summary')</script>")
+    spec = json.loads(recipe.read_text())
+    spec["build"]["string"] = "x<b onmouseover=alert(1)>&amp;_0"  # a build string, as crafted
+    recipe.write_text(json.dumps(spec))
+    ws.doit("build_recipes")
+    [built] = ws.packages()
+    assert "<b onmouseover" in built
+    hostile_file = "<img src=x onerror=alert(2)>-1.0-0.conda"
+    shutil.copy(ws.channel / "noarch" / built, ws.channel / "noarch" / hostile_file)
+    ws.doit("index_channel")
+    shown = ["<script>alert('summary')</script>", "x<b onmouseover=alert(1)>&amp;_0",
+             hostile_file]
+    assert_page_shows_but_does_not_run(ws, shown, links=2 + 1)  # packages, noarch's repodata
+
+    # A folder named by a hostile uploader: refused (not a subdir), and named harmlessly.
+    hostile_folder = ws.channel / "\"><svg onload=alert(3)>"
+    hostile_folder.mkdir()
+    shutil.copy(ws.channel / "noarch" / built, hostile_folder / "pkg-1.0-0.conda")
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0 and "is not a subdir of a conda channel" in run.output
+    assert_page_shows_but_does_not_run(ws, shown + [hostile_folder.name], links=2 + 1)
