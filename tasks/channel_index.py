@@ -32,6 +32,7 @@ import datetime as dt
 import hashlib
 import html
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,14 +275,18 @@ def _read_staged(staged: Path, expected_files: set[str], published: Path) -> Sta
         return None
     if staged_index.files != expected_files or set(shards) != names:
         return None
-    for shard in shards.values():
-        path = staged / "shards" / shard
-        if not path.is_file():
+    present, served = _folder_names(staged / "shards"), _folder_names(published / "shards")
+    for shard in set(shards.values()) - served:
+        if shard not in present or f"{sha256_file(staged / 'shards' / shard)}.msgpack.zst" != shard:
             return None
-        if not (published / "shards" / shard).exists() and \
-                f"{sha256_file(path)}.msgpack.zst" != shard:
-            return None
-    return staged_index
+    return None if not set(shards.values()) <= present else staged_index
+
+
+def _folder_names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError:
+        return set()
 
 
 def _update_subdir(fresh: Path, staged: Path, names: set[str], old: StagedIndex | None
@@ -478,6 +483,10 @@ def index_channel(settings: Settings) -> IndexReport:
 
 # ---------------------------------------------------------------- the index page
 
+_HTML_SPECIAL = re.compile(r"[&<>\"']")
+_URL_PLAIN = re.compile(r"[A-Za-z0-9._~/-]*")
+
+
 def _human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -498,10 +507,12 @@ def write_index_page(channel_dir: Path, packages: dict[str, dict]) -> None:
                   key=lambda item: item[1]["meta"]["name"])  # stable: keeps version order
     # Every value is escaped and every link percent-encoded: file names, folder names and
     # everything in a package's metadata come from whoever put the file in the channel.
-    escape = html.escape
+    def escape(value: str) -> str:  # most values need nothing: skip the work for them
+        return html.escape(value) if _HTML_SPECIAL.search(value) else value
 
     def link(path: str, text: str) -> str:
-        return f'<a href="{escape(quote(path))}">{escape(text)}</a>'
+        href = path if _URL_PLAIN.fullmatch(path) else html.escape(quote(path))
+        return f'<a href="{href}">{escape(text)}</a>'
 
     rows = []
     for key, entry in good:
