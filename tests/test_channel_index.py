@@ -76,13 +76,17 @@ def test_index_is_incremental(workspace):
     assert sorted(repodata(ws)) == ["by-hand-1.0-0.conda", two]
 
 
-def test_same_file_name_rebuild_gets_new_metadata(workspace):
+def test_a_file_replaced_under_the_same_name_gets_new_metadata(workspace):
     ws = workspace
     ws.add_recipe("tool")
     ws.doit("index_channel")
     [(filename, old)] = repodata(ws).items()
+    # Builds never replace a published file; a person copying one over it can.
     ws.add_recipe("tool", script=["echo more > $PREFIX/share/tool/more.txt"])
-    ws.doit("index_channel")
+    ws.doit("build_recipes")
+    [rebuilt] = [name for name in ws.packages() if name != filename]
+    (ws.channel / "noarch" / rebuilt).replace(ws.channel / "noarch" / filename)
+    index_channel(load_settings(ws.root))  # the index alone: a build would make it again
     [(same_name, new)] = repodata(ws).items()
     assert same_name == filename
     assert new["sha256"] != old["sha256"]
