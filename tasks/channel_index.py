@@ -46,7 +46,7 @@ from .fsutil import (atomic_copy, atomic_write_bytes, exclusive_lock, fsync_dir,
 from .settings import Settings
 from .workspace import current_settings
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: packages in the wrong folder are refused; read every package again
 VALIDATION_CONCURRENCY = 8
 ZST_LEVEL = 3  # 1.3 MB in 0.03 s for 20,000 packages; level 19 saves 20% in 5 s
 SHARD_INDEX = "repodata_shards.msgpack.zst"

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import zstandard
 
-from tasks.channel_index import index_channel
+from tasks.channel_index import STATE_VERSION, index_channel
 from tasks.settings import load_settings
 
 
@@ -166,7 +166,7 @@ def _not_msgpack(path):
     ("staging/noarch/repodata_shards.msgpack.zst", lambda path: path.write_bytes(b"\0" * 40)),
     ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
     ("state.json", _cut_to_1000_bytes),
-    ("state.json", lambda path: path.write_bytes(b'{"version": 2, "packages": []}')),
+    ("state.json", lambda path: path.write_text(f'{{"version": {STATE_VERSION}, "packages": []}}')),
 ], ids=["repodata-cut", "repodata-emptied", "zst-cut", "shard-index-zeros",
         "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
 def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
