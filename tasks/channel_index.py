@@ -8,9 +8,14 @@ at 20,000 packages), and writes into the directory clients are reading. So here:
 - validation: every new or changed package is read in full first (index.json, about.json,
   every compressed member); an unreadable one is left out and named in the error, and the
   rest of the channel is still indexed and served;
+- a package whose index.json names another subdir than the folder it is in is refused
+  the same way (it would land in the wrong repodata);
 - only the package names a change touches go to rattler, in a fresh folder of hard links
-  (so a package rebuilt under the same file name is read again); their records and shards
+  (so a package replaced under the same file name is read again); their records and shards
   replace the old ones in a staged copy of the index under ``<state_dir>/index/``;
+- nothing is lost: every state file is written atomically and synced; a staged index that
+  cannot be read, or that does not hold exactly the packages the state says it does, is
+  rebuilt from the subdir's packages; a run ends with every readable package indexed;
 - repodata.json.zst is compressed at a fast level;
 - atomic publication: new shards first, then the shard index and the repodata files, each
   replaced by rename, so a client never reads a partial file or a dangling shard;
@@ -27,21 +32,25 @@ import datetime as dt
 import hashlib
 import html
 import os
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 
 from .errors import HubworksError, reports_errors
-from .fsutil import atomic_copy, atomic_write_bytes, exclusive_lock, is_package, read_json
+from .fsutil import (atomic_copy, atomic_write_bytes, exclusive_lock, fsync_dir, is_package,
+                     move_synced, read_json, sha256_file)
 from .settings import Settings
 from .workspace import RUN, current_settings
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: packages in the wrong folder are refused; read every package again
 VALIDATION_CONCURRENCY = 8
 ZST_LEVEL = 3  # 1.3 MB in 0.03 s for 20,000 packages; level 19 saves 20% in 5 s
+SHARD_INDEX = "repodata_shards.msgpack.zst"
 
 Listing = dict[str, dict[str, list[int]]]  # subdir -> file name -> [size, mtime_ns]
 
@@ -66,6 +75,17 @@ def channel_listing(channel_dir: Path) -> Listing:
     return listing
 
 
+def is_subdir_name(name: str) -> bool:
+    """noarch or <os>-<arch>: the folders conda clients ask for, and rattler indexes."""
+    from rattler import Subdir
+
+    try:
+        Subdir(name)
+    except Exception:  # rattler's ParseSubdirError
+        return False
+    return True
+
+
 def listing_signature(listing: Listing) -> str:
     return hashlib.sha256(orjson.dumps(listing, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -74,15 +94,30 @@ def state_path(settings: Settings) -> Path:
     return settings.state("index", "state.json")
 
 
+def read_state(path: Path) -> dict:
+    """The index state, or {} (index everything again) when it is missing or unreadable."""
+    state = read_json(path, {})
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        return {}
+    packages, shards = state.get("packages"), state.get("shards", {})
+    entry_keys = {"size", "mtime_ns", "meta", "error"}
+    if not isinstance(packages, dict) or not isinstance(shards, dict) or not all(
+            isinstance(entry, dict) and entry_keys <= entry.keys()
+            and isinstance(entry["meta"], dict) for entry in packages.values()):
+        return {}
+    return state
+
+
 def channel_is_indexed(settings: Settings) -> bool:
     """True when nothing in the channel changed since the last successful index."""
-    state = read_json(state_path(settings), {})
-    if state.get("version") != STATE_VERSION:
+    state = read_state(state_path(settings))
+    if not state:
         return False
     listing = channel_listing(settings.channel_dir)
     if state.get("signature") != listing_signature(listing):
         return False
-    return all((settings.channel_dir / subdir / "repodata.json").is_file() for subdir in listing)
+    return all((settings.channel_dir / subdir / "repodata.json").is_file()
+               for subdir in listing if is_subdir_name(subdir))
 
 
 # ---------------------------------------------------------------- validation
@@ -97,11 +132,23 @@ class PackageCheck:
     error: str = ""
 
 
+class RefusedPackage(Exception):
+    """A readable package that must not be indexed where it is."""
+
+
 async def _read_package(path: Path) -> dict:
     from rattler.package_streaming import PackageArchive
 
+    folder = path.parent.name
+    if not is_subdir_name(folder):
+        raise RefusedPackage(f"the folder '{folder}' is not a subdir of a conda channel "
+                             f"(noarch or <os>-<arch>, such as linux-64)")
     archive = await PackageArchive.from_path(path)
     index = await archive.index_json()
+    if index.subdir and index.subdir != folder:
+        raise RefusedPackage(
+            f"its index.json says subdir '{index.subdir}' but it is in the folder '{folder}' "
+            f"(clients of '{folder}' could not install it)")
     about = await archive.about_json()
     # Streams every member of the payload: truncation or corruption anywhere shows here.
     await archive.list_files("pkg")
@@ -183,32 +230,83 @@ def _merge_shard_index(full: bytes | None, fresh: bytes, names: set[str]) -> byt
     return _zstd(msgpack.packb(index))
 
 
-def _update_subdir(fresh: Path, staged: Path, names: set[str]) -> None:
-    """Fold rattler's output for ``names`` (in ``fresh``) into the staged subdir."""
-    staged.mkdir(parents=True, exist_ok=True)
-    old = read_json(staged / "repodata.json")
-    repodata = _merge_repodata(old, read_json(fresh / "repodata.json"), names)
-    data = orjson.dumps(repodata)
-    (staged / "repodata.json").write_bytes(data)
-    (staged / "repodata.json.zst").write_bytes(_zstd(data))
+@dataclass
+class StagedIndex:
+    """One subdir's staged index, read back whole: repodata, its .zst and the shard index."""
 
-    shard_index = staged / "repodata_shards.msgpack.zst"
-    old_index = shard_index.read_bytes() if shard_index.is_file() else None
-    shard_index.write_bytes(_merge_shard_index(
-        old_index, (fresh / "repodata_shards.msgpack.zst").read_bytes(), names))
-    (staged / "shards").mkdir(exist_ok=True)
-    for shard in (fresh / "shards").glob("*.msgpack.zst"):
-        os.replace(shard, staged / "shards" / shard.name)
+    repodata: dict
+    shard_index_bytes: bytes
+
+    @property
+    def files(self) -> set[str]:
+        return set(self.repodata.get("packages", {})) | set(self.repodata.get("packages.conda", {}))
 
 
-def _live_shards(staged: Path) -> set[str]:
+def _shard_names(shard_index_bytes: bytes) -> dict[str, str]:
+    """Package name -> shard file name, from a shard index."""
     import msgpack
 
-    index_file = staged / "repodata_shards.msgpack.zst"
-    if not index_file.is_file():
+    index = msgpack.unpackb(_unzstd(shard_index_bytes))
+    return {name: f"{bytes(digest).hex()}.msgpack.zst" for name, digest in index["shards"].items()}
+
+
+def _read_staged(staged: Path, expected_files: set[str], published: Path) -> StagedIndex | None:
+    """The staged index of a subdir, or None when any part of it cannot be read or it does
+    not hold exactly ``expected_files``: then the subdir is indexed again from its packages.
+
+    Shards not yet served are checked against their content address before they can be.
+    """
+    import msgpack
+    import zstandard
+
+    try:
+        data = (staged / "repodata.json").read_bytes()
+        repodata = orjson.loads(data)
+        # Decompressed in one piece: a truncated frame raises instead of yielding a part.
+        if zstandard.ZstdDecompressor().decompress(
+                (staged / "repodata.json.zst").read_bytes()) != data:
+            return None
+        shard_index = (staged / SHARD_INDEX).read_bytes()
+        shards = _shard_names(shard_index)
+        staged_index = StagedIndex(repodata, shard_index)
+        records = {**repodata.get("packages", {}), **repodata.get("packages.conda", {})}
+        names = {record["name"] for record in records.values()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, zstandard.ZstdError,
+            msgpack.UnpackException):
+        return None
+    if staged_index.files != expected_files or set(shards) != names:
+        return None
+    present, served = _folder_names(staged / "shards"), _folder_names(published / "shards")
+    for shard in set(shards.values()) - served:
+        if shard not in present or f"{sha256_file(staged / 'shards' / shard)}.msgpack.zst" != shard:
+            return None
+    return None if not set(shards.values()) <= present else staged_index
+
+
+def _folder_names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except FileNotFoundError:
         return set()
-    index = msgpack.unpackb(_unzstd(index_file.read_bytes()))
-    return {f"{bytes(h).hex()}.msgpack.zst" for h in index["shards"].values()}
+
+
+def _update_subdir(fresh: Path, staged: Path, names: set[str], old: StagedIndex | None
+                   ) -> StagedIndex:
+    """Fold rattler's output for ``names`` (in ``fresh``) into the staged subdir: shards
+    first, then the shard index and the repodata, each replaced atomically and synced."""
+    staged.mkdir(parents=True, exist_ok=True)
+    (staged / "shards").mkdir(exist_ok=True)
+    for shard in (fresh / "shards").glob("*.msgpack.zst"):
+        move_synced(shard, staged / "shards" / shard.name)
+    shard_index = _merge_shard_index(old and old.shard_index_bytes,
+                                     (fresh / SHARD_INDEX).read_bytes(), names)
+    atomic_write_bytes(staged / SHARD_INDEX, shard_index)
+    repodata = _merge_repodata(old and old.repodata,
+                               orjson.loads((fresh / "repodata.json").read_bytes()), names)
+    data = orjson.dumps(repodata)
+    atomic_write_bytes(staged / "repodata.json.zst", _zstd(data))
+    atomic_write_bytes(staged / "repodata.json", data)
+    return StagedIndex(repodata, shard_index)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -223,7 +321,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 def _publish_subdir(staged: Path, published: Path, previous_shards: set[str]) -> set[str]:
     """Copy staged index files into the served subdir; return the shard names now live."""
     published.mkdir(parents=True, exist_ok=True)
-    live = _live_shards(staged)
+    live = set(_shard_names((staged / SHARD_INDEX).read_bytes()).values())
     if live:
         (published / "shards").mkdir(exist_ok=True)
     for name in sorted(live):  # content-addressed: a present one is already right
@@ -231,13 +329,16 @@ def _publish_subdir(staged: Path, published: Path, previous_shards: set[str]) ->
             atomic_copy(staged / "shards" / name, published / "shards" / name)
     # The shard index and repodata.json last: whatever a client reads first only names
     # files that already exist.
-    for name in ("repodata_shards.msgpack.zst", "repodata.json.zst", "repodata.json"):
+    for name in (SHARD_INDEX, "repodata.json.zst", "repodata.json"):
         source = staged / name
         if source.is_file() and not _same_bytes(source, published / name):
             atomic_copy(source, published / name)
     _prune(staged / "shards", keep=live)
     # Served shards of the previous generation stay for clients that are mid-fetch.
     _prune(published / "shards", keep=live | previous_shards)
+    for folder in (published / "shards", published, staged / "shards", staged):
+        if folder.is_dir():
+            fsync_dir(folder)
     return live
 
 
@@ -262,12 +363,19 @@ def _name(entry: dict | None) -> str | None:
     return entry["meta"].get("name") if entry and not entry.get("error") else None
 
 
+def _good_files(entries: dict[str, dict], subdir: str) -> set[str]:
+    """File names of the readable packages of ``subdir`` among ``entries`` (key: subdir/file)."""
+    return {key.split("/", 1)[1] for key, entry in entries.items()
+            if key.split("/", 1)[0] == subdir and _name(entry)}
+
+
 def index_channel(settings: Settings) -> IndexReport:
     """Bring every subdir's repodata and the index page in line with the channel's files.
 
     Only the package names touched by a change are handed to rattler (in a fresh folder of
-    hard links, so a same-name rebuild is read again); their records and shards replace the
-    old ones in the staged index, which is then published.
+    hard links, so a same-name replacement is read again); their records and shards replace
+    the old ones in the staged index, which is then published. A subdir whose staged index
+    cannot be trusted is indexed whole.
     """
     from rattler.index import index_fs
 
@@ -277,9 +385,10 @@ def index_channel(settings: Settings) -> IndexReport:
     with exclusive_lock(settings.state("index", "lock"), "the channel index"):
         (channel_dir / "noarch").mkdir(parents=True, exist_ok=True)
         listing = channel_listing(channel_dir)
-        state = read_json(state_path(settings), {})
-        if state.get("version") != STATE_VERSION:
-            state = {}
+        # Packages in other folders are refused one by one; only subdirs are indexed.
+        subdirs = [subdir for subdir in listing if is_subdir_name(subdir)]
+        state = read_state(state_path(settings))
+        if not state:
             shutil.rmtree(staging, ignore_errors=True)
         known: dict[str, dict] = state.get("packages", {})
         report = IndexReport()
@@ -303,7 +412,8 @@ def index_channel(settings: Settings) -> IndexReport:
                 "error": check.error}
 
         # Package names whose records change, per subdir: new, changed, removed, gone bad.
-        touched: dict[str, set[str]] = {}
+        # Without a state every subdir is indexed whole.
+        touched: dict[str, set[str]] = {} if state else {subdir: set() for subdir in subdirs}
         for key in set(current) | set(known):
             if known.get(key) is current.get(key):
                 continue
@@ -311,10 +421,22 @@ def index_channel(settings: Settings) -> IndexReport:
             for name in (_name(known.get(key)), _name(current.get(key))):
                 if name:
                     touched.setdefault(subdir, set()).add(name)
-        for subdir in listing:  # a subdir never indexed gets everything it has
-            if not (staging / subdir / "repodata.json").is_file():
-                names = (_name(current[f"{subdir}/{f}"]) for f in listing[subdir])
-                touched.setdefault(subdir, set()).update(n for n in names if n)
+
+        # The staged index of every subdir about to be published must hold exactly what the
+        # state says; one that is missing, unreadable or different is rebuilt from the
+        # packages on disk (never read as empty, which would drop the rest).
+        staged_before: dict[str, StagedIndex] = {}
+        for subdir in subdirs:
+            if subdir not in touched and (channel_dir / subdir / "repodata.json").is_file():
+                continue
+            staged = _read_staged(staging / subdir, _good_files(known, subdir),
+                                  channel_dir / subdir)
+            if staged is None:
+                shutil.rmtree(staging / subdir, ignore_errors=True)
+                touched.setdefault(subdir, set()).update(
+                    _name(current[f"{subdir}/{f}"]) for f in _good_files(current, subdir))
+            else:
+                staged_before[subdir] = staged
 
         if touched:
             shutil.rmtree(work, ignore_errors=True)
@@ -326,14 +448,20 @@ def index_channel(settings: Settings) -> IndexReport:
                         _link(channel_dir / subdir / filename, work / subdir / filename)
             asyncio.run(index_fs(work, write_zst=False, write_shards=True))
             for subdir, names in touched.items():
-                _update_subdir(work / subdir, staging / subdir, names)
+                staged = _update_subdir(work / subdir, staging / subdir, names,
+                                        staged_before.get(subdir))
+                # Every readable package ends up indexed, or is named as not indexed.
+                for filename in _good_files(current, subdir) - staged.files:
+                    current[f"{subdir}/{filename}"] = dict(
+                        current[f"{subdir}/{filename}"],
+                        error="rattler's indexer left it out of the repodata")
             shutil.rmtree(work, ignore_errors=True)
         for stale in staging.iterdir() if staging.is_dir() else ():
-            if stale.is_dir() and stale.name not in listing:
+            if stale.is_dir() and stale.name not in subdirs:
                 shutil.rmtree(stale)
 
         shards = state.get("shards", {})
-        for subdir in listing:
+        for subdir in subdirs:
             published = channel_dir / subdir / "repodata.json"
             if subdir in touched or not published.is_file():
                 shards[subdir] = sorted(_publish_subdir(
@@ -343,17 +471,22 @@ def index_channel(settings: Settings) -> IndexReport:
         if touched or set(report.bad) != bad_before or not (channel_dir / "index.html").exists():
             write_index_page(channel_dir, current)
         report.packages = len(current) - len(report.bad)
+        # Last, once the index it describes is on disk: the state says what is indexed.
         atomic_write_bytes(state_path(settings), orjson.dumps({
             "version": STATE_VERSION,
             # A channel with unreadable files is never recorded as indexed: the error repeats.
             "signature": listing_signature(listing) if not report.bad else "",
             "packages": current,
-            "shards": {k: v for k, v in shards.items() if k in listing},
+            "shards": {k: v for k, v in shards.items() if k in subdirs},
         }))
     return report
 
 
 # ---------------------------------------------------------------- the index page
+
+_HTML_SPECIAL = re.compile(r"[&<>\"']")
+_URL_PLAIN = re.compile(r"[A-Za-z0-9._~/-]*")
+
 
 def _human_size(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -373,19 +506,28 @@ def write_index_page(channel_dir: Path, packages: dict[str, dict]) -> None:
         key=lambda item: item[:2], reverse=True)
     good = sorted(((key, e) for _, _, key, e in newest_first),
                   key=lambda item: item[1]["meta"]["name"])  # stable: keeps version order
-    escape = html.escape
-    # Names, versions, builds and so file names are limited to [A-Za-z0-9._+!-] by conda;
-    # only the summary needs escaping.
-    rows = [f'<tr><td>{m["name"]}</td><td>{m["version"]}</td><td>{m["build"]}</td>'
-            f'<td>{subdir}</td><td class="n">{_human_size(entry["size"])}</td>'
-            f'<td>{m.get("date", "")}</td><td>{escape(m.get("summary", ""))}</td>'
-            f'<td><a href="{key}">{filename}</a></td></tr>'
-            for key, entry in good for m in (entry["meta"],)
-            for subdir, _, filename in (key.partition("/"),)]
+    # Every value is escaped and every link percent-encoded: file names, folder names and
+    # everything in a package's metadata come from whoever put the file in the channel.
+    def escape(value: str) -> str:  # most values need nothing: skip the work for them
+        return html.escape(value) if _HTML_SPECIAL.search(value) else value
+
+    def link(path: str, text: str) -> str:
+        href = path if _URL_PLAIN.fullmatch(path) else html.escape(quote(path))
+        return f'<a href="{href}">{escape(text)}</a>'
+
+    rows = []
+    for key, entry in good:
+        meta, (subdir, filename) = entry["meta"], key.split("/", 1)
+        cells = "".join(f"<td>{escape(value)}</td>" for value in (
+            meta["name"], meta["version"], meta["build"], subdir))
+        cells += f'<td class="n">{_human_size(entry["size"])}</td>'
+        cells += "".join(f"<td>{escape(value)}</td>" for value in (
+            meta.get("date", ""), meta.get("summary", "")))
+        rows.append(f"<tr>{cells}<td>{link(key, filename)}</td></tr>")
     bad = [f"<li><code>{escape(k)}</code>: {escape(e['error'])}</li>"
            for k, e in sorted(packages.items()) if e.get("error")]
-    subdirs = sorted({key.split("/", 1)[0] for key in packages} | {"noarch"})
-    links = " ".join(f'<a href="{s}/repodata.json">{s}</a>' for s in subdirs)
+    subdirs = sorted({key.split("/", 1)[0] for key, _ in good} | {"noarch"})
+    links = " ".join(link(f"{s}/repodata.json", s) for s in subdirs)
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>conda channel</title>
@@ -396,7 +538,7 @@ tr:nth-child(even) {{ background: #f3f3f3; }} td.n {{ text-align: right; }}
 </style></head><body>
 <h1>conda channel</h1>
 <p>{len(good)} packages. Repodata: {links}. Indexed {generated}.</p>
-{"<h2>Not indexed (unreadable files)</h2><ul>" + "".join(bad) + "</ul>" if bad else ""}
+{"<h2>Not indexed (unreadable or misplaced files)</h2><ul>" + "".join(bad) + "</ul>" if bad else ""}
 <table>
 <tr><th>Package</th><th>Version</th><th>Build</th><th>Subdir</th><th>Size</th><th>Date</th>\
 <th>Summary</th><th>File</th></tr>
@@ -428,12 +570,14 @@ def index_and_report(settings: Settings) -> IndexReport:
         lines = "\n".join(f"    {settings.channel_dir / key}: {error}"
                           for key, error in sorted(report.bad.items()))
         problem = HubworksError(
-            f"{len(report.bad)} package file(s) in the channel are unreadable and were left "
-            f"out of the index (the other {report.packages} are indexed and served):\n{lines}",
-            fix="delete each file named, or rebuild the recipe that makes it "
+            f"{len(report.bad)} package file(s) in the channel are unreadable or misplaced and "
+            f"were left out of the index (the other {report.packages} are indexed and served):"
+            f"\n{lines}",
+            fix="move a misplaced file to the folder its index.json names; delete any other "
+                "file named, or rebuild the recipe that makes it "
                 "(doit forget build_recipes:<recipe>; doit build_recipes)")
         print(f"   left out of the index: {problem.message}")
-    RUN.note_problem("channel index: unreadable files", problem)
+    RUN.note_problem("channel index: unreadable or misplaced files", problem)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -51,6 +52,60 @@ def atomic_copy(source: Path, target: Path, mode: int = 0o644) -> None:
             shutil.copyfileobj(src, handle, 1 << 20)
 
     _replace_atomically(target, copy, mode)
+
+
+def move_synced(source: Path, target: Path) -> None:
+    """Rename the finished file ``source`` over ``target`` (one filesystem), its data on disk
+    first: after a crash ``target`` is the old file or the whole new one, never a stub."""
+    _fsync_file(source)
+    os.replace(source, target)
+
+
+def publish_new_file(source: Path, target: Path, mode: int = 0o644) -> None:
+    """Move the finished file ``source`` to ``target`` in one step, never replacing a file
+    already there (FileExistsError, and ``source`` is left where it was).
+
+    A hard link both appears at once and refuses an existing name; across filesystems the
+    file is first copied (and synced) next to ``target``, then linked into place.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(source, mode)
+    _fsync_file(source)
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                       dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle, source.open("rb") as src:
+                    shutil.copyfileobj(src, handle, 1 << 20)
+                publish_new_file(Path(tmp), target, mode)
+            finally:
+                _unlink_quietly(tmp)
+        elif exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            # A filesystem without hard links: a rename after the check (callers hold a lock).
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, "File exists", str(target)) from None
+            os.rename(source, target)
+        else:
+            raise
+    _unlink_quietly(source)
+    fsync_dir(target.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames done in ``folder`` durable (before a later file relies on them)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: str | Path) -> None:

@@ -12,9 +12,10 @@ JSON to ``--result``. Exit status 1 means the recipe failed; the last lines say 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from .fsutil import atomic_write_json
 
 
 class LogPrinter:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # rattler-build raises its own exception family
         print(f"error: {type(exc).__name__}: {exc}", flush=True)
         return 1
-    args.result.write_text(json.dumps(packages, indent=1))
+    atomic_write_json(args.result, packages)  # a run cut short leaves no half a list
     return 0
 
 

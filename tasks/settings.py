@@ -70,6 +70,10 @@ SETTINGS: list[Setting] = [
             "Command that builds legacy meta.yaml recipes; empty: conda-build or "
             "'conda build' from PATH."),
     Setting("recipes", "log_tail", 30, "Lines of a failed build's log printed with the error."),
+    Setting("recipes", "republish", "bump",
+            "A rebuild whose package is already published with other contents (published "
+            "files never change): bump (build it as the next free build number, and say so) "
+            "or error."),
     # channel
     Setting("channel", "dir", "channel", "The conda channel: build output, indexed and served.",
             kind="path"),

@@ -12,8 +12,14 @@ import signal
 import subprocess
 import sys
 import threading
+from html.parser import HTMLParser
+from urllib.parse import unquote
 
-from tasks.channel_index import index_channel
+import msgpack
+import pytest
+import zstandard
+
+from tasks.channel_index import STATE_VERSION, index_channel
 from tasks.settings import load_settings
 from tests.conftest import DODO
 
@@ -21,6 +27,15 @@ from tests.conftest import DODO
 def repodata(ws, subdir: str = "noarch") -> dict:
     data = json.loads((ws.channel / subdir / "repodata.json").read_text())
     return {**data.get("packages", {}), **data.get("packages.conda", {})}
+
+
+def sharded_names(ws, subdir: str = "noarch") -> set[str]:
+    """Package names in the served shard index, each with its shard file present."""
+    compressed = (ws.channel / subdir / "repodata_shards.msgpack.zst").read_bytes()
+    index = msgpack.unpackb(zstandard.ZstdDecompressor().decompressobj().decompress(compressed))
+    for digest in index["shards"].values():
+        assert (ws.channel / subdir / "shards" / f"{bytes(digest).hex()}.msgpack.zst").is_file()
+    return set(index["shards"])
 
 
 def sha256(path) -> str:
@@ -67,13 +82,17 @@ def test_index_is_incremental(workspace):
     assert sorted(repodata(ws)) == ["by-hand-1.0-0.conda", two]
 
 
-def test_same_file_name_rebuild_gets_new_metadata(workspace):
+def test_a_file_replaced_under_the_same_name_gets_new_metadata(workspace):
     ws = workspace
     ws.add_recipe("tool")
     ws.doit("build_recipes", "index_channel")
     [(filename, old)] = repodata(ws).items()
+    # Builds never replace a published file; a person copying one over it can.
     ws.add_recipe("tool", script=["echo more > $PREFIX/share/tool/more.txt"])
-    ws.doit("build_recipes", "index_channel")
+    ws.doit("build_recipes")
+    [rebuilt] = [name for name in ws.packages() if name != filename]
+    (ws.channel / "noarch" / rebuilt).replace(ws.channel / "noarch" / filename)
+    index_channel(load_settings(ws.root))  # the index alone: a build would make it again
     [(same_name, new)] = repodata(ws).items()
     assert same_name == filename
     assert new["sha256"] != old["sha256"]
@@ -99,7 +118,7 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     problem = run.output[run.output.index("problem: "):]
     assert str(truncated) in problem and str(garbage) in problem
     assert "the other 2 are indexed and served" in problem
-    assert "fix: delete each file named" in problem
+    assert "delete any other file named" in problem
     assert "hubworks: 1 ran, 1 problem" in run.output
     assert {r["name"] for r in repodata(ws).values()} == {"good", "other"}
     assert "truncated-1.0-0.conda" in (ws.channel / "index.html").read_text()  # listed as bad
@@ -171,3 +190,133 @@ def test_ctrl_c_during_index_channel_says_what_is_left_and_exits_130(workspace):
         "previous index or the new one; the next run indexes again)" in output
     assert (noarch / "repodata.json").read_bytes() == before
     assert "indexed 2 packages" in ws.doit("index_channel").output
+
+
+def _cut_to_1000_bytes(path):  # what a write cut short leaves: `head -c 1000`
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _not_msgpack(path):
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\xc1 not msgpack"))
+
+
+@pytest.mark.parametrize("state_file, damage", [
+    ("staging/noarch/repodata.json", _cut_to_1000_bytes),
+    ("staging/noarch/repodata.json", lambda path: path.write_bytes(b'{"packages": {}}')),
+    ("staging/noarch/repodata.json.zst", _cut_to_1000_bytes),
+    ("staging/noarch/repodata_shards.msgpack.zst", lambda path: path.write_bytes(b"\0" * 40)),
+    ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
+    ("state.json", _cut_to_1000_bytes),
+    ("state.json", lambda path: path.write_text(f'{{"version": {STATE_VERSION}, "packages": []}}')),
+], ids=["repodata-cut", "repodata-emptied", "zst-cut", "shard-index-zeros",
+        "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
+def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
+    ws = workspace
+    names = {f"pkg{n}" for n in range(6)}
+    for name in names:
+        ws.add_recipe(name)
+    ws.doit("build_recipes")
+    target = ws.state / "index" / state_file
+    assert target.stat().st_size > 1000 or not state_file.endswith(".json")
+    damage(target)
+
+    ws.add_recipe("late")
+    run = ws.doit("build_recipes")
+    assert "indexed 7 packages" in run.output
+    assert {r["name"] for r in repodata(ws).values()} == names | {"late"}
+    assert sharded_names(ws) == names | {"late"}
+    # The rebuilt staged index is whole again: the next change folds into it.
+    ws.add_recipe("later")
+    ws.doit("build_recipes")
+    assert {r["name"] for r in repodata(ws).values()} == names | {"late", "later"}
+    assert sharded_names(ws) == names | {"late", "later"}
+
+
+def test_a_staged_shard_that_went_missing_is_rebuilt(workspace):
+    ws = workspace
+    for name in ("one", "two"):
+        ws.add_recipe(name)
+    ws.doit("build_recipes")
+    for shard in (ws.state / "index" / "staging" / "noarch" / "shards").iterdir():
+        shard.unlink()
+    shutil.rmtree(ws.channel / "noarch" / "shards")  # and the served copies with them
+    ws.add_recipe("three")
+    ws.doit("build_recipes")
+    assert sharded_names(ws) == {"one", "two", "three"}
+
+
+def test_package_in_a_folder_its_subdir_disagrees_with_is_refused_by_name(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    built = ws.channel / "noarch" / ws.packages()[0]
+    misplaced = ws.channel / "linux-64" / built.name
+    misplaced.parent.mkdir()
+    shutil.copy(built, misplaced)
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0
+    assert f"{misplaced}: its index.json says subdir 'noarch'" in run.output
+    assert "the other 1 are indexed and served" in run.output
+    assert repodata(ws, "linux-64") == {}
+    assert sharded_names(ws, "linux-64") == set()
+    assert [r["name"] for r in repodata(ws).values()] == ["tool"]
+    assert "linux-64/" + built.name in (ws.channel / "index.html").read_text()
+
+
+class PageParts(HTMLParser):
+    """The tags, attributes, link targets and text of a page, as a browser would parse it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.attributes, self.hrefs, self.text = set(), set(), [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for name, value in attrs:
+            self.attributes.add(name)
+            if name == "href":
+                self.hrefs.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def assert_page_shows_but_does_not_run(ws, shown: list[str], links: int) -> None:
+    page = PageParts()
+    page.feed((ws.channel / "index.html").read_text())
+    assert page.tags <= {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "a",
+                         "ul", "li", "code", "table", "tr", "th", "td"}, page.tags
+    assert not [name for name in page.attributes if name.startswith("on")]
+    text = "".join(page.text)
+    for value in shown:
+        assert value in text
+    assert len(page.hrefs) == links
+    for href in page.hrefs:
+        assert re.fullmatch(r"[A-Za-z0-9%._~/-]+", href), href
+        assert (ws.channel / unquote(href)).is_file(), href
+
+
+def test_index_page_escapes_every_value_and_encodes_every_link(workspace):
+    ws = workspace
+    recipe = ws.add_recipe("evil", summary="<script>alert('summary')</script>")
+    spec = json.loads(recipe.read_text())
+    spec["build"]["string"] = "x<b onmouseover=alert(1)>&amp;_0"  # a build string, as crafted
+    recipe.write_text(json.dumps(spec))
+    ws.doit("build_recipes")
+    [built] = ws.packages()
+    assert "<b onmouseover" in built
+    hostile_file = "<img src=x onerror=alert(2)>-1.0-0.conda"
+    shutil.copy(ws.channel / "noarch" / built, ws.channel / "noarch" / hostile_file)
+    ws.doit("index_channel")
+    shown = ["<script>alert('summary')</script>", "x<b onmouseover=alert(1)>&amp;_0",
+             hostile_file]
+    assert_page_shows_but_does_not_run(ws, shown, links=2 + 1)  # packages, noarch's repodata
+
+    # A folder named by a hostile uploader: refused (not a subdir), and named harmlessly.
+    hostile_folder = ws.channel / "\"><svg onload=alert(3)>"
+    hostile_folder.mkdir()
+    shutil.copy(ws.channel / "noarch" / built, hostile_folder / "pkg-1.0-0.conda")
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0 and "is not a subdir of a conda channel" in run.output
+    assert_page_shows_but_does_not_run(ws, shown + [hostile_folder.name], links=2 + 1)

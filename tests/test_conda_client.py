@@ -64,14 +64,15 @@ def test_client_installs_and_sees_rebuilds(example_workspace, tmp_path):
         assert str(records["lab-templates"].version) == "1.3.0"
         assert new_notebook(prefix2, "list").split() == ["analysis", "memo", "report"]
 
-        # Rebuilt under the same file name: the client gets the new bytes, not its cache's.
+        # Rebuilt without a new version: published as the next build number (the file the
+        # client cached never changes), and the client gets it at once.
         tool = ws.root / "recipes" / "new-notebook" / "new-notebook.sh"
         tool.write_text(tool.read_text().replace('echo "created', 'echo "new notebook'))
         ws.doit("build_recipes")
         prefix3 = tmp_path / "env3"
         again = install(served.url, ["new-notebook"], prefix3, cache)
-        assert again["new-notebook"].file_name == records["new-notebook"].file_name
-        assert again["new-notebook"].sha256 != records["new-notebook"].sha256
+        assert again["new-notebook"].version == records["new-notebook"].version
+        assert again["new-notebook"].build_number == records["new-notebook"].build_number + 1
         assert "new notebook q4.ipynb" in new_notebook(prefix3, "memo", "q4.ipynb",
                                                        cwd=tmp_path)
     assert served.requests_served > 0

@@ -65,7 +65,7 @@ def add_images(ws: Workspace) -> None:
         folder = ws.root / "images" / image
         folder.mkdir(parents=True)
         (folder / "Dockerfile").write_text(FETCH_DOCKERFILE.format(
-            base=BUSYBOX_IMAGE, package=package, filename=f"{package}-1.0.0-h4616a5c_0.tar.bz2"))
+            base=BUSYBOX_IMAGE, package=package, version="1.0.0"))
 
 
 def image_runner(tmp_path, name: str, channel_url: str, registry: str, *,

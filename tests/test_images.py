@@ -28,10 +28,14 @@ pytestmark = pytest.mark.slow
 FETCH_DOCKERFILE = """\
 FROM {base}
 ARG CHANNEL_URL
-# Installs the internal package {package} straight from the channel (busybox has no conda).
-RUN wget -q -O /tmp/pkg.tar.bz2 "${{CHANNEL_URL}}noarch/{filename}" \\
+# Installs the newest build of the internal package {package} {version} straight from the
+# channel, as a conda client would pick it (busybox has no conda).
+RUN wget -q -O /tmp/repodata.json "${{CHANNEL_URL}}noarch/repodata.json" \\
+ && file=$(grep -o '"{package}-{version}-[^"]*_[0-9]*[.]tar[.]bz2"' /tmp/repodata.json \\
+           | tr -d '"' | sort -t _ -k 2 -n | tail -n 1) \\
+ && wget -q -O /tmp/pkg.tar.bz2 "${{CHANNEL_URL}}noarch/$file" \\
  && mkdir -p /opt/{package} && tar -xjf /tmp/pkg.tar.bz2 -C /opt/{package} \\
- && rm /tmp/pkg.tar.bz2
+ && rm /tmp/pkg.tar.bz2 /tmp/repodata.json
 """
 
 
@@ -60,11 +64,10 @@ def image_workspace(workspace, busybox_base_image):
 
 
 def add_fetching_image(ws, image: str, package: str, version: str = "1.0.0") -> None:
-    filename = f"{package}-{version}-h4616a5c_0.tar.bz2"
     folder = ws.root / "images" / image
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "Dockerfile").write_text(
-        FETCH_DOCKERFILE.format(base=ws.base, package=package, filename=filename))
+        FETCH_DOCKERFILE.format(base=ws.base, package=package, version=version))
 
 
 def record(ws, image: str) -> dict:

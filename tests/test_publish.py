@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -89,8 +90,15 @@ def test_a_published_package_is_never_overwritten(workspace, s3_store):
     key = "conda/noarch/tool-1.0.0-h4616a5c_0.conda"
     before = s3_store.client.head_object(Bucket=bucket, Key=key)["ETag"]
 
-    # Rebuilt under the same file name with other contents: the published file stays.
+    # Rebuilt with other contents: a new build number here, published beside the old one.
     ws.add_recipe("tool", script=["echo changed > $PREFIX/share/tool/changed.txt"])
+    ws.doit("publish_channel")
+    assert s3_store.client.head_object(Bucket=bucket, Key=key)["ETag"] == before
+    s3_store.client.head_object(Bucket=bucket, Key=key.replace("_0.conda", "_1.conda"))
+
+    # A file replaced by hand under a published name: the target keeps its copy, and says so.
+    noarch = ws.channel / "noarch"
+    shutil.copy(noarch / "tool-1.0.0-h4616a5c_1.conda", noarch / "tool-1.0.0-h4616a5c_0.conda")
     run = ws.doit("publish_channel")
     assert ("kept the copies s3://office-channel/conda has of 1 package(s) rebuilt here under "
             "the same name (published packages never change; bump the recipe's build.number "

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+import rattler
+from rattler.package_streaming import PackageArchive
 
+from tasks.errors import HubworksError
+from tasks.fsutil import is_package
+from tasks.recipes import _publish, scratch_dir
+from tasks.settings import load_settings
 from tests.conftest import DODO
 
 
@@ -56,17 +67,20 @@ def test_changing_a_dependency_rebuilds_its_dependents_only(workspace):
     ws.add_recipe("app", run=["base"], host=["base"])
     ws.add_recipe("loner")
     ws.doit("build_recipes")
-    before = (ws.channel / "noarch" / package_file(ws, "app")).read_bytes()
 
     ws.add_recipe("base", script=["echo changed > $PREFIX/share/base/extra.txt"])
     run = ws.doit("build_recipes")
     assert sorted(run.executed) == ["build_recipes:app", "build_recipes:base"]
+    # app was built again against the new base; what it holds did not change, so the
+    # published file stays.
+    assert "base: 1.0.0 build 0 is already published with other contents" in run.output
+    assert f"app: {package_file(ws, 'app')} is already published with the same contents" \
+        in run.output
 
     # Touching a file in one folder without changing it rebuilds nothing (content, not mtime).
     recipe = ws.root / "recipes" / "loner" / "recipe.yaml"
     os.utime(recipe, (time.time() + 5, time.time() + 5))
     assert ws.doit("build_recipes").executed == []
-    assert (ws.channel / "noarch" / package_file(ws, "app")).read_bytes() != before
 
 
 def test_a_package_missing_from_the_channel_is_rebuilt(workspace):
@@ -193,41 +207,46 @@ def test_parallel_builds(workspace):
     assert len(ws.packages()) == 5
 
 
-def _locked(lock_file) -> bool:
-    if not lock_file.exists():
-        return False
-    with lock_file.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
+def read_until(proc, text: str, timeout: float = 120) -> str:
+    """Output of ``proc`` up to the line holding ``text`` (fails if it exits first)."""
+    seen = []
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if text in line:
+                return "".join(seen)
+    finally:
+        timer.cancel()
+    raise AssertionError(f"never printed {text!r}:\n{''.join(seen)}")
 
 
-def test_two_doit_processes_building_one_recipe_take_turns(workspace):
+def test_a_second_run_waits_for_the_lock_on_the_recipe_it_builds(workspace):
     ws = workspace
-    ws.add_recipe("slow", script=["sleep 4"])
-    command = [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root),
-               "build_recipes"]
+    ws.add_recipe("slow")
+    lock_file = scratch_dir(load_settings(ws.root), "slow") / "lock"
+    lock_file.parent.mkdir(parents=True)
+    # What a first run has in the scratch space mid-build; a second one must leave it alone.
+    mid_build = lock_file.parent / "out" / "noarch" / "half-built.conda"
+    mid_build.parent.mkdir(parents=True)
+    mid_build.write_bytes(b"the first run is still writing this")
 
-    def start():
-        return subprocess.Popen(command, env=ws.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-
-    first = start()
-    lock = ws.state / "recipes" / "slow" / "lock"
-    deadline = time.monotonic() + 60
-    while not _locked(lock):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
-        time.sleep(0.05)
-    second = start()
-    outputs = [proc.communicate(timeout=600)[0] for proc in (first, second)]
-    assert [first.returncode, second.returncode] == [0, 0], outputs
-    # The second run waited instead of wiping the first one's scratch folder mid-build.
-    assert "waiting for another run to finish with recipe 'slow'" in outputs[1]
-    package = ws.channel / "noarch" / package_file(ws, "slow")
-    assert zipfile.ZipFile(package).testzip() is None
+    with lock_file.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # this test is the first run, holding the recipe
+        second = subprocess.Popen(
+            [sys.executable, "-m", "doit", "-f", str(DODO), "-d", str(ws.root), "build_recipes"],
+            env=ws.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            read_until(second, "waiting for another run to finish with recipe 'slow'")
+            assert second.poll() is None                 # still waiting, not failed
+            assert mid_build.read_bytes() == b"the first run is still writing this"
+            assert ws.packages() == []
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output
+    assert zipfile.ZipFile(ws.channel / "noarch" / package_file(ws, "slow")).testzip() is None
 
 
 def test_dependency_cycle_is_an_error_naming_the_recipes(workspace):
@@ -273,15 +292,193 @@ def test_meta_yaml_without_conda_build_names_both_ways_out(workspace):
     assert run.executed.index("build_recipes:modern") < run.executed.index("build_recipes:legacy")
 
 
-def test_rebuilt_package_replaces_the_old_file_atomically(workspace):
+def payload(package: Path) -> list[str]:
+    async def paths():
+        archive = await PackageArchive.from_path(package)
+        return sorted(str(p.relative_path) for p in (await archive.paths_json()).paths)
+
+    return asyncio.run(paths())
+
+
+def untouched(path: Path) -> tuple:
+    stat = path.stat()
+    return path.read_bytes(), stat.st_ino, stat.st_mtime_ns
+
+
+def solved_build(ws, tmp_path, spec: str) -> int:
+    """The build number a conda client picks for ``spec`` from the indexed channel."""
+    async def solve():
+        gateway = rattler.Gateway(cache_dir=tmp_path / "client-cache")
+        return await rattler.solve([rattler.Channel(ws.channel.as_uri())], [spec],
+                                   gateway=gateway, platforms=["noarch"])
+
+    ws.doit("index_channel")
+    [record] = asyncio.run(solve())
+    return record.build_number
+
+
+def test_published_package_files_never_change(workspace, tmp_path):
     ws = workspace
     ws.add_recipe("tool")
     ws.doit("build_recipes")
-    name = package_file(ws, "tool")
+    [first] = ws.packages()
+    assert first.endswith("_0.conda")
+    published = ws.channel / "noarch" / first
+    before = untouched(published)
+
+    # Rebuilt with the same contents (a file beside the recipe changed): the file stays.
+    (ws.root / "recipes" / "tool" / "NOTES.txt").write_text("not part of the package")
+    run = ws.doit("build_recipes")
+    assert run.executed == ["build_recipes:tool"]
+    assert f"tool: {first} is already published with the same contents; kept it" in run.output
+    assert ws.packages() == [first] and untouched(published) == before
+
+    # Rebuilt with other contents: published as the next build number, the old file as it was.
     ws.add_recipe("tool", script=["echo v2 > $PREFIX/share/tool/new.txt"])
+    run = ws.doit("build_recipes")
+    assert "tool: 1.0.0 build 0 is already published with other contents; built as build 1" \
+        in run.output
+    second = first.replace("_0.conda", "_1.conda")
+    assert ws.packages() == [first, second]
+    assert untouched(published) == before
+    assert "share/tool/new.txt" in payload(ws.channel / "noarch" / second)
+    assert "share/tool/new.txt" not in payload(published)
+    record = json.loads(record_file(ws, "tool").read_text())
+    assert [p["file"] for p in record["packages"]] == [f"noarch/{second}"]
+    assert solved_build(ws, tmp_path, "tool") == 1  # clients get the new contents
+
+    # Reverted to the first contents: build 0 holds them, but clients would keep build 1.
+    ws.add_recipe("tool")
+    run = ws.doit("build_recipes")
+    assert "tool: 1.0.0 build 1 is already published, newer than this build (0); " \
+        "built as build 2" in run.output
+    third = first.replace("_0.conda", "_2.conda")
+    assert ws.packages() == [first, second, third]
+    assert "share/tool/new.txt" not in payload(ws.channel / "noarch" / third)
+    assert solved_build(ws, tmp_path / "again", "tool") == 2
+
+
+def record_file(ws, recipe: str) -> Path:
+    return scratch_dir(load_settings(ws.root), recipe) / "record.json"
+
+
+def test_republish_error_setting_names_the_recipe_the_file_and_the_fix(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
     ws.doit("build_recipes")
-    assert package_file(ws, "tool") == name  # same file name: same version and build
-    with zipfile.ZipFile(ws.channel / "noarch" / name) as archive:
-        assert any("pkg-" in n for n in archive.namelist())
-    record = json.loads((ws.state / "recipes" / "tool" / "record.json").read_text())
-    assert record["packages"][0]["file"] == f"noarch/{name}"
+    [first] = ws.packages()
+    before = untouched(ws.channel / "noarch" / first)
+    recipe = ws.add_recipe("tool", script=["echo v2 > $PREFIX/share/tool/new.txt"])
+
+    ws.env["HUBWORKS_RECIPES_REPUBLISH"] = "error"
+    run = ws.doit("build_recipes", check=False)
+    assert run.returncode != 0
+    assert "recipe 'tool' rebuilt package(s) that are already published" in run.output
+    assert f"{ws.channel / 'noarch' / first}: tool 1.0.0 build 0 is already published with " \
+           f"other contents" in run.output
+    assert f"fix: bump the version or the build number in {recipe}" in run.output
+    assert "Traceback" not in run.output
+    assert ws.packages() == [first] and untouched(ws.channel / "noarch" / first) == before
+
+    ws.env["HUBWORKS_RECIPES_REPUBLISH"] = "sometimes"
+    run = ws.doit("build_recipes", check=False)
+    assert "recipes.republish is 'sometimes' (from $HUBWORKS_RECIPES_REPUBLISH)" in run.output
+    assert "Traceback" not in run.output
+
+
+def _built_package(folder: Path, data: bytes) -> Path:
+    built = folder / "out" / "noarch" / "tool-1.0-0.conda"
+    built.parent.mkdir(parents=True)
+    built.write_bytes(data)
+    return built
+
+
+@pytest.mark.parametrize("build_elsewhere", [False, True], ids=["same-fs", "other-fs"])
+def test_publishing_never_replaces_a_file_in_the_channel(workspace, tmp_path, build_elsewhere):
+    ws = workspace
+    settings = load_settings(ws.root)
+    if build_elsewhere:  # scratch space on another filesystem than the channel
+        if not Path("/dev/shm").is_dir() or \
+                os.stat("/dev/shm").st_dev == os.stat(ws.channel).st_dev:
+            pytest.skip("needs a second filesystem")
+        scratch = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    else:
+        scratch = tmp_path / "scratch"
+    try:
+        target = ws.channel / "noarch" / "tool-1.0-0.conda"
+        record = _publish(settings, _built_package(scratch / "1", b"first build"))
+        assert target.read_bytes() == b"first build" and record["file"] == "noarch/tool-1.0-0.conda"
+        assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+
+        second = _built_package(scratch / "2", b"second build")
+        with pytest.raises(HubworksError, match="published files never change"):
+            _publish(settings, second)
+        assert target.read_bytes() == b"first build"
+        assert second.read_bytes() == b"second build"
+        assert [p.name for p in target.parent.iterdir()] == [target.name]  # no leftovers
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class FolderEvents:
+    """What the kernel reports happening to the files of one folder (Linux inotify)."""
+
+    CREATE, MOVED_TO, MODIFY, CLOSE_WRITE = 0x100, 0x80, 0x2, 0x8
+
+    def __init__(self, folder: Path):
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(os.O_NONBLOCK)
+        mask = self.CREATE | self.MOVED_TO | self.MODIFY | self.CLOSE_WRITE
+        if self._fd < 0 or self._libc.inotify_add_watch(self._fd, str(folder).encode(), mask) < 0:
+            pytest.skip("inotify is not available")
+
+    def read(self) -> dict[str, int]:
+        """File name -> every event mask seen for it, or-ed together."""
+        seen: dict[str, int] = {}
+        while True:
+            try:
+                data = os.read(self._fd, 1 << 16)
+            except BlockingIOError:
+                os.close(self._fd)
+                return seen
+            offset = 0
+            while offset < len(data):
+                _, mask, _, length = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16: offset + 16 + length].rstrip(b"\0").decode()
+                seen[name] = seen.get(name, 0) | mask
+                offset += 16 + length
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_packages_appear_in_the_channel_in_one_step(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    (ws.channel / "noarch").mkdir()
+    events = FolderEvents(ws.channel / "noarch")
+    ws.doit("build_recipes")
+    seen = events.read()
+    [package] = ws.packages()
+    # Made whole elsewhere, then linked or renamed in: never written under its own name.
+    assert seen[package] & (FolderEvents.CREATE | FolderEvents.MOVED_TO), seen
+    written = FolderEvents.MODIFY | FolderEvents.CLOSE_WRITE
+    assert not [name for name, mask in seen.items() if is_package(name) and mask & written], seen
+
+
+def test_recipe_folders_named_with_spaces_and_shell_characters_build(workspace):
+    ws = workspace
+    folders = {"my recipe": "my-recipe", "it's $HOME \"quoted\" `x` & (more); done": "odd"}
+    for folder, name in folders.items():
+        # Build scripts that use their paths unquoted, as many do.
+        ws.add_recipe(folder, name=name, script=[
+            f"cp $RECIPE_DIR/data.txt $PREFIX/share/{name}/data.txt",
+            f"cd $SRC_DIR && pwd > $PREFIX/share/{name}/built-in.txt"])
+        (ws.root / "recipes" / folder / "data.txt").write_text(f"data of {folder}\n")
+    ws.doit("build_recipes")
+    for folder, name in folders.items():
+        assert f"share/{name}/data.txt" in payload(ws.channel / "noarch" / package_file(ws, name))
+        assert (ws.state / "logs" / "recipes" / f"{folder}.log").is_file()  # readable names
+    for scratch in (ws.state / "recipes").iterdir():
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", scratch.name), scratch.name
+    assert ws.doit("build_recipes").executed == []  # and they are up to date afterwards
