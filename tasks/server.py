@@ -1,35 +1,46 @@
 """serve_channel: the conda channel over HTTP, on a thread, for as long as a task needs it.
 
-``served_channel()`` is a context manager around a standard-library ``ThreadingHTTPServer``
-that gives conda clients what ``python -m http.server`` does not: HTTP/1.1 keep-alive, a
-listen backlog of 128, ETag and Last-Modified on every 200 and 304 (rattler rejects a bare
-304), ``Cache-Control`` per file kind, HEAD, single byte ranges and ``sendfile`` downloads.
+``served_channel()`` is a context manager around a standard-library ``HTTPServer`` that gives
+conda clients what ``python -m http.server`` does not: HTTP/1.1 keep-alive, a listen backlog
+of 1024, ETag and Last-Modified on every 200 and 304 (rattler rejects a bare 304),
+``Cache-Control`` per file kind, HEAD, single byte ranges and ``sendfile`` downloads.
 It serves regular files below the channel directory and nothing else, never lists folders,
 refuses write methods, and with a token serves only ``/t/<token>/...`` (the conda token URL
 form). Leaving the ``with`` block, by success, error or Ctrl-C, closes the port.
+
+Connections cost no thread while they wait: one thread watches every open connection
+(epoll) and hands a request to a small pool of worker threads only once all of it has
+arrived, so idle keep-alive clients and clients that send slowly hold no worker. The
+``ConnectionLimits`` cap what the server holds: open connections (at the cap the one
+waiting longest is closed to make room), how long a connection may sit idle, and how
+long a request's headers may take to arrive.
 """
 
 from __future__ import annotations
 
 import errno
 import hmac
+import io
 import ipaddress
 import os
+import queue
 import re
 import secrets
+import select
 import socket
 import socketserver
 import sys
 import threading
 import time
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import BinaryIO, Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 from urllib.parse import unquote
 
 from .errors import HubworksError, reports_errors
@@ -52,6 +63,15 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]+")
 _TOKEN_IN_PATH = re.compile(r"/t/[^/\s?#'\"]+")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
 _WILDCARDS = {"", "0.0.0.0", "::"}
+# C0 and C1 control characters and DEL, written as \xNN: a request cannot forge log lines
+# or send escape sequences to the terminal of whoever reads the log.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+SMALL_BODY = 64 * 1024  # a request body up to this size is read and dropped; larger: close
+MAX_HEAD = 64 * 1024  # request line and headers
+SMALL_FILE = 64 * 1024  # files up to this size are kept in memory and sent with their headers
+_FILE_CACHE_BYTES = 64 << 20
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([^\r\n]*)")
 
 
 def content_type(name: str) -> str:
@@ -74,6 +94,11 @@ def redact(text: str) -> str:
     return _TOKEN_IN_PATH.sub("/t/<token>", text)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, safe to write as one log line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 class Refusal(Exception):
     """An answer other than the file: a status and the headers that go with it."""
 
@@ -87,7 +112,8 @@ def channel_file(root: Path, token: str | None, target: str) -> Path:
     """The regular file below ``root`` (resolved) that a request target names.
 
     Raises Refusal: 403 without the token, 404 for anything outside ``root`` or not a
-    file, 301 to add the slash a folder with an index.html needs for its relative links.
+    file, 301 to add the slash a folder with an index.html needs for its relative links
+    (the token's own root, ``/t/<token>``, included).
     """
     path = target.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
@@ -97,7 +123,9 @@ def channel_file(root: Path, token: str | None, target: str) -> Path:
         given = parts[2] if len(parts) > 2 and parts[1] == "t" else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise Refusal(403)
-        path = "/" + (parts[3] if len(parts) > 3 else "")
+        if len(parts) == 3:
+            raise Refusal(301, {"Location": path + "/"})
+        path = "/" + parts[3]
     name = unquote(path)
     if "\\" in name or "\0" in name:
         raise Refusal(404)
@@ -129,15 +157,17 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
     """(first, last) byte of a single range; None means send the whole file.
 
     Several ranges, or a range we cannot read, get the whole file (RFC 9110 allows it);
-    a range that starts past the end raises Refusal(416).
+    a range that starts past the end raises Refusal(416). A last byte past the end means
+    the end, a suffix longer than the file the whole file, however many digits they have.
     """
     match = _BYTE_RANGE.fullmatch(header.strip())
     if not match or not (match[1] or match[2]):
         return None
     if match[1]:
-        first, last = int(match[1]), int(match[2]) if match[2] else size - 1
+        first, last = _position(match[1]), _position(match[2]) if match[2] else size - 1
     else:  # the last N bytes; the last 0 bytes is no range at all
-        first, last = (size - int(match[2]) if int(match[2]) else size), size - 1
+        suffix = _position(match[2])
+        first, last = (size - suffix if suffix else size), size - 1
     if first >= size:
         raise Refusal(416, {"Content-Range": f"bytes */{size}"})
     if last < first:
@@ -145,21 +175,177 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
     return max(first, 0), min(last, size - 1)
 
 
+def _position(digits: str) -> int:
+    # More digits than any file size has is past every end; int() refuses 4,300 digits.
+    return int(digits) if len(digits) <= 18 else 1 << 62
+
+
+def request_length(data: bytes) -> int | None:
+    """Bytes of the first whole request in ``data``: its headers and, if it has one, its
+    small body. None: not all of it is here yet.
+
+    A body the server will not read (chunked, larger than SMALL_BODY, announced with
+    ``Expect: 100-continue``, or with an unclear length) is not counted: the handler
+    answers the headers, then closes the connection.
+    """
+    end = data.find(b"\r\n\r\n") + 4
+    if end == 3:
+        match = re.search(rb"\r?\n\r?\n", data)
+        if match is None:
+            return None
+        end = match.end()
+    head = data[:end].lower()
+    if b"\ncontent-length" not in head:
+        return end
+    lengths = _CONTENT_LENGTH.findall(head)
+    if (len(lengths) != 1 or b"\ntransfer-encoding" in head or b"\nexpect" in head
+            or not lengths[0].strip().isdigit() or len(lengths[0]) > 12):
+        return end
+    length = int(lengths[0])
+    if length > SMALL_BODY:
+        return end
+    return end + length if len(data) >= end + length else None
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one channel server holds for its clients, and for how long."""
+
+    max_connections: int = 1000  # open at once; at the cap the longest-waiting one is closed
+    idle_seconds: float = 30.0  # a keep-alive connection with no request in that time closes
+    header_seconds: float = 10.0  # from a request's first byte to its last header (slowloris)
+    send_seconds: float = 60.0  # a client that takes no bytes of its answer in that time
+    workers: int = 32  # threads answering requests (a waiting connection holds none)
+
+
+def open_file_budget() -> int:
+    """Open files this process may hold, after raising its soft limit to the hard one."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: assume the common default
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return hard
+    with suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the answer for one version of a file needs: validators, type, and for a small
+    file its bytes. ``version`` is (device, inode, size, mtime): a new version, a new entry."""
+
+    version: tuple[int, int, int, int]
+    etag: str
+    mtime: float
+    header_lines: str  # ETag, Last-Modified, Cache-Control, Content-Type, Accept-Ranges
+    validator_lines: str  # ETag, Last-Modified, Cache-Control: what a 304 carries
+    content: bytes | None
+
+    @classmethod
+    def of(cls, path: Path, stat: os.stat_result, content: bytes | None) -> FileFacts:
+        etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        validators = (f"ETag: {etag}\r\n"
+                      f"Last-Modified: {formatdate(stat.st_mtime, usegmt=True)}\r\n"
+                      f"Cache-Control: {cache_control(path)}\r\n")
+        return cls(version=_version(stat), etag=etag, mtime=stat.st_mtime,
+                   header_lines=(f"{validators}Content-Type: {content_type(path.name)}\r\n"
+                                 "Accept-Ranges: bytes\r\n"),
+                   validator_lines=validators, content=content)
+
+    @property
+    def size(self) -> int:
+        return self.version[2]
+
+    @property
+    def last_modified(self) -> str:
+        return formatdate(self.mtime, usegmt=True)
+
+
+def _version(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class FileCache:
+    """FileFacts by path, valid while the file's (device, inode, size, mtime) stays the same:
+    a stat per request instead of an open, a read and date formatting."""
+
+    def __init__(self, budget: int = _FILE_CACHE_BYTES):
+        self.facts: dict[Path, FileFacts] = {}
+        self.budget, self.held = budget, 0
+        self.lock = threading.Lock()
+
+    def lookup(self, path: Path) -> FileFacts:
+        """The facts of the file as it is now (OSError if it is gone)."""
+        version = _version(os.stat(path))
+        known = self.facts.get(path)
+        if known is not None and known.version == version:
+            return known
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())  # the facts describe the bytes read, mid-reindex too
+            content = file.read(SMALL_FILE + 1) if stat.st_size <= SMALL_FILE else None
+        if content is not None and len(content) != stat.st_size:
+            content = None  # it changed while being read: serve it from disk this time
+        facts = FileFacts.of(path, stat, content)
+        with self.lock:
+            if self.held > self.budget or len(self.facts) > 100_000:
+                self.facts.clear()  # a crude bound; a channel's hot files come back quickly
+                self.held = 0
+            self.facts[path] = facts
+            self.held += len(content or b"") + 256
+        return facts
+
+
+class SocketWriter:
+    """``wfile`` for a handler: every write goes out whole (sendall), nothing is buffered."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class ChannelRequestHandler(BaseHTTPRequestHandler):
-    """GET and HEAD of channel files; write methods refused with 405."""
+    """GET and HEAD of channel files; write methods refused with 405.
+
+    One handler answers one request. The server reads the whole request before a worker
+    thread runs the handler, so ``rfile`` is that request in memory: nothing here waits
+    for a client's bytes, only for the client to take the answer.
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per host
     server_version = "hubworks-channel"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes
-    timeout = 60  # an idle keep-alive connection gives its thread back
     server: ChannelServer
+    request: Client
 
-    def handle_one_request(self) -> None:
+    def setup(self) -> None:
+        self.connection = self.request.sock
+        self.rfile = io.BytesIO(self.request.take_request())
+        self.wfile = SocketWriter(self.connection)
+
+    def handle(self) -> None:
+        self.close_connection = True
         self.command, self.path, self.status, self.sent = None, "", None, 0
         started = time.perf_counter()
-        super().handle_one_request()
+        self.handle_one_request()
         if self.status is not None:
             self.server.record(self, time.perf_counter() - started)
+
+    def finish(self) -> None:
+        pass  # the connection outlives the handler: the server closes it or waits for more
+
+    def handle_expect_100(self) -> bool:
+        return True  # no 100 Continue: the body is never read, and the connection closes
 
     def do_GET(self) -> None:
         self.answer(with_body=True)
@@ -168,59 +354,78 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         self.answer(with_body=False)
 
     def do_POST(self) -> None:
-        # The unread request body would garble the next request on this connection.
-        self.close_connection = True
-        self.send_status(405, {"Allow": READ_METHODS, "Connection": "close"})
+        self.drop_body()
+        self.send_status(405, {"Allow": READ_METHODS})
 
     do_PUT = do_DELETE = do_PATCH = do_POST
 
+    def drop_body(self) -> None:
+        """Drop the request's body: the server read it if small; if not (large, chunked),
+        the connection closes after the answer, so the body is never taken for a request."""
+        body = len(self.rfile.read())
+        declared = self.headers.get("Content-Length", "0").strip()
+        if "Transfer-Encoding" in self.headers or declared != str(body):
+            self.close_connection = True
+            self.request.unread_body = True
+
     def answer(self, with_body: bool) -> None:
+        self.drop_body()
         try:
             path = channel_file(self.server.root, self.server.token, self.path)
-            with path.open("rb") as file:
-                self.send_file(file, path, with_body)
+            self.send_file(path, with_body)
         except Refusal as refusal:
             self.send_status(refusal.status, refusal.headers, with_body)
         except OSError as exc:
-            if self.status is not None:  # the client went away mid-body
+            if self.status is not None:  # the client went away mid-answer
                 self.close_connection = True
                 return
             self.log_error("cannot read %s: %s", self.path, exc)
             self.send_status(404, with_body=with_body)
 
-    def send_file(self, file: BinaryIO, path: Path, with_body: bool) -> None:
-        # fstat of the open file: the validators describe the bytes we send, even mid-reindex
-        stat = os.fstat(file.fileno())
-        size = stat.st_size
-        validators = {
-            "ETag": f'"{size:x}-{stat.st_mtime_ns:x}"',
-            "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
-            "Cache-Control": cache_control(path),
-        }
-        if self.is_fresh(validators["ETag"], stat.st_mtime):
-            # No Content-Length: some clients (wrk's parser) would wait for that many bytes.
-            self.send_head(304, validators, length=None)
+    def send_file(self, path: Path, with_body: bool) -> None:
+        facts = self.server.files.lookup(path)
+        if facts.content is not None:
+            self.send_facts(facts, facts.content, with_body)
             return
-        headers = {**validators, "Content-Type": content_type(path.name),
-                   "Accept-Ranges": "bytes"}
-        wanted = self.headers.get("Range")
-        span = byte_range(wanted, size) if wanted and self.range_applies(validators) else None
-        if span is None:
-            first, count = 0, size
-            self.send_head(200, headers, size)
-        else:
-            first, count = span[0], span[1] - span[0] + 1
-            headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
-            self.send_head(206, headers, count)
-        if with_body and count:
-            self.send_bytes(file, first, count)
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())  # the validators describe the bytes we send
+            if _version(stat) != facts.version:
+                facts = FileFacts.of(path, stat, None)
+            self.send_facts(facts, file, with_body)
 
-    def is_fresh(self, etag: str, mtime: float) -> bool:
+    def send_facts(self, facts: FileFacts, content: bytes | io.BufferedReader,
+                   with_body: bool) -> None:
+        if self.is_fresh(facts):
+            # No Content-Length: some clients (wrk's parser) would wait for that many bytes.
+            self.send_head(304, facts.validator_lines)
+            return
+        size, first, count = facts.size, 0, facts.size
+        lines = facts.header_lines
+        wanted = self.headers.get("Range")
+        span = byte_range(wanted, size) if wanted and self.range_applies(facts) else None
+        if span is not None:
+            first, count = span[0], span[1] - span[0] + 1
+            lines += f"Content-Range: bytes {span[0]}-{span[1]}/{size}\r\n"
+        status = 200 if span is None else 206
+        if not with_body or not count:
+            self.send_head(status, lines, count)
+        elif isinstance(content, bytes):
+            self.send_head(status, lines, count, content[first:first + count])
+        else:
+            self.send_head(status, lines, count)
+            try:
+                self.sent = self.connection.sendfile(content, first, count)
+            finally:
+                self.sent = self.sent or max(content.tell() - first, 0)
+
+    def is_fresh(self, facts: FileFacts) -> bool:
         """The client's copy is current: If-None-Match decides, else If-Modified-Since."""
         tags = self.headers.get("If-None-Match")
         if tags is not None:
+            if tags == facts.etag:
+                return True
             given = {tag.strip().removeprefix("W/") for tag in tags.split(",")}
-            return "*" in given or etag in given
+            return "*" in given or facts.etag in given
         since = self.headers.get("If-Modified-Since")
         if not since:
             return False
@@ -230,37 +435,41 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             return False
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        return int(mtime) <= when.timestamp()
+        return int(facts.mtime) <= when.timestamp()
 
-    def range_applies(self, validators: dict[str, str]) -> bool:
+    def range_applies(self, facts: FileFacts) -> bool:
         """If-Range: the range only holds for the version the client names."""
         condition = self.headers.get("If-Range")
-        return condition is None or condition.strip() in (validators["ETag"],
-                                                          validators["Last-Modified"])
+        return condition is None or condition.strip() in (facts.etag, facts.last_modified)
 
-    def send_head(self, status: int, headers: dict[str, str], length: int | None) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
-
-    def send_bytes(self, file: BinaryIO, first: int, count: int) -> None:
-        try:
-            self.sent = self.connection.sendfile(file, first, count)
-        finally:
-            self.sent = self.sent or max(file.tell() - first, 0)
+    def send_head(self, status: int, lines: str, length: int | None = None,
+                  body: bytes = b"") -> None:
+        """Status line, headers (``lines``, each ending CRLF) and ``body`` in one send."""
+        self.log_request(status)
+        if self.request_version == "HTTP/0.9":
+            self.wfile.write(body)
+        else:
+            if length is not None:
+                lines += f"Content-Length: {length}\r\n"
+            if self.close_connection:
+                lines += "Connection: close\r\n"
+            elif self.request_version == "HTTP/1.0":
+                lines += "Connection: keep-alive\r\n"
+            head = (f"{self.protocol_version} {status} {_PHRASES[status]}\r\n"
+                    f"Server: {_SERVER_HEADER}\r\nDate: {http_date()}\r\n{lines}\r\n")
+            self.wfile.write(head.encode("latin-1") + body)
+        self.sent = len(body)
 
     def send_status(self, status: int, headers: dict[str, str] | None = None,
                     with_body: bool = True) -> None:
         """A short text answer that keeps the connection usable (send_error closes it)."""
-        body = f"{status} {HTTPStatus(status).phrase}\n".encode()
-        self.send_head(status, {**(headers or {}), "Content-Type": "text/plain; charset=utf-8"},
-                       len(body))
-        if with_body:
-            self.wfile.write(body)
-            self.sent = len(body)
+        text = f"{status} {_PHRASES[status]}\n".encode()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self.send_head(status, lines + "Content-Type: text/plain; charset=utf-8\r\n",
+                       len(text), text if with_body else b"")
+
+    def version_string(self) -> str:
+        return _SERVER_HEADER
 
     def log_request(self, code="-", size="-") -> None:
         self.status = int(code)  # the server writes one line when the request is done
@@ -269,20 +478,240 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         self.server.write_log(f"{self.client_address[0]} {format % args}")
 
 
-class ChannelServer(ThreadingHTTPServer):
-    """A threading HTTP server over one channel folder, with counters and an access log."""
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_SERVER_HEADER = f"{ChannelRequestHandler.server_version} Python/{sys.version.split()[0]}"
+_date_second, _date_text = 0, ""
 
-    daemon_threads = True
-    request_queue_size = 128  # bursts of parallel downloads; the default backlog is 5
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_text = now, formatdate(now, usegmt=True)
+    return _date_text
+
+
+class Client:
+    """One open connection: its socket, the bytes received and not yet answered, and the
+    times the waiting room judges it by."""
+
+    __slots__ = ("sock", "fd", "address", "pending", "waiting_since", "request_started",
+                 "unread_body", "closing")
+
+    def __init__(self, sock: socket.socket, address: tuple):
+        self.sock, self.fd, self.address = sock, sock.fileno(), address
+        self.pending = b""
+        self.waiting_since = time.monotonic()
+        self.request_started: float | None = None
+        self.unread_body = False  # the last request's body was left unread: close after
+        self.closing = False  # answered for the last time; what the client still sends is dropped
+
+    def take_request(self) -> bytes:
+        """The first whole request received (the waiting room made sure there is one)."""
+        length = request_length(self.pending) or 0
+        request, self.pending = self.pending[:length], self.pending[length:]
+        return request
+
+    def has_request(self) -> bool:
+        return request_length(self.pending) is not None
+
+
+class WaitingRoom:
+    """The open connections that wait for a request, watched by one thread (epoll).
+
+    A connection leaves the room for a worker once a whole request has arrived, and comes
+    back after the answer. The room closes connections idle longer than idle_seconds,
+    requests whose headers take longer than header_seconds, and answered connections
+    whose client still sends after a short drain.
+    """
+
+    DRAIN_SECONDS = 2.0  # lets a client read an answer before unread request bytes reset it
+    _WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+
+    def __init__(self, limits: ConnectionLimits, ready: Callable[[Client], None],
+                 close: Callable[[Client], None]):
+        self.limits, self.ready, self.close = limits, ready, close
+        self.clients: OrderedDict[int, Client] = OrderedDict()  # longest waiting first
+        self.lock = threading.Lock()
+        self.epoll = select.epoll()
+        self.wake_read, self.wake_write = os.pipe()
+        self.epoll.register(self.wake_read, select.EPOLLIN)
+        self.sweep_every = max(0.05, min(1.0, limits.idle_seconds / 4, limits.header_seconds / 4))
+        self.stopping = False
+        self.thread = threading.Thread(target=self.run, name="channel-waiting-room", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def park(self, client: Client) -> None:
+        """Watch ``client`` for its next request."""
+        client.sock.setblocking(False)
+        client.waiting_since = time.monotonic()
+        with self.lock:
+            if self.stopping:
+                self.close(client)
+                return
+            self.clients[client.fd] = client
+            try:
+                self.epoll.modify(client.fd, self._WATCH)
+            except FileNotFoundError:
+                self.epoll.register(client.fd, self._WATCH)
+
+    def evict_oldest(self) -> bool:
+        """Close the connection that has waited longest, to make room for a new one."""
+        with self.lock:
+            if not self.clients:
+                return False
+            _, client = self.clients.popitem(last=False)
+        self.close(client)
+        return True
+
+    def run(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_every
+        while not self.stopping:
+            for fd, _ in self.epoll.poll(self.sweep_every):
+                if fd == self.wake_read:
+                    continue
+                with self.lock:
+                    client = self.clients.get(fd)
+                if client is not None:
+                    self.receive(client)
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + self.sweep_every
+
+    def receive(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            data = None
+        except OSError:  # reset by the client, or closed to make room meanwhile
+            data = b""
+        if data == b"":
+            self.leave(client) and self.close(client)
+            return
+        if data and not client.closing:
+            if not client.pending:
+                data = data.lstrip(b"\r\n")  # blank lines before a request are allowed
+                client.request_started = time.monotonic()
+            client.pending += data
+            if client.has_request():
+                if self.leave(client):
+                    self.ready(client)
+                return
+            if len(client.pending) > MAX_HEAD:
+                self.leave(client) and self.close(client)
+                return
+        with self.lock:
+            if self.clients.get(client.fd) is client:
+                self.epoll.modify(client.fd, self._WATCH)
+
+    def leave(self, client: Client) -> bool:
+        """Take ``client`` out of the room; False if it was no longer there."""
+        with self.lock:
+            if self.clients.get(client.fd) is not client:
+                return False
+            del self.clients[client.fd]
+            return True
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        limits = self.limits
+        with self.lock:
+            expired = [client for client in self.clients.values()
+                       if (client.closing and now - client.waiting_since > self.DRAIN_SECONDS)
+                       or (client.pending and now - client.request_started > limits.header_seconds)
+                       or now - client.waiting_since > limits.idle_seconds]
+            for client in expired:
+                del self.clients[client.fd]
+        for client in expired:
+            self.close(client)
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.write(self.wake_write, b"x")
+        if self.thread.ident is not None:
+            self.thread.join()
+        with self.lock:
+            left = list(self.clients.values())
+            self.clients.clear()
+        for client in left:
+            self.close(client)
+        self.epoll.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+
+
+class AccessLog:
+    """The access log, written by a thread of its own: a request never waits for the file,
+    and the line is formatted off the request's path. Tokens appear as ``<token>``,
+    control characters escaped."""
+
+    def __init__(self, stream: TextIO, token: str | None):
+        self.stream, self.token = stream, token
+        self.entries: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="channel-access-log", daemon=True)
+        self.thread.start()
+
+    def request(self, client: str, command: str | None, path: str, status: int, sent: int,
+                seconds: float) -> None:
+        self.entries.put((time.time(), client, command, path, status, sent, seconds))
+
+    def message(self, text: str) -> None:
+        self.entries.put((time.time(), text))
+
+    def run(self) -> None:
+        while (entry := self.entries.get()) is not None:
+            self.stream.write(self.line(entry))
+            if self.entries.empty():
+                self.stream.flush()
+        self.stream.flush()
+
+    def line(self, entry: tuple) -> str:
+        if len(entry) == 2:
+            when, text = entry
+        else:
+            when, client, command, path, status, sent, seconds = entry
+            text = (f"{client} {command or '-'} {path or '-'} {status} {sent} "
+                    f"{seconds * 1000:.1f}ms")
+        text = redact(text)
+        if self.token:  # also where a client put the token somewhere else
+            text = text.replace(self.token, "<token>")
+        stamp = datetime.fromtimestamp(when).isoformat(timespec="seconds")
+        return f"{stamp} {printable(text)}\n"
+
+    def close(self) -> None:
+        self.entries.put(None)
+        self.thread.join()
+
+
+class ChannelServer(HTTPServer):
+    """An HTTP server over one channel folder: a thread accepts connections (serve_forever),
+    a WaitingRoom holds them between requests, a pool of workers answers, counters and
+    an access log record what was sent."""
+
+    request_queue_size = 1024  # bursts of new connections; the default backlog is 5
 
     def __init__(self, address: tuple[str, int], root: Path, token: str | None,
-                 log: TextIO | None):
+                 log: AccessLog | None, limits: ConnectionLimits = ConnectionLimits()):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.root, self.token, self.log = root, token, log
+        self.root, self.token, self.log, self.limits = root, token, log, limits
         self.requests_served = self.bytes_sent = 0
         self.lock = threading.Lock()
-        self.connections: set[socket.socket] = set()
+        self.open_clients: set[Client] = set()
+        self.files = FileCache()
+        # Each connection is a file; leave room for files being sent and the rest.
+        self.max_connections = max(1, min(limits.max_connections,
+                                          (open_file_budget() - 64) // 2 - limits.workers))
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting = WaitingRoom(limits, self.ready.put, self.close_client)
+        self.workers = [threading.Thread(target=self.work, name=f"channel-worker-{n}",
+                                         daemon=True) for n in range(limits.workers)]
         super().__init__(address, ChannelRequestHandler)
+        self.waiting.start()
+        for worker in self.workers:
+            worker.start()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -291,43 +720,93 @@ class ChannelServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """A new connection: into the waiting room, after making room for it if full."""
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        client = Client(request, client_address)
         with self.lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
+            self.open_clients.add(client)
+            full = len(self.open_clients) > self.max_connections
+        if full and not self.waiting.evict_oldest():
+            self.close_client(client)  # every connection is busy: this one cannot wait
+            return
+        self.waiting.park(client)
 
-    def shutdown_request(self, request) -> None:
+    def work(self) -> None:
+        while (client := self.ready.get()) is not None:
+            self.serve(client)
+
+    def serve(self, client: Client) -> None:
+        """Answer the requests ``client`` has sent, then hand it back to the waiting room."""
+        try:
+            client.sock.settimeout(self.limits.send_seconds)  # for a client that reads nothing
+            while True:
+                handler = self.RequestHandlerClass(client, client.address, self)
+                if handler.close_connection or not client.has_request():
+                    break
+        except OSError:  # reset, gone, or too slow to take its answer: nothing to log
+            self.close_client(client)
+            return
+        except Exception as exc:  # a bug: one line, no traceback
+            self.write_log(f"{client.address[0]} error: {type(exc).__name__}: {exc}")
+            self.close_client(client)
+            return
+        if not handler.close_connection:
+            self.waiting.park(client)
+        elif client.unread_body:  # let the client read the answer, then close
+            with suppress(OSError):
+                client.sock.shutdown(socket.SHUT_WR)
+            client.closing = True
+            self.waiting.park(client)
+        else:
+            self.close_client(client)
+
+    def close_client(self, client: Client) -> None:
         with self.lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
+            if client not in self.open_clients:
+                return
+            self.open_clients.discard(client)
+        with suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+        client.sock.close()
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        self.write_log(f"{client_address[0]} error: {type(error).__name__}: {error}")
 
     def server_close(self) -> None:
-        # Idle keep-alive connections would otherwise hold server_close's thread join.
+        """Close the port and every connection; wait for the workers to finish."""
+        super().server_close()  # also called when binding fails: nothing started then
         with self.lock:
-            open_now = list(self.connections)
-        for connection in open_now:
+            open_now = list(self.open_clients)
+        for client in open_now:  # wakes workers sending to clients that read nothing
             with suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        super().server_close()
+                client.sock.shutdown(socket.SHUT_RDWR)
+        started = [worker for worker in self.workers if worker.ident is not None]
+        for _ in started:
+            self.ready.put(None)
+        for worker in started:
+            worker.join()
+        self.waiting.stop()
+        while not self.ready.empty():
+            if (client := self.ready.get_nowait()) is not None:
+                self.close_client(client)
+        with self.lock:
+            left = list(self.open_clients)
+        for client in left:
+            self.close_client(client)
 
     def record(self, handler: ChannelRequestHandler, seconds: float) -> None:
         with self.lock:
             self.requests_served += 1
             self.bytes_sent += handler.sent
-        self.write_log(f"{handler.client_address[0]} {handler.command or '-'} "
-                       f"{handler.path or '-'} {handler.status} {handler.sent} "
-                       f"{seconds * 1000:.1f}ms")
+        if self.log is not None:
+            self.log.request(handler.client_address[0], handler.command, handler.path,
+                             handler.status, handler.sent, seconds)
 
     def write_log(self, line: str) -> None:
-        if self.log is None:
-            return
-        line = redact(line)
-        if self.token:  # also where a client put the token somewhere else
-            line = line.replace(self.token, "<token>")
-        stamp = datetime.now().isoformat(timespec="seconds")
-        with self.lock:
-            self.log.write(f"{stamp} {line}\n")
-            self.log.flush()
+        if self.log is not None:
+            self.log.message(line)
 
 
 @dataclass
@@ -365,8 +844,8 @@ class ServedChannel:
 
 @contextmanager
 def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 8000,
-                   token: str | None = None,
-                   access_log: Path | TextIO | None = None) -> Iterator[ServedChannel]:
+                   token: str | None = None, access_log: Path | TextIO | None = None,
+                   limits: ConnectionLimits = ConnectionLimits()) -> Iterator[ServedChannel]:
     """Serve ``channel_dir`` on ``host:port`` (0: a free port) while the block runs."""
     root = Path(channel_dir).resolve()
     if not root.is_dir():
@@ -377,10 +856,18 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         raise HubworksError(f"Channel token {token!r} cannot stand in a URL path.",
                             fix="use letters, digits and . _ ~ - only, or token = \"auto\"")
     with ExitStack() as stack:
-        log = access_log
-        if isinstance(access_log, (str, Path)):
-            log = stack.enter_context(open(access_log, "a", encoding="utf-8"))
-        server = _bind(host, port, root, token, log)
+        log = None
+        if access_log is not None:
+            stream = access_log
+            if isinstance(access_log, (str, Path)):
+                stream = stack.enter_context(open(access_log, "a", encoding="utf-8"))
+            log = AccessLog(stream, token)
+            stack.callback(log.close)
+        server = _bind(host, port, root, token, log, limits)
+        served = _describe(server, host, root, token)
+        # Start and stop lines let a reader of the log see each server's lifetime.
+        stack.callback(lambda: server.write_log(
+            f"stopped serving {served.url} after {served.requests_served} requests"))
         stack.callback(server.server_close)
         # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -388,19 +875,15 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         thread.start()
         stack.callback(thread.join)
         stack.callback(server.shutdown)
-        served = _describe(server, host, root, token)
-        # Start and stop lines let a reader of the log see each server's lifetime.
         server.write_log(f"serving {root} at {served.url}")
-        stack.callback(lambda: server.write_log(
-            f"stopped serving {served.url} after {served.requests_served} requests"))
         yield served
 
 
-def _bind(host: str, port: int, root: Path, token: str | None,
-          log: TextIO | None) -> ChannelServer:
+def _bind(host: str, port: int, root: Path, token: str | None, log: AccessLog | None,
+          limits: ConnectionLimits) -> ChannelServer:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        return ChannelServer((host, port), root, token, log)
+        return ChannelServer((host, port), root, token, log, limits)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise HubworksError(
