@@ -40,6 +40,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Callable, Iterator, TextIO
 from urllib.parse import unquote
 
@@ -108,8 +109,9 @@ class Refusal(Exception):
         self.headers = headers or {}
 
 
-def channel_file(root: Path, token: str | None, target: str) -> Path:
-    """The regular file below ``root`` (resolved) that a request target names.
+def channel_file(root: Path, token: str | None, target: str) -> tuple[str, os.stat_result]:
+    """The regular file below ``root`` (resolved) that a request target names, with its
+    stat.
 
     Raises Refusal: 403 without the token, 404 for anything outside ``root`` or not a
     file, 301 to add the slash a folder with an index.html needs for its relative links
@@ -132,25 +134,40 @@ def channel_file(root: Path, token: str | None, target: str) -> Path:
     segments = [s for s in name.split("/") if s not in ("", ".")]
     if ".." in segments:
         raise Refusal(404)
-    found = _inside(root, root.joinpath(*segments))
-    if found.is_dir():
-        found = _inside(root, found / "index.html")
-        if not path.endswith("/") and found.is_file():
+    found, stat = _inside(str(root), segments)
+    if S_ISDIR(stat.st_mode):
+        found, stat = _inside(str(root), [*segments, "index.html"])
+        if not path.endswith("/") and S_ISREG(stat.st_mode):
             raise Refusal(301, {"Location": target.split("?", 1)[0] + "/"})
-    if not found.is_file():
+    if not S_ISREG(stat.st_mode):
         raise Refusal(404)
-    return found
+    return found, stat
 
 
-def _inside(root: Path, candidate: Path) -> Path:
-    """``candidate`` with symlinks resolved, if it exists and stays below ``root``."""
+def _inside(root: str, segments: list[str]) -> tuple[str, os.stat_result]:
+    """The real path of ``root/segments`` and its stat, if it exists and stays below
+    ``root`` (itself resolved); symlinks are followed only where they stay inside."""
+    path, stat = root, None
+    for at, segment in enumerate(segments):
+        path = f"{path}/{segment}"
+        try:
+            stat = os.lstat(path)
+        except (OSError, ValueError):
+            raise Refusal(404) from None
+        if S_ISLNK(stat.st_mode):
+            return _resolved(root, os.path.join(path, *segments[at + 1:]))
+    return path, stat or os.stat(root)
+
+
+def _resolved(root: str, path: str) -> tuple[str, os.stat_result]:
     try:
-        real = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
+        real = os.path.realpath(path, strict=True)
+        stat = os.stat(real)
+    except (OSError, ValueError):
         raise Refusal(404) from None
-    if real != root and root not in real.parents:
+    if real != root and not real.startswith(root + "/"):
         raise Refusal(404)
-    return real
+    return real, stat
 
 
 def byte_range(header: str, size: int) -> tuple[int, int] | None:
@@ -276,13 +293,13 @@ class FileCache:
     a stat per request instead of an open, a read and date formatting."""
 
     def __init__(self, budget: int = _FILE_CACHE_BYTES):
-        self.facts: dict[Path, FileFacts] = {}
+        self.facts: dict[str, FileFacts] = {}
         self.budget, self.held = budget, 0
         self.lock = threading.Lock()
 
-    def lookup(self, path: Path) -> FileFacts:
-        """The facts of the file as it is now (OSError if it is gone)."""
-        version = _version(os.stat(path))
+    def lookup(self, path: str, stat: os.stat_result) -> FileFacts:
+        """The facts of the file at ``path`` whose stat was just taken."""
+        version = _version(stat)
         known = self.facts.get(path)
         if known is not None and known.version == version:
             return known
@@ -291,7 +308,7 @@ class FileCache:
             content = file.read(SMALL_FILE + 1) if stat.st_size <= SMALL_FILE else None
         if content is not None and len(content) != stat.st_size:
             content = None  # it changed while being read: serve it from disk this time
-        facts = FileFacts.of(path, stat, content)
+        facts = FileFacts.of(Path(path), stat, content)
         with self.lock:
             if self.held > self.budget or len(self.facts) > 100_000:
                 self.facts.clear()  # a crude bound; a channel's hot files come back quickly
@@ -299,6 +316,24 @@ class FileCache:
             self.facts[path] = facts
             self.held += len(content or b"") + 256
         return facts
+
+
+class RequestHeaders(dict):
+    """A request's headers by lower-case name; a repeated header's values joined by ", "
+    (RFC 9110), which also makes two Content-Length headers unreadable as one number."""
+
+    def add(self, name: str, value: str) -> None:
+        key = name.lower()
+        dict.__setitem__(self, key, f"{dict.get(self, key)}, {value}" if key in self else value)
+
+    def get(self, name: str, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name: str):
+        return dict.get(self, name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
 
 
 class SocketWriter:
@@ -341,6 +376,41 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         if self.status is not None:
             self.server.record(self, time.perf_counter() - started)
 
+    def parse_request(self) -> bool:
+        """The standard library's parse_request for the common request line (method,
+        target, HTTP/1.0 or 1.1), without its email parser: headers are split straight
+        from the request, which arrived whole. Other forms go to the standard library."""
+        words = self.raw_requestline.split()
+        if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return super().parse_request()
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        command, path, version = self.requestline.split()
+        if path.startswith("//"):  # as the standard library: no open redirect (gh-87389)
+            path = "/" + path.lstrip("/")
+        self.command, self.path, self.request_version = command, path, version
+        self.close_connection = version == "HTTP/1.0"
+        self.headers = headers = RequestHeaders()
+        name = ""
+        for count, line in enumerate(self.rfile):
+            if line in (b"\r\n", b"\n"):
+                break
+            if count >= 100:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
+                return False
+            text = str(line, "iso-8859-1")
+            if text[0] in " \t" and name:  # an obsolete folded line continues the last one
+                headers.add(name, text.strip())
+                continue
+            name, colon, value = text.partition(":")
+            if colon:
+                headers.add(name.strip(), value.strip())
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        return True
+
     def finish(self) -> None:
         pass  # the connection outlives the handler: the server closes it or waits for more
 
@@ -371,8 +441,8 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
     def answer(self, with_body: bool) -> None:
         self.drop_body()
         try:
-            path = channel_file(self.server.root, self.server.token, self.path)
-            self.send_file(path, with_body)
+            path, stat = channel_file(self.server.root, self.server.token, self.path)
+            self.send_file(path, stat, with_body)
         except Refusal as refusal:
             self.send_status(refusal.status, refusal.headers, with_body)
         except OSError as exc:
@@ -382,15 +452,15 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             self.log_error("cannot read %s: %s", self.path, exc)
             self.send_status(404, with_body=with_body)
 
-    def send_file(self, path: Path, with_body: bool) -> None:
-        facts = self.server.files.lookup(path)
+    def send_file(self, path: str, stat: os.stat_result, with_body: bool) -> None:
+        facts = self.server.files.lookup(path, stat)
         if facts.content is not None:
             self.send_facts(facts, facts.content, with_body)
             return
         with open(path, "rb") as file:
             stat = os.fstat(file.fileno())  # the validators describe the bytes we send
             if _version(stat) != facts.version:
-                facts = FileFacts.of(path, stat, None)
+                facts = FileFacts.of(Path(path), stat, None)
             self.send_facts(facts, file, with_body)
 
     def send_facts(self, facts: FileFacts, content: bytes | io.BufferedReader,
@@ -705,13 +775,12 @@ class ChannelServer(HTTPServer):
         self.max_connections = max(1, min(limits.max_connections,
                                           (open_file_budget() - 64) // 2 - limits.workers))
         self.ready: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting = WaitingRoom(limits, self.ready.put, self.close_client)
-        self.workers = [threading.Thread(target=self.work, name=f"channel-worker-{n}",
-                                         daemon=True) for n in range(limits.workers)]
+        self.waiting = WaitingRoom(limits, self.dispatch, self.close_client)
+        self.workers: list[threading.Thread] = []
         super().__init__(address, ChannelRequestHandler)
         self.waiting.start()
-        for worker in self.workers:
-            worker.start()
+        for _ in range(min(2, limits.workers)):
+            self.add_worker()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -731,6 +800,19 @@ class ChannelServer(HTTPServer):
             self.close_client(client)  # every connection is busy: this one cannot wait
             return
         self.waiting.park(client)
+
+    def dispatch(self, client: Client) -> None:
+        """Queue a connection whose request has arrived (called by the waiting room)."""
+        self.ready.put(client)
+        # The pool grows when requests queue up: a server that sees few starts quickly.
+        if self.ready.qsize() > 1 and len(self.workers) < self.limits.workers:
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        worker = threading.Thread(target=self.work, daemon=True,
+                                  name=f"channel-worker-{len(self.workers)}")
+        self.workers.append(worker)
+        worker.start()
 
     def work(self) -> None:
         while (client := self.ready.get()) is not None:
@@ -782,12 +864,11 @@ class ChannelServer(HTTPServer):
         for client in open_now:  # wakes workers sending to clients that read nothing
             with suppress(OSError):
                 client.sock.shutdown(socket.SHUT_RDWR)
-        started = [worker for worker in self.workers if worker.ident is not None]
-        for _ in started:
+        self.waiting.stop()  # no more requests for the workers, nor new workers
+        for _ in self.workers:
             self.ready.put(None)
-        for worker in started:
+        for worker in self.workers:
             worker.join()
-        self.waiting.stop()
         while not self.ready.empty():
             if (client := self.ready.get_nowait()) is not None:
                 self.close_client(client)
