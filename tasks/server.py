@@ -9,11 +9,12 @@ refuses write methods, and with a token serves only ``/t/<token>/...`` (the cond
 form). Leaving the ``with`` block, by success, error or Ctrl-C, closes the port.
 
 Connections cost no thread while they wait: one thread watches every open connection
-(epoll) and hands a request to a small pool of worker threads only once all of it has
-arrived, so idle keep-alive clients and clients that send slowly hold no worker. The
-``ConnectionLimits`` cap what the server holds: open connections (at the cap the one
-waiting longest is closed to make room), how long a connection may sit idle, and how
-long a request's headers may take to arrive.
+(epoll), hands a request to a small pool of worker threads only once all of it has
+arrived, and sends what a client did not take at once of its answer as it takes it. So
+idle keep-alive clients, clients that send slowly and clients that read slowly hold no
+worker. The ``ConnectionLimits`` cap what the server holds: open connections (at the cap
+the one waiting longest is closed to make room), how long a connection may sit idle, how
+long a request's headers may take to arrive, and how long a client may take nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from stat import S_ISDIR, S_ISLNK, S_ISREG
-from typing import Callable, Iterator, TextIO
+from typing import BinaryIO, Callable, Iterator, TextIO
 from urllib.parse import unquote
 
 from .errors import HubworksError, reports_errors
@@ -231,8 +232,8 @@ class ConnectionLimits:
     max_connections: int = 1000  # open at once; at the cap the longest-waiting one is closed
     idle_seconds: float = 30.0  # a keep-alive connection with no request in that time closes
     header_seconds: float = 10.0  # from a request's first byte to its last header (slowloris)
-    send_seconds: float = 60.0  # a client that takes no bytes of its answer in that time
-    workers: int = 32  # threads answering requests (a waiting connection holds none)
+    send_seconds: float = 60.0  # a client that takes none of its answer in that time
+    workers: int = 8  # threads answering requests; they wait for disks, never for clients
 
 
 def open_file_budget() -> int:
@@ -336,14 +337,14 @@ class RequestHeaders(dict):
         return isinstance(name, str) and dict.__contains__(self, name.lower())
 
 
-class SocketWriter:
-    """``wfile`` for a handler: every write goes out whole (sendall), nothing is buffered."""
+class ClientWriter:
+    """``wfile`` for a handler: writes go to the client without waiting (Client.send)."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    def __init__(self, client: Client):
+        self.client = client
 
     def write(self, data: bytes) -> int:
-        self.sock.sendall(data)
+        self.client.send(data)
         return len(data)
 
     def flush(self) -> None:
@@ -354,8 +355,9 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
     """GET and HEAD of channel files; write methods refused with 405.
 
     One handler answers one request. The server reads the whole request before a worker
-    thread runs the handler, so ``rfile`` is that request in memory: nothing here waits
-    for a client's bytes, only for the client to take the answer.
+    thread runs the handler, so ``rfile`` is that request in memory, and what the client
+    does not take at once of the answer is sent by the waiting room: a worker never waits
+    for a client.
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per host
@@ -366,15 +368,15 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.connection = self.request.sock
         self.rfile = io.BytesIO(self.request.take_request())
-        self.wfile = SocketWriter(self.connection)
+        self.wfile = ClientWriter(self.request)
 
     def handle(self) -> None:
         self.close_connection = True
         self.command, self.path, self.status, self.sent = None, "", None, 0
         started = time.perf_counter()
         self.handle_one_request()
-        if self.status is not None:
-            self.server.record(self, time.perf_counter() - started)
+        if self.status is not None:  # logged once the whole answer is out
+            self.request.answered = (self.command, self.path, self.status, self.sent, started)
 
     def parse_request(self) -> bool:
         """The standard library's parse_request for the common request line (method,
@@ -483,10 +485,8 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             self.send_head(status, lines, count, content[first:first + count])
         else:
             self.send_head(status, lines, count)
-            try:
-                self.sent = self.connection.sendfile(content, first, count)
-            finally:
-                self.sent = self.sent or max(content.tell() - first, 0)
+            self.request.send_file(content, first, count)
+            self.sent = count  # counted as sent; the log line waits for the last byte
 
     def is_fresh(self, facts: FileFacts) -> bool:
         """The client's copy is current: If-None-Match decides, else If-Modified-Since."""
@@ -563,11 +563,16 @@ def http_date() -> str:
 
 
 class Client:
-    """One open connection: its socket, the bytes received and not yet answered, and the
-    times the waiting room judges it by."""
+    """One open connection: its socket, the bytes received and not yet answered, what of
+    an answer the client has not taken yet, and the times the waiting room judges it by.
+
+    The socket never blocks: ``send`` and ``send_file`` give the kernel what it takes now
+    and keep the rest (``outbox``, then ``body``) for ``send_rest``, which the waiting room
+    calls whenever the client can take more.
+    """
 
     __slots__ = ("sock", "fd", "address", "pending", "waiting_since", "request_started",
-                 "unread_body", "closing")
+                 "unread_body", "closing", "outbox", "body", "answered", "close_after")
 
     def __init__(self, sock: socket.socket, address: tuple):
         self.sock, self.fd, self.address = sock, sock.fileno(), address
@@ -576,6 +581,50 @@ class Client:
         self.request_started: float | None = None
         self.unread_body = False  # the last request's body was left unread: close after
         self.closing = False  # answered for the last time; what the client still sends is dropped
+        self.outbox = b""  # answer bytes the client has not taken yet
+        self.body: list[int] | None = None  # [file descriptor, offset, bytes left] to send
+        self.answered: tuple | None = None  # the last answer, for the log line
+        self.close_after = False  # close once the answer is out
+
+    def send(self, data: bytes) -> None:
+        if not self.outbox and self.body is None:
+            view = memoryview(data)
+            with suppress(BlockingIOError):
+                while view:
+                    view = view[self.sock.send(view):]
+            data = bytes(view)
+        self.outbox += data
+
+    def send_file(self, file: BinaryIO, offset: int, count: int) -> None:
+        """Send ``count`` bytes of ``file`` from ``offset``: what the client takes now, and
+        a duplicate of the file descriptor for the rest."""
+        self.body = [os.dup(file.fileno()), offset, count]
+        if not self.outbox:
+            self.send_rest()
+
+    def sending(self) -> bool:
+        return bool(self.outbox) or self.body is not None
+
+    def send_rest(self) -> bool:
+        """Send what the client can take now; True when the answer is all out. OSError
+        when the client is gone, or the file shrank below the length announced."""
+        with suppress(BlockingIOError):
+            while self.outbox:
+                self.outbox = self.outbox[self.sock.send(self.outbox):]
+            while self.body is not None:
+                fd, offset, left = self.body
+                sent = os.sendfile(self.fd, fd, offset, min(left, 1 << 24))
+                if sent == 0:
+                    raise OSError(errno.EIO, "the file shrank while being sent")
+                self.body[1:] = offset + sent, left - sent
+                if left == sent:
+                    self.drop_body()
+        return not self.sending()
+
+    def drop_body(self) -> None:
+        if self.body is not None:
+            os.close(self.body[0])
+            self.body = None
 
     def take_request(self) -> bytes:
         """The first whole request received (the waiting room made sure there is one)."""
@@ -598,10 +647,11 @@ class WaitingRoom:
 
     DRAIN_SECONDS = 2.0  # lets a client read an answer before unread request bytes reset it
     _WATCH = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+    _WATCH_SENDING = select.EPOLLOUT | select.EPOLLONESHOT
 
     def __init__(self, limits: ConnectionLimits, ready: Callable[[Client], None],
-                 close: Callable[[Client], None]):
-        self.limits, self.ready, self.close = limits, ready, close
+                 close: Callable[[Client], None], sent: Callable[[Client], None]):
+        self.limits, self.ready, self.close, self.sent = limits, ready, close, sent
         self.clients: OrderedDict[int, Client] = OrderedDict()  # longest waiting first
         self.lock = threading.Lock()
         self.epoll = select.epoll()
@@ -615,18 +665,18 @@ class WaitingRoom:
         self.thread.start()
 
     def park(self, client: Client) -> None:
-        """Watch ``client`` for its next request."""
-        client.sock.setblocking(False)
+        """Watch ``client`` for its next request, or until it takes the rest of an answer."""
         client.waiting_since = time.monotonic()
+        watch = self._WATCH_SENDING if client.sending() else self._WATCH
         with self.lock:
             if self.stopping:
                 self.close(client)
                 return
             self.clients[client.fd] = client
             try:
-                self.epoll.modify(client.fd, self._WATCH)
+                self.epoll.modify(client.fd, watch)
             except FileNotFoundError:
-                self.epoll.register(client.fd, self._WATCH)
+                self.epoll.register(client.fd, watch)
 
     def evict_oldest(self) -> bool:
         """Close the connection that has waited longest, to make room for a new one."""
@@ -652,6 +702,9 @@ class WaitingRoom:
                 next_sweep = time.monotonic() + self.sweep_every
 
     def receive(self, client: Client) -> None:
+        if client.sending():
+            self.send_rest(client)
+            return
         try:
             data = client.sock.recv(65536)
         except BlockingIOError:
@@ -677,6 +730,21 @@ class WaitingRoom:
             if self.clients.get(client.fd) is client:
                 self.epoll.modify(client.fd, self._WATCH)
 
+    def send_rest(self, client: Client) -> None:
+        try:
+            done = client.send_rest()
+        except OSError:
+            self.leave(client) and self.close(client)
+            return
+        if done:
+            if self.leave(client):
+                self.sent(client)
+            return
+        client.waiting_since = time.monotonic()  # it took some: its send time starts again
+        with self.lock:
+            if self.clients.get(client.fd) is client:
+                self.epoll.modify(client.fd, self._WATCH_SENDING)
+
     def leave(self, client: Client) -> bool:
         """Take ``client`` out of the room; False if it was no longer there."""
         with self.lock:
@@ -691,8 +759,11 @@ class WaitingRoom:
         with self.lock:
             expired = [client for client in self.clients.values()
                        if (client.closing and now - client.waiting_since > self.DRAIN_SECONDS)
-                       or (client.pending and now - client.request_started > limits.header_seconds)
-                       or now - client.waiting_since > limits.idle_seconds]
+                       or (now - client.waiting_since > limits.send_seconds
+                           if client.sending() else
+                           (client.pending and now - client.request_started
+                            > limits.header_seconds)
+                           or now - client.waiting_since > limits.idle_seconds)]
             for client in expired:
                 del self.clients[client.fd]
         for client in expired:
@@ -775,7 +846,7 @@ class ChannelServer(HTTPServer):
         self.max_connections = max(1, min(limits.max_connections,
                                           (open_file_budget() - 64) // 2 - limits.workers))
         self.ready: queue.SimpleQueue = queue.SimpleQueue()
-        self.waiting = WaitingRoom(limits, self.dispatch, self.close_client)
+        self.waiting = WaitingRoom(limits, self.dispatch, self.close_client, self.answer_sent)
         self.workers: list[threading.Thread] = []
         super().__init__(address, ChannelRequestHandler)
         self.waiting.start()
@@ -792,6 +863,7 @@ class ChannelServer(HTTPServer):
     def process_request(self, request: socket.socket, client_address) -> None:
         """A new connection: into the waiting room, after making room for it if full."""
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        request.setblocking(False)  # for good: no thread ever waits on a client
         client = Client(request, client_address)
         with self.lock:
             self.open_clients.add(client)
@@ -821,20 +893,32 @@ class ChannelServer(HTTPServer):
     def serve(self, client: Client) -> None:
         """Answer the requests ``client`` has sent, then hand it back to the waiting room."""
         try:
-            client.sock.settimeout(self.limits.send_seconds)  # for a client that reads nothing
             while True:
                 handler = self.RequestHandlerClass(client, client.address, self)
-                if handler.close_connection or not client.has_request():
+                self.record(client)
+                if handler.close_connection or client.sending() or not client.has_request():
                     break
-        except OSError:  # reset, gone, or too slow to take its answer: nothing to log
+        except OSError:  # reset, or gone: nothing to log
             self.close_client(client)
             return
         except Exception as exc:  # a bug: one line, no traceback
             self.write_log(f"{client.address[0]} error: {type(exc).__name__}: {exc}")
             self.close_client(client)
             return
-        if not handler.close_connection:
-            self.waiting.park(client)
+        client.close_after = handler.close_connection
+        if client.sending():
+            self.waiting.park(client)  # the room sends the rest as the client takes it
+        else:
+            self.answer_sent(client)
+
+    def answer_sent(self, client: Client) -> None:
+        """The whole answer is out: log it, then wait for the next request, or close."""
+        self.record(client)
+        if not client.close_after:
+            if client.has_request():
+                self.dispatch(client)
+            else:
+                self.waiting.park(client)
         elif client.unread_body:  # let the client read the answer, then close
             with suppress(OSError):
                 client.sock.shutdown(socket.SHUT_WR)
@@ -848,6 +932,8 @@ class ChannelServer(HTTPServer):
             if client not in self.open_clients:
                 return
             self.open_clients.discard(client)
+        self.record(client, complete=False)
+        client.drop_body()
         with suppress(OSError):
             client.sock.shutdown(socket.SHUT_WR)
         client.sock.close()
@@ -877,13 +963,20 @@ class ChannelServer(HTTPServer):
         for client in left:
             self.close_client(client)
 
-    def record(self, handler: ChannelRequestHandler, seconds: float) -> None:
+    def record(self, client: Client, complete: bool = True) -> None:
+        """Count and log the client's last answer once it is all out (or cut short)."""
+        if client.answered is None or (complete and client.sending()):
+            return
+        command, path, status, sent, started = client.answered
+        client.answered = None
+        if client.body is not None:  # the client left before taking all of it
+            sent -= client.body[2]
         with self.lock:
             self.requests_served += 1
-            self.bytes_sent += handler.sent
+            self.bytes_sent += sent
         if self.log is not None:
-            self.log.request(handler.client_address[0], handler.command, handler.path,
-                             handler.status, handler.sent, seconds)
+            self.log.request(client.address[0], command, path, status, sent,
+                             time.perf_counter() - started)
 
     def write_log(self, line: str) -> None:
         if self.log is not None:

@@ -426,6 +426,38 @@ def test_a_flood_of_idle_or_slow_connections_does_not_hold_up_a_request(channel,
         timed_get(url)
 
 
+def test_clients_that_stop_reading_their_downloads_do_not_hold_up_a_request(channel):
+    with served_channel(channel, port=0) as served:
+        stalled = []
+        try:
+            for _ in range(100):  # more than there are workers
+                sock = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+                stalled.append(sock)
+            timed_get(served.url + "index.html")
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_a_slow_reader_gets_the_whole_file_and_one_log_line(channel, tmp_path):
+    log = tmp_path / "access.log"
+    with served_channel(channel, port=0, access_log=log) as served:
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+        connection.request("GET", "/big.bin")
+        answer = connection.getresponse()
+        time.sleep(0.5)  # the socket buffers fill up; the rest waits for the client
+        assert answer.read() == (channel / "big.bin").read_bytes()
+        connection.request("GET", "/index.html")  # the connection goes on
+        assert connection.getresponse().read() == b"<h1>channel</h1>"
+        connection.close()
+    lines = log.read_text().splitlines()
+    assert [line.split()[2:5] for line in lines[1:-1]] == [
+        ["GET", "/big.bin", "200"], ["GET", "/index.html", "200"]]
+    assert int(lines[1].split()[5]) == 8 << 20
+
+
 def test_at_the_connection_cap_the_longest_idle_connection_makes_room(channel):
     from tasks.server import ConnectionLimits
 
