@@ -22,7 +22,8 @@ sharded repodata), which takes about half a minute to make.
 
 The load generator is `wrk` (Debian package `wrk`) when it is on PATH, else threads with
 http.client keep-alive; the output says which. Each load runs --rounds times, the two
-servers taking turns; the table shows the median. The figures come last. It prints
+servers taking turns; the table shows each figure's median over the rounds and the most
+errors of any round. The figures come last. It prints
 figures; it is not a test.
 """
 
@@ -428,9 +429,16 @@ def rate(result: dict) -> float:
 
 
 def median_run(results: list[dict]) -> dict:
-    """The run with the median requests/s (the lower middle one of an even count)."""
-    ordered = sorted(results, key=rate)
-    return ordered[(len(ordered) - 1) // 2]
+    """Each figure's median over the rounds (the lower middle one of an even count): the
+    machine's other load moves single runs, the tail latency most."""
+    def middle(values: list[float]) -> float:
+        return sorted(values)[(len(values) - 1) // 2]
+
+    per_second = middle([rate(result) for result in results])
+    return {"requests": per_second, "seconds": 1.0,
+            "bytes": middle([r["bytes"] / r["seconds"] for r in results]),
+            "errors": max(result["errors"] for result in results),
+            "p99_ms": middle([result["p99_ms"] for result in results])}
 
 
 def conditional_headers(port: int) -> dict[str, str]:

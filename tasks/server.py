@@ -243,13 +243,12 @@ def open_file_budget() -> int:
     except ImportError:  # not a POSIX system: assume the common default
         return 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= hard:
-        return hard
+    wanted = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return wanted
     with suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return wanted
     return soft
 
 
@@ -640,9 +639,11 @@ class WaitingRoom:
     """The open connections that wait for a request, watched by one thread (epoll).
 
     A connection leaves the room for a worker once a whole request has arrived, and comes
-    back after the answer. The room closes connections idle longer than idle_seconds,
-    requests whose headers take longer than header_seconds, and answered connections
-    whose client still sends after a short drain.
+    back after the answer, or with the part of the answer its client did not take at once,
+    which the room sends as the client takes it. The room closes connections idle longer
+    than idle_seconds, requests whose headers take longer than header_seconds, clients
+    that take nothing for send_seconds, and answered connections whose client still sends
+    after a short drain.
     """
 
     DRAIN_SECONDS = 2.0  # lets a client read an answer before unread request bytes reset it
