@@ -311,7 +311,7 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             return super().parse_request()
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        command, path, version = self.requestline.split()
+        command, path, version = (str(word, "iso-8859-1") for word in words)
         if path.startswith("//"):  # as the standard library: no open redirect (gh-87389)
             path = "/" + path.lstrip("/")
         self.command, self.path, self.request_version = command, path, version
@@ -648,11 +648,6 @@ class ChannelServer(HTTPServer):
     def server_close(self) -> None:
         """Close the port and every connection; wait for the workers to finish."""
         super().server_close()  # also called when binding fails: nothing started then
-        with self.lock:
-            open_now = list(self.open_clients)
-        for client in open_now:  # wakes workers sending to clients that read nothing
-            with suppress(OSError):
-                client.sock.shutdown(socket.SHUT_RDWR)
         self.waiting.stop()  # no more requests for the workers, nor new workers
         for _ in self.workers:
             self.ready.put(None)

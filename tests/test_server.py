@@ -539,7 +539,7 @@ def test_control_characters_in_requests_are_escaped_in_the_log(channel, tmp_path
             with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
                 sock.sendall(f"{line}\r\nHost: x\r\nConnection: close\r\n\r\n"
                              .encode("latin-1"))
-                read_to_end(sock)
+                assert read_to_end(sock).startswith(b"HTTP/1."), line
     logged = log.read_text(encoding="utf-8")
     assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", logged), logged
     assert "/\\x1b[2J\\x1b[31mred" in logged
