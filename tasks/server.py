@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import socket
 import socketserver
 import sys
@@ -754,6 +755,10 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
 def _bind(host: str, port: int, root: Path, token: str | None, log: AccessLog | None,
           limits: ConnectionLimits) -> ChannelServer:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not hasattr(select, "epoll"):
+        raise HubworksError(f"Channel server cannot listen on {address}: it needs Linux "
+                            f"(it watches its connections with epoll).",
+                            fix="serve the channel from a Linux machine, VM or container")
     try:
         return ChannelServer((host, port), root, token, log, limits)
     except OSError as exc:
