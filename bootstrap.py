@@ -37,6 +37,7 @@ TEST_TOOLS = [
     ("/usr/bin/docker-registry", "docker-registry"),  # a local registry for push tests
     ("/usr/bin/pypy3", "pypy3"),                   # a real Python 3.9: the "too old" case
 ]
+BENCHMARK_TOOLS = [("wrk", "wrk")]  # the HTTP load generator of benchmarks/bench_server.py
 
 
 def say(text: str) -> None:
@@ -59,10 +60,12 @@ def docker_answers() -> bool:
         return False
 
 
-def needed_packages(for_tests: bool) -> list[str]:
+def needed_packages(for_tests: bool, for_benchmarks: bool = False) -> list[str]:
     wanted = [VENV_SUPPORT]
     if for_tests:
         wanted += TEST_TOOLS
+    if for_benchmarks:
+        wanted += BENCHMARK_TOOLS
     elif not docker_answers():  # the main job builds with Docker when it runs, else podman
         wanted.append(CONTAINER_ENGINE)
     return [package for probe, package in wanted if not have(probe)]
@@ -104,7 +107,8 @@ def main(argv: list[str]) -> None:
     if not argv:
         sys.exit(__doc__)
     for_tests = Path(argv[0]).name in ("pytest", "py.test")
-    install_system_packages(needed_packages(for_tests))
+    for_benchmarks = any(Path(arg).parent.name == "benchmarks" for arg in argv[1:])
+    install_system_packages(needed_packages(for_tests, for_benchmarks))
     ensure_venv()
     os.chdir(HERE)
     env = dict(os.environ, VIRTUAL_ENV=str(VENV),

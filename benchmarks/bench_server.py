@@ -1,6 +1,6 @@
 """The channel server against `python -m http.server`, same files, same run.
 
-    python benchmarks/bench_server.py [--seconds 5] [--connections 64]
+    python benchmarks/bench_server.py [--seconds 5] [--connections 64] [--rounds 2]
 
 Serves one synthetic channel with both servers (each in its own process) and prints
 requests/s, bytes and the ratio ours / http.server for:
@@ -10,13 +10,21 @@ requests/s, bytes and the ratio ours / http.server for:
    request each server understands, and the bytes a real rattler client receives on a
    repeat fetch a minute later (through a counting relay), with sharded repodata
    (rattler's default) and with sharding off; a repeat fetch that fails says so;
-3. package downloads: 200 files of 1 MiB over concurrent keep-alive connections.
+3. package downloads over concurrent keep-alive connections: 500 small files of 2-10 KB
+   (the typical noarch package) and 200 files of 1 MiB;
+4. tail latency: p99 of small downloads with 256 connections, and the errors;
+5. an idle flood: 3,000 connections opened and left idle, then the slowest of five normal
+   requests (each on a new connection) while they are open, and again right after they
+   all close at once.
 
 The channel is real: 20,000 tiny .tar.bz2 packages indexed by rattler (repodata.json, .zst,
 sharded repodata), which takes about half a minute to make.
 
-The load generator is `wrk` when it is on PATH, else threads with http.client keep-alive;
-the output says which. It prints figures; it is not a test.
+The load generator is `wrk` (Debian package `wrk`) when it is on PATH, else threads with
+http.client keep-alive; the output says which. Each load runs --rounds times, the two
+servers taking turns; the table shows each figure's median over the rounds and the most
+errors of any round. The figures come last. It prints
+figures; it is not a test.
 """
 
 from __future__ import annotations
@@ -29,8 +37,10 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -44,13 +54,17 @@ ROOT = Path(__file__).resolve().parent.parent
 ENTRIES = 20_000
 PACKAGES = 200
 PACKAGE_SIZE = 1 << 20
+SMALL_PACKAGES = 500
+SMALL_SIZES = (2 << 10, 10 << 10)
+FLOOD = 3000
 SERVERS = ("hubworks", "http.server")
 
 
 # The channel --------------------------------------------------------------------------
 
 def make_channel(root: Path, entries: int) -> None:
-    """``entries`` packages indexed by rattler, then PACKAGES unindexed 1 MiB download files."""
+    """``entries`` packages indexed by rattler, then unindexed download files: PACKAGES of
+    1 MiB and SMALL_PACKAGES of 2-10 KB."""
     from rattler.index import index_fs
 
     rng = random.Random(42)
@@ -73,6 +87,9 @@ def make_channel(root: Path, entries: int) -> None:
     asyncio.run(index_fs(root))
     for i in range(PACKAGES):
         (noarch / f"file-{i:04d}-1.0-0.conda").write_bytes(os.urandom(PACKAGE_SIZE))
+    for i in range(SMALL_PACKAGES):
+        size = rng.randrange(*SMALL_SIZES)
+        (noarch / f"small-{i:04d}-1.0-0.conda").write_bytes(os.urandom(size))
 
 
 # The servers, each in its own process -------------------------------------------------
@@ -131,8 +148,9 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT %%d %%d %%f %%d\\n", summary.requests, summary.bytes,
-    summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout))
+  io.write(string.format("RESULT %%d %%d %%f %%d %%f\\n", summary.requests, summary.bytes,
+    summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(99) / 1e3))
 end
 """
 
@@ -151,25 +169,29 @@ def load_wrk(port: int, paths: list[str], headers: dict[str, str], seconds: floa
     if run.returncode:
         raise SystemExit(f"wrk failed: {run.stderr or run.stdout}")
     line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT"))
-    requests, received, duration, errors = line.split()[1:]
+    requests, received, duration, errors, p99 = line.split()[1:]
     return {"requests": int(requests), "bytes": int(received), "seconds": float(duration),
-            "errors": int(errors)}
+            "errors": int(errors), "p99_ms": float(p99)}
 
 
 def load_threads(port: int, paths: list[str], headers: dict[str, str], seconds: float,
                  connections: int, scratch: Path) -> dict:
     totals = {"requests": 0, "bytes": 0, "errors": 0}
+    latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def worker(offset: int) -> None:
         done = received = errors = 0
+        took = []
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while time.monotonic() < deadline:
             try:
+                started = time.monotonic()
                 connection.request("GET", paths[(offset + done) % len(paths)], headers=headers)
                 answer = connection.getresponse()
                 received += len(answer.read())
+                took.append(time.monotonic() - started)
                 done += 1
                 if answer.will_close:  # HTTP/1.0 servers close after each answer
                     connection.close()
@@ -180,6 +202,7 @@ def load_threads(port: int, paths: list[str], headers: dict[str, str], seconds: 
             totals["requests"] += done
             totals["bytes"] += received
             totals["errors"] += errors
+            latencies.extend(took)
 
     started = time.monotonic()
     workers = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
@@ -187,7 +210,59 @@ def load_threads(port: int, paths: list[str], headers: dict[str, str], seconds: 
         thread.start()
     for thread in workers:
         thread.join()
-    return {**totals, "seconds": time.monotonic() - started}
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
+    return {**totals, "seconds": time.monotonic() - started, "p99_ms": p99}
+
+
+# An idle flood: many connections that send nothing, and one normal client --------------
+
+def raise_open_file_limit() -> int:
+    """The soft limit on open files, raised to the hard one: the flood needs thousands."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def slowest_request(port: int, path: str, tries: int = 5, timeout: float = 30) -> float:
+    """Seconds the slowest of ``tries`` requests took, each on a new connection, as a
+    client arriving during the flood would; inf when one failed or took over ``timeout``."""
+    slowest = 0.0
+    for _ in range(tries):
+        started = time.monotonic()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            connection.request("GET", path)
+            answer = connection.getresponse()
+            answer.read()
+            connection.close()
+            if answer.status != 200:
+                return float("inf")
+        except (OSError, http.client.HTTPException):
+            return float("inf")
+        slowest = max(slowest, time.monotonic() - started)
+    return slowest
+
+
+def idle_flood(port: int, path: str, count: int, budget: float = 20) -> dict:
+    """Open ``count`` idle connections (for at most ``budget`` seconds), time normal
+    requests while they are open, close them all at once, time requests again."""
+    flood: list[socket.socket] = []
+    started = time.monotonic()
+    try:
+        while len(flood) < count and time.monotonic() - started < budget:
+            try:
+                flood.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            except OSError:  # a full accept queue: the client retries later
+                continue
+        opened, open_seconds = len(flood), time.monotonic() - started
+        during = slowest_request(port, path)
+    finally:
+        for sock in flood:
+            sock.close()
+    after = slowest_request(port, path)
+    return {"opened": opened, "open_seconds": open_seconds, "during": during, "after": after}
 
 
 # A real client's repeat fetch, through a relay that counts what the server sends ------
@@ -272,11 +347,22 @@ def mib(count: float) -> str:
     return f"{count / (1 << 20):,.1f} MiB"
 
 
+LOADS = [  # key, title, connections (None: --connections), paths
+    ("repodata", "1. repodata.json", None, "repodata"),
+    ("conditional", "2. conditional re-fetch (304)", None, "repodata"),
+    ("small", "3. small package downloads (2-10 KB)", None, "small"),
+    ("packages", "3. 1 MiB package downloads", None, "packages"),
+    ("tail", "4. small downloads, 256 connections", 256, "small"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5, help="duration of each load run")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each load, median shown")
     parser.add_argument("--entries", type=int, default=ENTRIES, help="packages in repodata")
+    parser.add_argument("--flood", type=int, default=FLOOD, help="idle connections")
     parser.add_argument("--repeat-after", type=float, default=65,
                         help="seconds between a client's first and repeat fetch (rattler "
                              "trusts a shard index without Cache-Control for about a minute)")
@@ -288,11 +374,12 @@ def main() -> None:
 
     use_wrk = shutil.which("wrk") is not None
     load = load_wrk if use_wrk else load_threads
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; "
+          f"open files {raise_open_file_limit()}")
     generator = ("wrk (bytes count headers)" if use_wrk else
                  "Python threads + http.client keep-alive (bytes count bodies only)")
     print(f"load generator: {generator}, {args.connections} connections, "
-          f"{args.seconds:g} s per run")
+          f"{args.seconds:g} s per run, {args.rounds} round(s)")
 
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         scratch = Path(tmp)
@@ -303,8 +390,11 @@ def main() -> None:
                  ("repodata.json", "repodata.json.zst", "repodata_shards.msgpack.zst")}
         print(f"channel ({time.monotonic() - started:.0f} s to make): {args.entries:,} packages;"
               f" " + ", ".join(f"{name} {size}" for name, size in sizes.items())
-              + f"; {PACKAGES} download files of {mib(PACKAGE_SIZE)}\n")
-        packages = [f"/noarch/file-{i:04d}-1.0-0.conda" for i in range(PACKAGES)]
+              + f"; {PACKAGES} download files of {mib(PACKAGE_SIZE)}, {SMALL_PACKAGES} of "
+              f"{SMALL_SIZES[0] >> 10}-{SMALL_SIZES[1] >> 10} KB\n")
+        paths = {"repodata": ["/noarch/repodata.json"],
+                 "packages": [f"/noarch/file-{i:04d}-1.0-0.conda" for i in range(PACKAGES)],
+                 "small": [f"/noarch/small-{i:04d}-1.0-0.conda" for i in range(SMALL_PACKAGES)]}
         with ExitStack() as servers:
             ports = {name: servers.enter_context(running(name, channel, scratch))
                      for name in SERVERS}
@@ -312,17 +402,43 @@ def main() -> None:
                        for name, port in ports.items() for sharded in (True, False)}
             first = {key: client.fetch() for key, client in clients.items()}
             first_fetched = time.monotonic()
-            loads = {name: {
-                "repodata": load(port, ["/noarch/repodata.json"], {}, args.seconds,
-                                 args.connections, scratch),
-                "conditional": load(port, ["/noarch/repodata.json"], conditional_headers(port),
-                                    args.seconds, args.connections, scratch),
-                "packages": load(port, packages, {}, args.seconds, args.connections, scratch),
-            } for name, port in ports.items()}
+            runs: dict[tuple[str, str], list[dict]] = {}
+            for key, title, connections, kind in LOADS:
+                for _ in range(args.rounds):
+                    for name, port in ports.items():  # the servers take turns
+                        headers = conditional_headers(port) if key == "conditional" else {}
+                        result = load(port, paths[kind], headers, args.seconds,
+                                      connections or args.connections, scratch)
+                        runs.setdefault((name, key), []).append(result)
+                        print(f"  {title}, {name}: {rate(result):,.0f} req/s, "
+                              f"p99 {result['p99_ms']:,.1f} ms, {result['errors']} errors",
+                              flush=True)
+            loads = {name: {key: median_run(runs[name, key]) for key, *_ in LOADS}
+                     for name in SERVERS}
+            floods = {name: idle_flood(port, paths["small"][0], args.flood)
+                      for name, port in ports.items()}
             # A client's next run comes after its cache's heuristic freshness has run out.
             time.sleep(max(0.0, first_fetched + args.repeat_after - time.monotonic()))
             repeat = {key: client.fetch() for key, client in clients.items()}
-        report(loads, first, repeat, args.repeat_after)
+        print()
+        report(loads, floods, first, repeat, args.repeat_after)
+
+
+def rate(result: dict) -> float:
+    return result["requests"] / result["seconds"]
+
+
+def median_run(results: list[dict]) -> dict:
+    """Each figure's median over the rounds (the lower middle one of an even count): the
+    machine's other load moves single runs, the tail latency most."""
+    def middle(values: list[float]) -> float:
+        return sorted(values)[(len(values) - 1) // 2]
+
+    per_second = middle([rate(result) for result in results])
+    return {"requests": per_second, "seconds": 1.0,
+            "bytes": middle([r["bytes"] / r["seconds"] for r in results]),
+            "errors": max(result["errors"] for result in results),
+            "p99_ms": middle([result["p99_ms"] for result in results])}
 
 
 def conditional_headers(port: int) -> dict[str, str]:
@@ -336,33 +452,43 @@ def conditional_headers(port: int) -> dict[str, str]:
     return {"If-Modified-Since": validators["Last-Modified"]}
 
 
-def report(loads: dict, first: dict, repeat: dict, repeat_after: float) -> None:
-    print(f"{'':36}{'hubworks':>22}{'http.server':>22}{'ratio':>9}")
-    for key, title in [("repodata", "1. repodata.json"),
-                       ("conditional", "2. conditional re-fetch"),
-                       ("packages", "3. 1 MiB package downloads")]:
+def seconds(value: float) -> str:
+    return "no answer" if value == float("inf") else f"{value:.3f} s"
+
+
+def report(loads: dict, floods: dict, first: dict, repeat: dict, repeat_after: float) -> None:
+    print(f"{'':40}{'hubworks':>22}{'http.server':>22}{'ratio':>9}")
+    for key, title, connections, _ in LOADS:
         a, b = (loads[name][key] for name in SERVERS)
-        rate_a, rate_b = a["requests"] / a["seconds"], b["requests"] / b["seconds"]
+        rate_a, rate_b = rate(a), rate(b)
         bytes_a, bytes_b = a["bytes"] / a["seconds"], b["bytes"] / b["seconds"]
-        print(f"{title:36}{rate_a:>16,.1f} req/s{rate_b:>16,.1f} req/s"
+        print(f"{title:40}{rate_a:>16,.1f} req/s{rate_b:>16,.1f} req/s"
               f"{rate_a / max(rate_b, 1e-9):>8.2f}x")
-        print(f"{'   received per second':36}{mib(bytes_a) + '/s':>22}{mib(bytes_b) + '/s':>22}"
+        print(f"{'   received per second':40}{mib(bytes_a) + '/s':>22}{mib(bytes_b) + '/s':>22}"
               f"{bytes_a / max(bytes_b, 1e-9):>8.2f}x")
         per_a, per_b = (x["bytes"] / max(x["requests"], 1) for x in (a, b))
-        print(f"{'   bytes per answer':36}{per_a:>22,.0f}{per_b:>22,.0f}")
-        if a["errors"] or b["errors"]:
-            print(f"{'   socket errors':36}{a['errors']:>22}{b['errors']:>22}")
+        print(f"{'   bytes per answer':40}{per_a:>22,.0f}{per_b:>22,.0f}")
+        print(f"{'   p99 latency':40}{a['p99_ms']:>19,.1f} ms{b['p99_ms']:>19,.1f} ms")
+        if a["errors"] or b["errors"] or key == "tail":
+            print(f"{'   errors':40}{a['errors']:>22}{b['errors']:>22}")
+    ours, theirs = (floods[name] for name in SERVERS)
+    print(f"5. idle flood{'':28}{ours['opened']:>10,} opened in {ours['open_seconds']:.1f} s"
+          f"{theirs['opened']:>10,} opened in {theirs['open_seconds']:.1f} s")
+    print(f"{'   slowest request, flood open':40}{seconds(ours['during']):>22}"
+          f"{seconds(theirs['during']):>22}")
+    print(f"{'   slowest request, after all closed':40}{seconds(ours['after']):>22}"
+          f"{seconds(theirs['after']):>22}")
     for sharded, title in [(True, "sharded repodata (default)"), (False, "repodata.json.zst")]:
         print(f"2. rattler client, {title}; repeat {repeat_after:g} s after the first fetch")
         ours, theirs = ((first[name, sharded], repeat[name, sharded]) for name in SERVERS)
-        print(f"{'   first fetch, bytes received':36}{ours[0]['bytes']:>22,}"
+        print(f"{'   first fetch, bytes received':40}{ours[0]['bytes']:>22,}"
               f"{theirs[0]['bytes']:>22,}")
-        print(f"{'   repeat fetch, bytes received':36}{ours[1]['bytes']:>22,}"
+        print(f"{'   repeat fetch, bytes received':40}{ours[1]['bytes']:>22,}"
               f"{theirs[1]['bytes']:>22,}")
-        print(f"{'   repeat fetch outcome':36}{ours[1]['outcome']:>22}  {theirs[1]['outcome']}")
+        print(f"{'   repeat fetch outcome':40}{ours[1]['outcome']:>22}  {theirs[1]['outcome']}")
         # A failed repeat leaves a fetch without cache (the first fetch's bytes) as the way on.
         working = theirs[0 if theirs[1]["outcome"] != "ok" else 1]["bytes"]
-        print(f"{'   bytes of a working repeat':36}{ours[1]['bytes']:>22,}{working:>22,}"
+        print(f"{'   bytes of a working repeat':40}{ours[1]['bytes']:>22,}{working:>22,}"
               f"{working / max(ours[1]['bytes'], 1):>8,.0f}x fewer")
 
 

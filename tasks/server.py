@@ -1,12 +1,18 @@
 """serve_channel: the conda channel over HTTP, on a thread, for as long as a task needs it.
 
-``served_channel()`` is a context manager around a standard-library ``ThreadingHTTPServer``
-that gives conda clients what ``python -m http.server`` does not: HTTP/1.1 keep-alive, a
-listen backlog of 128, ETag and Last-Modified on every 200 and 304 (rattler rejects a bare
-304), ``Cache-Control`` per file kind, HEAD, single byte ranges and ``sendfile`` downloads.
+``served_channel()`` is a context manager around a standard-library ``HTTPServer`` that gives
+conda clients what ``python -m http.server`` does not: HTTP/1.1 keep-alive, a listen backlog
+of 1024, ETag and Last-Modified on every 200 and 304 (rattler rejects a bare 304),
+``Cache-Control`` per file kind, HEAD, single byte ranges and ``sendfile`` downloads.
 It serves regular files below the channel directory and nothing else, never lists folders,
 refuses write methods, and with a token serves only ``/t/<token>/...`` (the conda token URL
 form). Leaving the ``with`` block, by success, error or Ctrl-C, closes the port.
+
+Connections cost no thread while they wait (``tasks.connections``): a request reaches one
+of a small pool of worker threads only once all of it has arrived, and what a client does
+not take at once of its answer goes out as it takes it, so idle, slow-sending and
+slow-reading clients hold no worker. ``ConnectionLimits`` cap open connections (at the cap
+the one waiting longest is closed to make room), idle time, header time and send time.
 
 Tokens: ``serve_channel`` uses the ``channel.token`` setting. The server that image builds
 share never does: it has no token on loopback, else a fresh random one per run that dies
@@ -17,10 +23,13 @@ from __future__ import annotations
 
 import errno
 import hmac
+import io
 import ipaddress
 import os
+import queue
 import re
 import secrets
+import select
 import socket
 import socketserver
 import sys
@@ -31,11 +40,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import BinaryIO, Iterator, TextIO
+from stat import S_ISDIR, S_ISLNK, S_ISREG
+from typing import Iterator, TextIO
 from urllib.parse import unquote
 
+from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
 from .errors import HubworksError, reports_errors
 from .settings import TOKEN_PATTERN, Settings
 from .workspace import current_settings, log_path, print_line
@@ -55,6 +66,12 @@ READ_METHODS = "GET, HEAD"
 _TOKEN_IN_PATH = re.compile(r"/t/[^/\s?#'\"]+")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
 _WILDCARDS = {"", "0.0.0.0", "::"}
+# C0 and C1 control characters and DEL, written as \xNN: a request cannot forge log lines
+# or send escape sequences to the terminal of whoever reads the log.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+SMALL_FILE = 64 * 1024  # files up to this size are kept in memory and sent with their headers
+_FILE_CACHE_BYTES = 64 << 20
 
 
 def content_type(name: str) -> str:
@@ -77,6 +94,11 @@ def redact(text: str) -> str:
     return _TOKEN_IN_PATH.sub("/t/<token>", text)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, safe to write as one log line."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 class Refusal(Exception):
     """An answer other than the file: a status and the headers that go with it."""
 
@@ -86,11 +108,13 @@ class Refusal(Exception):
         self.headers = headers or {}
 
 
-def channel_file(root: Path, token: str | None, target: str) -> Path:
-    """The regular file below ``root`` (resolved) that a request target names.
+def channel_file(root: Path, token: str | None, target: str) -> tuple[str, os.stat_result]:
+    """The regular file below ``root`` (resolved) that a request target names, with its
+    stat.
 
     Raises Refusal: 403 without the token, 404 for anything outside ``root`` or not a
-    file, 301 to add the slash a folder with an index.html needs for its relative links.
+    file, 301 to add the slash a folder with an index.html needs for its relative links
+    (the token's own root, ``/t/<token>``, included).
     """
     path = target.split("?", 1)[0].split("#", 1)[0]
     if not path.startswith("/"):
@@ -100,47 +124,66 @@ def channel_file(root: Path, token: str | None, target: str) -> Path:
         given = parts[2] if len(parts) > 2 and parts[1] == "t" else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise Refusal(403)
-        path = "/" + (parts[3] if len(parts) > 3 else "")
+        if len(parts) == 3:
+            raise Refusal(301, {"Location": path + "/"})
+        path = "/" + parts[3]
     name = unquote(path)
     if "\\" in name or "\0" in name:
         raise Refusal(404)
     segments = [s for s in name.split("/") if s not in ("", ".")]
     if ".." in segments:
         raise Refusal(404)
-    found = _inside(root, root.joinpath(*segments))
-    if found.is_dir():
-        found = _inside(root, found / "index.html")
-        if not path.endswith("/") and found.is_file():
+    found, stat = _inside(str(root), segments)
+    if S_ISDIR(stat.st_mode):
+        found, stat = _inside(str(root), [*segments, "index.html"])
+        if not path.endswith("/") and S_ISREG(stat.st_mode):
             raise Refusal(301, {"Location": target.split("?", 1)[0] + "/"})
-    if not found.is_file():
+    if not S_ISREG(stat.st_mode):
         raise Refusal(404)
-    return found
+    return found, stat
 
 
-def _inside(root: Path, candidate: Path) -> Path:
-    """``candidate`` with symlinks resolved, if it exists and stays below ``root``."""
+def _inside(root: str, segments: list[str]) -> tuple[str, os.stat_result]:
+    """The real path of ``root/segments`` and its stat, if it exists and stays below
+    ``root`` (itself resolved); symlinks are followed only where they stay inside."""
+    path, stat = root, None
+    for at, segment in enumerate(segments):
+        path = f"{path}/{segment}"
+        try:
+            stat = os.lstat(path)
+        except (OSError, ValueError):
+            raise Refusal(404) from None
+        if S_ISLNK(stat.st_mode):
+            return _resolved(root, os.path.join(path, *segments[at + 1:]))
+    return path, stat or os.stat(root)
+
+
+def _resolved(root: str, path: str) -> tuple[str, os.stat_result]:
     try:
-        real = candidate.resolve(strict=True)
-    except (OSError, RuntimeError):
+        real = os.path.realpath(path, strict=True)
+        stat = os.stat(real)
+    except (OSError, ValueError):
         raise Refusal(404) from None
-    if real != root and root not in real.parents:
+    if real != root and not real.startswith(root + "/"):
         raise Refusal(404)
-    return real
+    return real, stat
 
 
 def byte_range(header: str, size: int) -> tuple[int, int] | None:
     """(first, last) byte of a single range; None means send the whole file.
 
     Several ranges, or a range we cannot read, get the whole file (RFC 9110 allows it);
-    a range that starts past the end raises Refusal(416).
+    a range that starts past the end raises Refusal(416). A last byte past the end means
+    the end, a suffix longer than the file the whole file, however many digits they have.
     """
     match = _BYTE_RANGE.fullmatch(header.strip())
     if not match or not (match[1] or match[2]):
         return None
     if match[1]:
-        first, last = int(match[1]), int(match[2]) if match[2] else size - 1
+        first, last = _position(match[1]), _position(match[2]) if match[2] else size - 1
     else:  # the last N bytes; the last 0 bytes is no range at all
-        first, last = (size - int(match[2]) if int(match[2]) else size), size - 1
+        suffix = _position(match[2])
+        first, last = (size - suffix if suffix else size), size - 1
     if first >= size:
         raise Refusal(416, {"Content-Range": f"bytes */{size}"})
     if last < first:
@@ -148,21 +191,162 @@ def byte_range(header: str, size: int) -> tuple[int, int] | None:
     return max(first, 0), min(last, size - 1)
 
 
+def _position(digits: str) -> int:
+    # More digits than any file size has is past every end; int() refuses 4,300 digits.
+    return int(digits) if len(digits) <= 18 else 1 << 62
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What the answer for one version of a file needs: validators, type, and for a small
+    file its bytes. ``version`` is (device, inode, size, mtime): a new version, a new entry."""
+
+    version: tuple[int, int, int, int]
+    etag: str
+    mtime: float
+    header_lines: str  # ETag, Last-Modified, Cache-Control, Content-Type, Accept-Ranges
+    validator_lines: str  # ETag, Last-Modified, Cache-Control: what a 304 carries
+    content: bytes | None
+
+    @classmethod
+    def of(cls, path: Path, stat: os.stat_result, content: bytes | None) -> FileFacts:
+        etag = f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
+        validators = (f"ETag: {etag}\r\n"
+                      f"Last-Modified: {formatdate(stat.st_mtime, usegmt=True)}\r\n"
+                      f"Cache-Control: {cache_control(path)}\r\n")
+        return cls(version=_version(stat), etag=etag, mtime=stat.st_mtime,
+                   header_lines=(f"{validators}Content-Type: {content_type(path.name)}\r\n"
+                                 "Accept-Ranges: bytes\r\n"),
+                   validator_lines=validators, content=content)
+
+    @property
+    def size(self) -> int:
+        return self.version[2]
+
+    @property
+    def last_modified(self) -> str:
+        return formatdate(self.mtime, usegmt=True)
+
+
+def _version(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class FileCache:
+    """FileFacts by path, valid while the file's (device, inode, size, mtime) stays the same:
+    a stat per request instead of an open, a read and date formatting."""
+
+    def __init__(self, budget: int = _FILE_CACHE_BYTES):
+        self.facts: dict[str, FileFacts] = {}
+        self.budget, self.held = budget, 0
+        self.lock = threading.Lock()
+
+    def lookup(self, path: str, stat: os.stat_result) -> FileFacts:
+        """The facts of the file at ``path`` whose stat was just taken."""
+        version = _version(stat)
+        known = self.facts.get(path)
+        if known is not None and known.version == version:
+            return known
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())  # the facts describe the bytes read, mid-reindex too
+            content = file.read(SMALL_FILE + 1) if stat.st_size <= SMALL_FILE else None
+        if content is not None and len(content) != stat.st_size:
+            content = None  # it changed while being read: serve it from disk this time
+        facts = FileFacts.of(Path(path), stat, content)
+        with self.lock:
+            if self.held > self.budget or len(self.facts) > 100_000:
+                self.facts.clear()  # a crude bound; a channel's hot files come back quickly
+                self.held = 0
+            self.facts[path] = facts
+            self.held += len(content or b"") + 256
+        return facts
+
+
+class RequestHeaders(dict):
+    """A request's headers by lower-case name; a repeated header's values joined by ", "
+    (RFC 9110), which also makes two Content-Length headers unreadable as one number."""
+
+    def add(self, name: str, value: str) -> None:
+        key = name.lower()
+        dict.__setitem__(self, key, f"{dict.get(self, key)}, {value}" if key in self else value)
+
+    def get(self, name: str, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name: str):
+        return dict.get(self, name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
+
+
 class ChannelRequestHandler(BaseHTTPRequestHandler):
-    """GET and HEAD of channel files; write methods refused with 405."""
+    """GET and HEAD of channel files; write methods refused with 405.
+
+    One handler answers one request. The server reads the whole request before a worker
+    thread runs the handler, so ``rfile`` is that request in memory, and what the client
+    does not take at once of the answer is sent by the waiting room: a worker never waits
+    for a client.
+    """
 
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per host
     server_version = "hubworks-channel"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes
-    timeout = 60  # an idle keep-alive connection gives its thread back
     server: ChannelServer
+    request: Client
 
-    def handle_one_request(self) -> None:
+    def setup(self) -> None:
+        self.connection = self.request.sock
+        self.rfile = io.BytesIO(self.request.take_request())
+        self.wfile = ClientWriter(self.request)
+
+    def handle(self) -> None:
+        self.close_connection = True
         self.command, self.path, self.status, self.sent = None, "", None, 0
         started = time.perf_counter()
-        super().handle_one_request()
-        if self.status is not None:
-            self.server.record(self, time.perf_counter() - started)
+        self.handle_one_request()
+        if self.status is not None:  # logged once the whole answer is out
+            self.request.answered = (self.command, self.path, self.status, self.sent, started)
+
+    def parse_request(self) -> bool:
+        """The standard library's parse_request for the common request line (method,
+        target, HTTP/1.0 or 1.1), without its email parser: headers are split straight
+        from the request, which arrived whole. Other forms go to the standard library."""
+        words = self.raw_requestline.split()
+        if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            return super().parse_request()
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        command, path, version = (str(word, "iso-8859-1") for word in words)
+        if path.startswith("//"):  # as the standard library: no open redirect (gh-87389)
+            path = "/" + path.lstrip("/")
+        self.command, self.path, self.request_version = command, path, version
+        self.close_connection = version == "HTTP/1.0"
+        self.headers = headers = RequestHeaders()
+        name = ""
+        for count, line in enumerate(self.rfile):
+            if line in (b"\r\n", b"\n"):
+                break
+            if count >= 100:
+                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
+                return False
+            text = str(line, "iso-8859-1")
+            if text[0] in " \t" and name:  # an obsolete folded line continues the last one
+                headers.add(name, text.strip())
+                continue
+            name, colon, value = text.partition(":")
+            if colon:
+                headers.add(name.strip(), value.strip())
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        return True
+
+    def finish(self) -> None:
+        pass  # the connection outlives the handler: the server closes it or waits for more
+
+    def handle_expect_100(self) -> bool:
+        return True  # no 100 Continue: the body is never read, and the connection closes
 
     def do_GET(self) -> None:
         self.answer(with_body=True)
@@ -171,60 +355,77 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         self.answer(with_body=False)
 
     def do_POST(self) -> None:
-        # The unread request body would garble the next request on this connection.
-        self.close_connection = True
-        self.send_status(405, {"Allow": READ_METHODS, "Connection": "close"})
+        self.drop_body()
+        self.send_status(405, {"Allow": READ_METHODS})
 
     do_PUT = do_DELETE = do_PATCH = do_POST
 
+    def drop_body(self) -> None:
+        """Drop the request's body: the server read it if small; if not (large, chunked),
+        the connection closes after the answer, so the body is never taken for a request."""
+        body = len(self.rfile.read())
+        declared = self.headers.get("Content-Length", "0").strip()
+        if "Transfer-Encoding" in self.headers or declared != str(body):
+            self.close_connection = True
+            self.request.unread_body = True
+
     def answer(self, with_body: bool) -> None:
+        self.drop_body()
         try:
             token = self.server.token_for(self.client_address[0], self.path)
-            path = channel_file(self.server.root, token, self.path)
-            with path.open("rb") as file:
-                self.send_file(file, path, with_body)
+            path, stat = channel_file(self.server.root, token, self.path)
+            self.send_file(path, stat, with_body)
         except Refusal as refusal:
             self.send_status(refusal.status, refusal.headers, with_body)
         except OSError as exc:
-            if self.status is not None:  # the client went away mid-body
+            if self.status is not None:  # the client went away mid-answer
                 self.close_connection = True
                 return
             self.log_error("cannot read %s: %s", self.path, exc)
             self.send_status(404, with_body=with_body)
 
-    def send_file(self, file: BinaryIO, path: Path, with_body: bool) -> None:
-        # fstat of the open file: the validators describe the bytes we send, even mid-reindex
-        stat = os.fstat(file.fileno())
-        size = stat.st_size
-        validators = {
-            "ETag": f'"{size:x}-{stat.st_mtime_ns:x}"',
-            "Last-Modified": formatdate(stat.st_mtime, usegmt=True),
-            "Cache-Control": cache_control(path),
-        }
-        if self.is_fresh(validators["ETag"], stat.st_mtime):
-            # No Content-Length: some clients (wrk's parser) would wait for that many bytes.
-            self.send_head(304, validators, length=None)
+    def send_file(self, path: str, stat: os.stat_result, with_body: bool) -> None:
+        facts = self.server.files.lookup(path, stat)
+        if facts.content is not None:
+            self.send_facts(facts, facts.content, with_body)
             return
-        headers = {**validators, "Content-Type": content_type(path.name),
-                   "Accept-Ranges": "bytes"}
-        wanted = self.headers.get("Range")
-        span = byte_range(wanted, size) if wanted and self.range_applies(validators) else None
-        if span is None:
-            first, count = 0, size
-            self.send_head(200, headers, size)
-        else:
-            first, count = span[0], span[1] - span[0] + 1
-            headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{size}"
-            self.send_head(206, headers, count)
-        if with_body and count:
-            self.send_bytes(file, first, count)
+        with open(path, "rb") as file:
+            stat = os.fstat(file.fileno())  # the validators describe the bytes we send
+            if _version(stat) != facts.version:
+                facts = FileFacts.of(Path(path), stat, None)
+            self.send_facts(facts, file, with_body)
 
-    def is_fresh(self, etag: str, mtime: float) -> bool:
+    def send_facts(self, facts: FileFacts, content: bytes | io.BufferedReader,
+                   with_body: bool) -> None:
+        if self.is_fresh(facts):
+            # No Content-Length: some clients (wrk's parser) would wait for that many bytes.
+            self.send_head(304, facts.validator_lines)
+            return
+        size, first, count = facts.size, 0, facts.size
+        lines = facts.header_lines
+        wanted = self.headers.get("Range")
+        span = byte_range(wanted, size) if wanted and self.range_applies(facts) else None
+        if span is not None:
+            first, count = span[0], span[1] - span[0] + 1
+            lines += f"Content-Range: bytes {span[0]}-{span[1]}/{size}\r\n"
+        status = 200 if span is None else 206
+        if not with_body or not count:
+            self.send_head(status, lines, count)
+        elif isinstance(content, bytes):
+            self.send_head(status, lines, count, content[first:first + count])
+        else:
+            self.send_head(status, lines, count)
+            self.request.send_file(content, first, count)
+            self.sent = count  # counted as sent; the log line waits for the last byte
+
+    def is_fresh(self, facts: FileFacts) -> bool:
         """The client's copy is current: If-None-Match decides, else If-Modified-Since."""
         tags = self.headers.get("If-None-Match")
         if tags is not None:
+            if tags == facts.etag:
+                return True
             given = {tag.strip().removeprefix("W/") for tag in tags.split(",")}
-            return "*" in given or etag in given
+            return "*" in given or facts.etag in given
         since = self.headers.get("If-Modified-Since")
         if not since:
             return False
@@ -234,37 +435,41 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             return False
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        return int(mtime) <= when.timestamp()
+        return int(facts.mtime) <= when.timestamp()
 
-    def range_applies(self, validators: dict[str, str]) -> bool:
+    def range_applies(self, facts: FileFacts) -> bool:
         """If-Range: the range only holds for the version the client names."""
         condition = self.headers.get("If-Range")
-        return condition is None or condition.strip() in (validators["ETag"],
-                                                          validators["Last-Modified"])
+        return condition is None or condition.strip() in (facts.etag, facts.last_modified)
 
-    def send_head(self, status: int, headers: dict[str, str], length: int | None) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        if length is not None:
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
-
-    def send_bytes(self, file: BinaryIO, first: int, count: int) -> None:
-        try:
-            self.sent = self.connection.sendfile(file, first, count)
-        finally:
-            self.sent = self.sent or max(file.tell() - first, 0)
+    def send_head(self, status: int, lines: str, length: int | None = None,
+                  body: bytes = b"") -> None:
+        """Status line, headers (``lines``, each ending CRLF) and ``body`` in one send."""
+        self.log_request(status)
+        if self.request_version == "HTTP/0.9":
+            self.wfile.write(body)
+        else:
+            if length is not None:
+                lines += f"Content-Length: {length}\r\n"
+            if self.close_connection:
+                lines += "Connection: close\r\n"
+            elif self.request_version == "HTTP/1.0":
+                lines += "Connection: keep-alive\r\n"
+            head = (f"{self.protocol_version} {status} {_PHRASES[status]}\r\n"
+                    f"Server: {_SERVER_HEADER}\r\nDate: {http_date()}\r\n{lines}\r\n")
+            self.wfile.write(head.encode("latin-1") + body)
+        self.sent = len(body)
 
     def send_status(self, status: int, headers: dict[str, str] | None = None,
                     with_body: bool = True) -> None:
         """A short text answer that keeps the connection usable (send_error closes it)."""
-        body = f"{status} {HTTPStatus(status).phrase}\n".encode()
-        self.send_head(status, {**(headers or {}), "Content-Type": "text/plain; charset=utf-8"},
-                       len(body))
-        if with_body:
-            self.wfile.write(body)
-            self.sent = len(body)
+        text = f"{status} {_PHRASES[status]}\n".encode()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self.send_head(status, lines + "Content-Type: text/plain; charset=utf-8\r\n",
+                       len(text), text if with_body else b"")
+
+    def version_string(self) -> str:
+        return _SERVER_HEADER
 
     def log_request(self, code="-", size="-") -> None:
         self.status = int(code)  # the server writes one line when the request is done
@@ -273,21 +478,90 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         self.server.write_log(f"{self.client_address[0]} {format % args}")
 
 
-class ChannelServer(ThreadingHTTPServer):
-    """A threading HTTP server over one channel folder, with counters and an access log."""
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_SERVER_HEADER = f"{ChannelRequestHandler.server_version} Python/{sys.version.split()[0]}"
+_date_second, _date_text = 0, ""
 
-    daemon_threads = True
-    request_queue_size = 128  # bursts of parallel downloads; the default backlog is 5
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_text = now, formatdate(now, usegmt=True)
+    return _date_text
+
+
+class AccessLog:
+    """The access log, written by a thread of its own: a request never waits for the file,
+    and the line is formatted off the request's path. Tokens appear as ``<token>``,
+    control characters escaped."""
+
+    def __init__(self, stream: TextIO, token: str | None):
+        self.stream, self.token = stream, token
+        self.entries: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="channel-access-log", daemon=True)
+        self.thread.start()
+
+    def request(self, client: str, command: str | None, path: str, status: int, sent: int,
+                seconds: float) -> None:
+        self.entries.put((time.time(), client, command, path, status, sent, seconds))
+
+    def message(self, text: str) -> None:
+        self.entries.put((time.time(), text))
+
+    def run(self) -> None:
+        while (entry := self.entries.get()) is not None:
+            self.stream.write(self.line(entry))
+            if self.entries.empty():
+                self.stream.flush()
+        self.stream.flush()
+
+    def line(self, entry: tuple) -> str:
+        if len(entry) == 2:
+            when, text = entry
+        else:
+            when, client, command, path, status, sent, seconds = entry
+            text = (f"{client} {command or '-'} {path or '-'} {status} {sent} "
+                    f"{seconds * 1000:.1f}ms")
+        text = redact(text)
+        if self.token:  # also where a client put the token somewhere else
+            text = text.replace(self.token, "<token>")
+        stamp = datetime.fromtimestamp(when).isoformat(timespec="seconds")
+        return f"{stamp} {printable(text)}\n"
+
+    def close(self) -> None:
+        self.entries.put(None)
+        self.thread.join()
+
+
+class ChannelServer(HTTPServer):
+    """An HTTP server over one channel folder: a thread accepts connections (serve_forever),
+    a WaitingRoom holds them between requests, a pool of workers answers, counters and
+    an access log record what was sent."""
+
+    request_queue_size = 1024  # bursts of new connections; the default backlog is 5
 
     def __init__(self, address: tuple[str, int], root: Path, token: str | None,
-                 log: TextIO | None, local_clients_without_token: bool = False):
+                 log: AccessLog | None, limits: ConnectionLimits = ConnectionLimits(),
+                 local_clients_without_token: bool = False):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.root, self.token, self.log = root, token, log
+        self.root, self.token, self.log, self.limits = root, token, log, limits
         self.local_clients_without_token = local_clients_without_token
         self.requests_served = self.bytes_sent = 0
         self.lock = threading.Lock()
-        self.connections: set[socket.socket] = set()
+        self.open_clients: set[Client] = set()
+        self.files = FileCache()
+        # Each connection is a file; leave room for files being sent and the rest.
+        self.max_connections = max(1, min(limits.max_connections,
+                                          (open_file_budget() - 64) // 2 - limits.workers))
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting = WaitingRoom(limits, self.dispatch, self.close_client, self.answer_sent)
+        self.workers: list[threading.Thread] = []
         super().__init__(address, ChannelRequestHandler)
+        self.waiting.start()
+        for _ in range(min(2, limits.workers)):
+            self.add_worker()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
@@ -305,43 +579,122 @@ class ChannelServer(ThreadingHTTPServer):
             return None
         return self.token
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: socket.socket, client_address) -> None:
+        """A new connection: into the waiting room, after making room for it if full."""
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        request.setblocking(False)  # for good: no thread ever waits on a client
+        client = Client(request, client_address)
         with self.lock:
-            self.connections.add(request)
-        super().process_request(request, client_address)
+            self.open_clients.add(client)
+            full = len(self.open_clients) > self.max_connections
+        if full and not self.waiting.evict_oldest():
+            self.close_client(client)  # every connection is busy: this one cannot wait
+            return
+        self.waiting.park(client)
 
-    def shutdown_request(self, request) -> None:
+    def dispatch(self, client: Client) -> None:
+        """Queue a connection whose request has arrived (called by the waiting room)."""
+        self.ready.put(client)
+        # The pool grows when requests queue up: a server that sees few starts quickly.
+        if self.ready.qsize() > 1 and len(self.workers) < self.limits.workers:
+            self.add_worker()
+
+    def add_worker(self) -> None:
+        worker = threading.Thread(target=self.work, daemon=True,
+                                  name=f"channel-worker-{len(self.workers)}")
+        self.workers.append(worker)
+        worker.start()
+
+    def work(self) -> None:
+        while (client := self.ready.get()) is not None:
+            self.serve(client)
+
+    def serve(self, client: Client) -> None:
+        """Answer the requests ``client`` has sent, then hand it back to the waiting room."""
+        try:
+            while True:
+                handler = self.RequestHandlerClass(client, client.address, self)
+                self.record(client)
+                if handler.close_connection or client.sending() or not client.has_request():
+                    break
+        except OSError:  # reset, or gone: nothing to log
+            self.close_client(client)
+            return
+        except Exception as exc:  # a bug: one line, no traceback
+            self.write_log(f"{client.address[0]} error: {type(exc).__name__}: {exc}")
+            self.close_client(client)
+            return
+        client.close_after = handler.close_connection
+        if client.sending():
+            self.waiting.park(client)  # the room sends the rest as the client takes it
+        else:
+            self.answer_sent(client)
+
+    def answer_sent(self, client: Client) -> None:
+        """The whole answer is out: log it, then wait for the next request, or close."""
+        self.record(client)
+        if not client.close_after:
+            if client.has_request():
+                self.dispatch(client)
+            else:
+                self.waiting.park(client)
+        elif client.unread_body:  # let the client read the answer, then close
+            with suppress(OSError):
+                client.sock.shutdown(socket.SHUT_WR)
+            client.closing = True
+            self.waiting.park(client)
+        else:
+            self.close_client(client)
+
+    def close_client(self, client: Client) -> None:
         with self.lock:
-            self.connections.discard(request)
-        super().shutdown_request(request)
+            if client not in self.open_clients:
+                return
+            self.open_clients.discard(client)
+        self.record(client, complete=False)
+        client.drop_body()
+        with suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+        client.sock.close()
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        self.write_log(f"{client_address[0]} error: {type(error).__name__}: {error}")
 
     def server_close(self) -> None:
-        # Idle keep-alive connections would otherwise hold server_close's thread join.
+        """Close the port and every connection; wait for the workers to finish."""
+        super().server_close()  # also called when binding fails: nothing started then
+        self.waiting.stop()  # no more requests for the workers, nor new workers
+        for _ in self.workers:
+            self.ready.put(None)
+        for worker in self.workers:
+            worker.join()
+        while not self.ready.empty():
+            if (client := self.ready.get_nowait()) is not None:
+                self.close_client(client)
         with self.lock:
-            open_now = list(self.connections)
-        for connection in open_now:
-            with suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        super().server_close()
+            left = list(self.open_clients)
+        for client in left:
+            self.close_client(client)
 
-    def record(self, handler: ChannelRequestHandler, seconds: float) -> None:
+    def record(self, client: Client, complete: bool = True) -> None:
+        """Count and log the client's last answer once it is all out (or cut short)."""
+        if client.answered is None or (complete and client.sending()):
+            return
+        command, path, status, sent, started = client.answered
+        client.answered = None
+        if client.body is not None:  # the client left before taking all of it
+            sent -= client.body[2]
         with self.lock:
             self.requests_served += 1
-            self.bytes_sent += handler.sent
-        self.write_log(f"{handler.client_address[0]} {handler.command or '-'} "
-                       f"{handler.path or '-'} {handler.status} {handler.sent} "
-                       f"{seconds * 1000:.1f}ms")
+            self.bytes_sent += sent
+        if self.log is not None:
+            self.log.request(client.address[0], command, path, status, sent,
+                             time.perf_counter() - started)
 
     def write_log(self, line: str) -> None:
-        if self.log is None:
-            return
-        line = redact(line)
-        if self.token:  # also where a client put the token somewhere else
-            line = line.replace(self.token, "<token>")
-        stamp = datetime.now().isoformat(timespec="seconds")
-        with self.lock:
-            self.log.write(f"{stamp} {line}\n")
-            self.log.flush()
+        if self.log is not None:
+            self.log.message(line)
 
 
 @dataclass
@@ -384,6 +737,7 @@ class ServedChannel:
 @contextmanager
 def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 8000,
                    token: str | None = None, access_log: Path | TextIO | None = None,
+                   limits: ConnectionLimits = ConnectionLimits(),
                    local_clients_without_token: bool = False) -> Iterator[ServedChannel]:
     """Serve ``channel_dir`` on ``host:port`` (0: a free port) while the block runs.
 
@@ -399,10 +753,19 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         raise HubworksError(f"Channel token {token!r} cannot stand in a URL path.",
                             fix="use letters, digits and . _ ~ - only, or token = \"auto\"")
     with ExitStack() as stack:
-        log = access_log
-        if isinstance(access_log, (str, Path)):
-            log = stack.enter_context(open(access_log, "a", encoding="utf-8"))
-        server = _bind(host, port, root, token, log, local_clients_without_token)
+        log = None
+        if access_log is not None:
+            stream = access_log
+            if isinstance(access_log, (str, Path)):
+                stream = stack.enter_context(open(access_log, "a", encoding="utf-8"))
+            log = AccessLog(stream, token)
+            stack.callback(log.close)
+        server = _bind(host, port, root, token, log, limits, local_clients_without_token)
+        served = _describe(server, host, root, token)
+        served.local_clients_without_token = local_clients_without_token
+        # Start and stop lines let a reader of the log see each server's lifetime.
+        stack.callback(lambda: server.write_log(
+            f"stopped serving {served.url} after {served.requests_served} requests"))
         stack.callback(server.server_close)
         # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -410,20 +773,19 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
         thread.start()
         stack.callback(thread.join)
         stack.callback(server.shutdown)
-        served = _describe(server, host, root, token)
-        served.local_clients_without_token = local_clients_without_token
-        # Start and stop lines let a reader of the log see each server's lifetime.
         server.write_log(f"serving {root} at {served.url}")
-        stack.callback(lambda: server.write_log(
-            f"stopped serving {served.url} after {served.requests_served} requests"))
         yield served
 
 
-def _bind(host: str, port: int, root: Path, token: str | None, log: TextIO | None,
-          local_clients_without_token: bool) -> ChannelServer:
+def _bind(host: str, port: int, root: Path, token: str | None, log: AccessLog | None,
+          limits: ConnectionLimits, local_clients_without_token: bool) -> ChannelServer:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not hasattr(select, "epoll"):
+        raise HubworksError(f"Channel server cannot listen on {address}: it needs Linux "
+                            f"(it watches its connections with epoll).",
+                            fix="serve the channel from a Linux machine, VM or container")
     try:
-        return ChannelServer((host, port), root, token, log, local_clients_without_token)
+        return ChannelServer((host, port), root, token, log, limits, local_clients_without_token)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise HubworksError(

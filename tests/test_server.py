@@ -12,9 +12,12 @@ import http.client
 import io
 import os
 import re
+import resource
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,8 +33,8 @@ from rattler.index import index_fs
 from rattler_build import Stage0Recipe
 
 from tasks.errors import HubworksError
-from tasks.server import (channel_server_from_settings, channel_token, machine_name,
-                          printable_url, served_channel)
+from tasks.server import (ConnectionLimits, channel_server_from_settings, channel_token,
+                          machine_name, printable_url, served_channel)
 from tasks.settings import load_settings
 from tests.conftest import DODO, Workspace
 
@@ -74,6 +77,7 @@ def channel(tmp_path_factory) -> Path:
         bz2.compress((channel / "noarch" / "repodata.json").read_bytes()))
     (channel / "noarch" / "old-1.0-0.tar.bz2").write_bytes(b"not really a package")
     (channel / "bytes.bin").write_bytes(bytes(range(256)) * 4)
+    (channel / "big.bin").write_bytes(os.urandom(8 << 20))
     (channel / "changing.json").write_text("{}")
     (channel / "no-index").mkdir()
     (channel / "no-index" / "file.txt").write_text("listed nowhere")
@@ -100,6 +104,14 @@ def raw_get(port: int, target: str) -> tuple[int, bytes]:
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a timeout fails the test)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
 
 
 def refuses_connections(port: int) -> bool:
@@ -210,6 +222,22 @@ def test_byte_ranges(server, channel):
     assert (changed.status_code, changed.content) == (200, data)
 
 
+@pytest.mark.parametrize("header, status, content_range", [
+    ("bytes=1-" + "9" * 5000, 206, "bytes 1-1023/1024"),  # past the end: up to the end
+    ("bytes=-" + "9" * 5000, 206, "bytes 0-1023/1024"),  # more than all: all
+    ("bytes=" + "9" * 5000 + "-", 416, "bytes */1024"),
+    ("bytes=" + "1" * 40 + "-" + "2" * 40, 416, "bytes */1024"),
+])
+def test_absurd_range_numbers_get_an_answer_not_a_traceback(server, channel, capfd, header,
+                                                             status, content_range):
+    answer = requests.get(server.url + "bytes.bin", headers={"Range": header})
+    assert (answer.status_code, answer.headers["Content-Range"]) == (status, content_range)
+    if status == 206:
+        first = int(content_range.split()[1].split("-")[0])
+        assert answer.content == (channel / "bytes.bin").read_bytes()[first:]
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # What nobody gets -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target", [
@@ -259,6 +287,42 @@ def test_write_methods_are_refused(server, channel, method):
     assert (channel / "changing.json").read_bytes() == before
 
 
+# A request that a body would smuggle in, were the body read as the next request.
+SMUGGLED = b"GET /bytes.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_a_small_body_is_read_and_discarded_not_taken_for_a_request(server, method):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"{method} /index.html HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {len(SMUGGLED)}\r\n\r\n".encode() + SMUGGLED
+                     + b"GET /noarch/index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = read_to_end(sock)
+    # two answers: the first request's, then the next request's; none for the body
+    status = b"405" if method == "POST" else b"200"
+    assert answers.startswith(b"HTTP/1.1 " + status) and answers.count(b"HTTP/1.1 ") == 2
+    assert answers.endswith(b"\r\n\r\n<h1>noarch</h1>"), answers
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("framing", [
+    f"Content-Length: {1 << 20}",  # larger than is worth reading: only its start is sent
+    "Transfer-Encoding: chunked",
+])
+def test_a_large_or_chunked_body_is_answered_then_the_connection_closed(server, method,
+                                                                        framing):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        body = SMUGGLED if framing.startswith("Content") else (
+            f"{len(SMUGGLED):x}\r\n".encode() + SMUGGLED + b"\r\n0\r\n\r\n")
+        sock.sendall(f"{method} /index.html HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n"
+                     .encode() + body)
+        answers = read_to_end(sock)
+    head, _, rest = answers.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    body = b"" if method == "HEAD" else b"<h1>channel</h1>"
+    assert rest == body, answers  # one answer, nothing for the body's "request"
+
+
 def test_token_guards_every_path_and_stays_out_of_the_log(channel, tmp_path):
     log = tmp_path / "access.log"
     with served_channel(channel, port=0, token="s3cret", access_log=log) as served:
@@ -278,6 +342,16 @@ def test_token_guards_every_path_and_stays_out_of_the_log(channel, tmp_path):
     assert int(sent) == (channel / "noarch" / "repodata.json").stat().st_size
     assert ms.endswith("ms")
     assert "s3cre" not in log.read_text()
+
+
+def test_the_token_root_without_its_slash_redirects_to_it(channel):
+    token = "a-token-of-20-chars-"
+    with served_channel(channel, port=0, token=token) as served:
+        base = f"http://127.0.0.1:{served.port}/t/{token}"
+        bare = requests.get(base, allow_redirects=False)
+        assert (bare.status_code, bare.headers["Location"]) == (301, f"/t/{token}/")
+        followed = requests.get(base)
+        assert (followed.url, followed.text) == (base + "/", "<h1>channel</h1>")
 
 
 def test_token_setting_policy(channel):
@@ -361,6 +435,166 @@ def test_settings_bind_all_interfaces_with_a_token_and_a_reachable_name(channel,
         assert requests.get(local).status_code == 200
     logged = (tmp_path / ".hubworks" / "logs" / "channel-server.log").read_text()
     assert "/t/<token>/noarch/repodata.json 200" in logged
+
+
+# Careless and hostile clients -------------------------------------------------------------
+
+FLOOD = 3000
+
+
+def open_file_limit(wanted: int) -> None:
+    """Raise this process's soft limit on open files to fit ``wanted`` more sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"needs {wanted} open files; the hard limit here is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (wanted if hard == resource.RLIM_INFINITY else hard, hard))
+
+
+def assert_answers(url: str) -> None:
+    # the timeout only keeps a stalled server from hanging the test; speed is the benchmark's
+    assert requests.get(url, timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("flood", ["idle", "slow"])
+def test_a_flood_of_idle_or_slow_connections_does_not_hold_up_a_request(channel, flood):
+    open_file_limit(2 * FLOOD + 2000)  # both ends of each connection live in this process
+    with served_channel(channel, port=0) as served:
+        url = served.url + "noarch/repodata.json"
+        sockets = []
+        try:
+            for _ in range(FLOOD):
+                sock = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+                if flood == "slow":  # a request whose headers never end (slowloris)
+                    sock.sendall(b"GET /index.html HTTP/1.1\r\nHost: x\r\nX-Wait: ")
+                sockets.append(sock)
+            assert_answers(url)
+            # the server held no more than its cap: it closed the longest idle ones
+            closed = select.poll()
+            for sock in sockets:
+                closed.register(sock, select.POLLIN)
+            assert len(closed.poll(1000)) >= FLOOD - ConnectionLimits().max_connections
+        finally:
+            for sock in sockets:  # all at once, as a crowd of clients going away
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        assert_answers(url)
+
+
+def test_clients_that_stop_reading_their_downloads_do_not_hold_up_a_request(channel):
+    with served_channel(channel, port=0) as served:
+        stalled = []
+        try:
+            for _ in range(100):  # more than there are workers
+                sock = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+                stalled.append(sock)
+            assert_answers(served.url + "index.html")
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_a_slow_reader_gets_the_whole_file_and_one_log_line(channel, tmp_path):
+    log = tmp_path / "access.log"
+    with served_channel(channel, port=0, access_log=log) as served:
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+        connection.request("GET", "/big.bin")
+        answer = connection.getresponse()
+        time.sleep(0.5)  # the socket buffers fill up; the rest waits for the client
+        assert answer.read() == (channel / "big.bin").read_bytes()
+        connection.request("GET", "/index.html")  # the connection goes on
+        assert connection.getresponse().read() == b"<h1>channel</h1>"
+        connection.close()
+    lines = log.read_text().splitlines()
+    assert [line.split()[2:5] for line in lines[1:-1]] == [
+        ["GET", "/big.bin", "200"], ["GET", "/index.html", "200"]]
+    assert int(lines[1].split()[5]) == 8 << 20
+
+
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room(channel):
+    with served_channel(channel, port=0, limits=ConnectionLimits(max_connections=3)) as served:
+        clients = [http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+                   for _ in range(4)]
+        for client in clients:  # one request each, then idle; the first is the oldest
+            client.request("GET", "/index.html")
+            assert client.getresponse().read() == b"<h1>channel</h1>"
+        assert clients[0].sock.recv(1) == b""  # closed by the server to make room
+        for client in clients[1:]:
+            client.request("GET", "/noarch/index.html")
+            assert client.getresponse().read() == b"<h1>noarch</h1>"
+            client.close()
+        clients[0].close()
+
+
+def closed_by_server(sock: socket.socket, drip: bytes = b"", within: float = 3) -> bool:
+    """Whether the server closes ``sock`` within a few seconds (sending ``drip`` meanwhile)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(drip)
+            if select.select([sock], [], [], 0.2)[0]:
+                return sock.recv(65536) == b""
+        except ConnectionError:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["new", "after-an-answer"])
+def test_an_idle_connection_is_closed_after_the_idle_timeout(channel, answered):
+    with served_channel(channel, port=0, limits=ConnectionLimits(idle_seconds=0.5)) as served:
+        connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+        connection.connect()
+        if answered:
+            connection.request("GET", "/index.html")
+            assert connection.getresponse().read() == b"<h1>channel</h1>"
+        assert closed_by_server(connection.sock)
+        connection.close()
+
+
+def test_headers_sent_drip_by_drip_are_cut_off_at_the_header_deadline(channel):
+    limits = ConnectionLimits(header_seconds=0.5)
+    with served_channel(channel, port=0, limits=limits) as served:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.sendall(b"GET /index.html HTTP/1.1\r\n")
+            assert closed_by_server(sock, drip=b"X-Drip: 1\r\n")
+
+
+def test_a_reset_connection_leaves_no_traceback_and_at_most_a_line(channel, tmp_path, capfd):
+    log = tmp_path / "access.log"
+    with served_channel(channel, port=0, access_log=log) as served:
+        for target in ("/index.html", "/big.bin"):  # idle between requests; mid-answer
+            sock = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(4096)
+            time.sleep(0.2)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            time.sleep(0.3)  # the server meets the reset now
+        assert requests.get(served.url + "index.html").status_code == 200
+    err = capfd.readouterr().err
+    logged = log.read_text()
+    assert "Traceback" not in err and "Traceback" not in logged
+    assert len(logged.splitlines()) <= 2 + 3 + 2  # start, stop, requests, a line per reset
+
+
+def test_control_characters_in_requests_are_escaped_in_the_log(channel, tmp_path):
+    log = tmp_path / "access.log"
+    lines = ["GET /\x1b[2J\x1b[31mred HTTP/1.1", "\x1b]0;title\x07GET / HTTP/1.1",
+             "GET /a\rFAKE 200 HTTP/1.1", "GET /\x85\x9b31m\x00 HTTP/1.1", "GET /\x7f HTTP/1.0"]
+    with served_channel(channel, port=0, access_log=log) as served:
+        for line in lines:
+            with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+                sock.sendall(f"{line}\r\nHost: x\r\nConnection: close\r\n\r\n"
+                             .encode("latin-1"))
+                assert read_to_end(sock).startswith(b"HTTP/1."), line
+    logged = log.read_text(encoding="utf-8")
+    assert not re.search("[\x00-\x09\x0b-\x1f\x7f-\x9f]", logged), logged
+    assert "/\\x1b[2J\\x1b[31mred" in logged
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ")
+    assert all(stamp.match(line) for line in logged.splitlines())  # nothing forged a line
 
 
 # Lifetime ---------------------------------------------------------------------------------
