@@ -369,6 +369,16 @@ def _good_files(entries: dict[str, dict], subdir: str) -> set[str]:
             if key.split("/", 1)[0] == subdir and _name(entry)}
 
 
+def _ensure_folder(folder: Path) -> None:
+    """Create ``folder`` (conda clients require noarch/), or say what stands in its way."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise HubworksError(f"{folder} must be a folder of the channel, but something else "
+                            f"has that name.",
+                            fix=f"move {folder} out of the channel, then index again") from None
+
+
 def index_channel(settings: Settings) -> IndexReport:
     """Bring every subdir's repodata and the index page in line with the channel's files.
 
@@ -383,7 +393,7 @@ def index_channel(settings: Settings) -> IndexReport:
     staging = settings.state("index", "staging")
     work = settings.state("index", "work")
     with exclusive_lock(settings.state("index", "lock"), "the channel index"):
-        (channel_dir / "noarch").mkdir(parents=True, exist_ok=True)
+        _ensure_folder(channel_dir / "noarch")
         listing = channel_listing(channel_dir)
         # Packages in other folders are refused one by one; only subdirs are indexed.
         subdirs = [subdir for subdir in listing if is_subdir_name(subdir)]

@@ -49,7 +49,8 @@ from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_json, folder_files, read_json, tree_digest
 from .recipes import package_makers, spec_name
 from .settings import Settings
-from .workspace import RUN, current_settings, log_path, log_tail, print_line, run_logged
+from .workspace import (RUN, build_environment, current_settings, log_path, log_tail, print_line,
+                        run_logged)
 
 if TYPE_CHECKING:
     from .server import ServedChannel
@@ -471,7 +472,7 @@ def build_image(image: Image) -> None:
     command = repo2docker_command(settings, engine.repo2docker_engine, stage, tag,
                                   build_url, config, content_hash)
     log = log_path(settings, "images", f"{image.name}.log")
-    env = dict(os.environ)
+    env = build_environment()
     if settings.images.isolation and engine.name == "podman":
         env["BUILDAH_ISOLATION"] = settings.images.isolation
     returncode = run_logged(command, log, cwd=scratch, env=env,

@@ -382,6 +382,14 @@ def log_path(settings: Settings, *parts: str) -> Path:
     return path
 
 
+def build_environment(**extra: str) -> dict[str, str]:
+    """The environment of a build command: this one without hubworks' own settings, so a
+    channel token set as HUBWORKS_CHANNEL_TOKEN never reaches a recipe's build script."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HUBWORKS_")}
+    env.update(extra)
+    return env
+
+
 def run_logged(command: list[str], log: Path, *, title: str, cwd: Path,
                env: dict[str, str] | None = None, hide: Sequence[str] = ()) -> int:
     """Run a build command with all its output in ``log`` (replaced), headed by what ran.
@@ -404,7 +412,7 @@ def run_logged(command: list[str], log: Path, *, title: str, cwd: Path,
         process = subprocess.Popen(command, stdout=subprocess.PIPE if hidden else handle,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                    start_new_session=True,
-                                   env=dict(env or os.environ, PYTHONUNBUFFERED="1"))
+                                   env=dict(env or build_environment(), PYTHONUNBUFFERED="1"))
         with RUN.process(process):
             for line in process.stdout if hidden else ():
                 handle.write(cleaned(line))

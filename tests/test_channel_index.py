@@ -320,3 +320,15 @@ def test_index_page_escapes_every_value_and_encodes_every_link(workspace):
     run = ws.doit("index_channel", check=False)
     assert run.returncode != 0 and "is not a subdir of a conda channel" in run.output
     assert_page_shows_but_does_not_run(ws, shown + [hostile_folder.name], links=2 + 1)
+
+
+def test_a_file_where_noarch_belongs_is_named_with_the_fix(workspace):
+    ws = workspace
+    shutil.rmtree(ws.channel)
+    ws.channel.mkdir()
+    (ws.channel / "noarch").write_text("not a folder")
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0
+    assert f"{ws.channel / 'noarch'} must be a folder of the channel" in run.output
+    assert f"fix: move {ws.channel / 'noarch'} out of the channel" in run.output
+    assert "Traceback" not in run.output

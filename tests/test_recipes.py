@@ -482,3 +482,17 @@ def test_recipe_folders_named_with_spaces_and_shell_characters_build(workspace):
     for scratch in (ws.state / "recipes").iterdir():
         assert re.fullmatch(r"[A-Za-z0-9_.-]+", scratch.name), scratch.name
     assert ws.doit("build_recipes").executed == []  # and they are up to date afterwards
+
+
+
+def test_build_commands_get_no_hubworks_settings_such_as_the_channel_token(tmp_path,
+                                                                          monkeypatch):
+    """rattler-build already runs scripts in an environment of its own; conda-build and
+    repo2docker pass more through, so every build command starts without HUBWORKS_*."""
+    from tasks.workspace import run_logged
+
+    monkeypatch.setenv("HUBWORKS_CHANNEL_TOKEN", "a-fixed-token-of-the-office-0123")
+    log = tmp_path / "build.log"
+    assert run_logged(["env"], log, title="a build", cwd=tmp_path) == 0
+    text = log.read_text()
+    assert "PATH=" in text and "HUBWORKS_" not in text
