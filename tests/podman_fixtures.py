@@ -11,6 +11,7 @@ ask for it as users do, with ``images.isolation = "chroot"`` for hubworks and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import tarfile
 import time
 import urllib.request
+from typing import Iterator
 
 import pytest
 
@@ -157,38 +159,52 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture
-def local_registry(podman_storage, tmp_path, monkeypatch):
-    """A plain-HTTP registry on loopback that podman may push to; yields its host:port."""
+@contextlib.contextmanager
+def registry_server(folder, monkeypatch, *, storage_extra: str = "",
+                    extra: str = "") -> Iterator[str]:
+    """Debian's docker-registry on a free loopback port, serving from ``folder``; podman is
+    told (CONTAINERS_REGISTRIES_CONF) that it speaks plain HTTP. Yields its host:port.
+
+    ``storage_extra`` and ``extra``: YAML lines to add under ``storage:`` (indented by two)
+    and at the top level (auth, say)."""
     if not os.path.exists(REGISTRY):
         _missing(REGISTRY, "docker-registry")
     host = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "registry.yml"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "registry.yml"
     config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
-                      f"{tmp_path / 'registry'}\nhttp:\n  addr: {host}\n")
+                      f"{folder / 'data'}\n{storage_extra}{extra}http:\n  addr: {host}\n")
     # podman speaks HTTPS to registries unless registries.conf calls one insecure
-    registries = tmp_path / "registries.conf"
+    registries = folder / "registries.conf"
     registries.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
     monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries))
     server = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        _wait_for(f"http://{host}/v2/", server)
+        _wait_for(host, server)
         yield host
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
-def _wait_for(url: str, server: subprocess.Popen, seconds: float = 10) -> None:
+@pytest.fixture
+def local_registry(podman_storage, tmp_path, monkeypatch):
+    """A plain-HTTP registry on loopback that podman may push to; yields its host:port."""
+    with registry_server(tmp_path / "registry", monkeypatch) as host:
+        yield host
+
+
+def _wait_for(host: str, server: subprocess.Popen, seconds: float = 10) -> None:
+    """Until the registry at ``host`` accepts connections (with auth, /v2/ answers 401)."""
     deadline = time.monotonic() + seconds
     while server.poll() is None and time.monotonic() < deadline:
         try:
-            _LOOPBACK.open(url, timeout=1).close()
+            socket.create_connection(tuple(host.rsplit(":", 1)), timeout=1).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"the test registry did not answer at {url} within {seconds} s")
+    raise RuntimeError(f"the test registry did not answer at {host} within {seconds} s")
 
 
 def registry_tags(host: str, repository: str) -> list[str]:

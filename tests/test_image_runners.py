@@ -15,15 +15,14 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import DODO, Workspace, port_refuses
-from tests.podman_fixtures import (_READ_FROM_MOUNT, BUSYBOX_IMAGE, PATH_IN_IMAGE, REGISTRY,
-                                   _wait_for, busybox_rootfs, free_port, registry_tags)
+from tests.conftest import DODO, Workspace
+from tests.podman_fixtures import (_READ_FROM_MOUNT, BUSYBOX_IMAGE, PATH_IN_IMAGE,
+                                   busybox_rootfs, free_port, registry_server, registry_tags)
 from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
 from tests.test_images import FETCH_DOCKERFILE
 
@@ -164,24 +163,10 @@ def test_runners_build_against_the_published_channel_and_the_registry_decides(
 @pytest.fixture
 def read_only_registry(podman_storage, tmp_path, monkeypatch):
     """A registry in maintenance mode: it answers, and refuses every push."""
-    if not os.path.exists(REGISTRY):
-        pytest.skip(f"{REGISTRY} is missing; install docker-registry")
-    host = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "read-only-registry.yml"
-    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
-                      f"{tmp_path / 'ro-registry'}\n  maintenance:\n    readonly:\n"
-                      f"      enabled: true\nhttp:\n  addr: {host}\n")
-    registries = tmp_path / "ro-registries.conf"
-    registries.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries))
-    server = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        _wait_for(f"http://{host}/v2/", server)
+    with registry_server(tmp_path / "ro-registry", monkeypatch,
+                         storage_extra="  maintenance:\n    readonly:\n      enabled: true\n"
+                         ) as host:
         yield host
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_a_registry_that_refuses_the_push_is_named_with_the_fix(
@@ -216,29 +201,12 @@ def registry_with_login(podman_storage, tmp_path, monkeypatch):
         warnings.simplefilter("ignore", DeprecationWarning)
         # the standard library's bcrypt, the hash the registry's htpasswd reads (to 3.12)
         crypt = pytest.importorskip("crypt")
-    if not os.path.exists(REGISTRY):
-        pytest.skip(f"{REGISTRY} is missing; install docker-registry")
-    host = f"127.0.0.1:{free_port()}"
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("ci:" + crypt.crypt("s3cret", crypt.mksalt(crypt.METHOD_BLOWFISH)) + "\n")
-    config = tmp_path / "login-registry.yml"
-    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: "
-                      f"{tmp_path / 'login-registry'}\nauth:\n  htpasswd:\n    realm: test\n"
-                      f"    path: {htpasswd}\nhttp:\n  addr: {host}\n")
-    registries = tmp_path / "login-registries.conf"
-    registries.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(registries))
-    server = subprocess.Popen([REGISTRY, "serve", str(config)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while port_refuses(int(host.rsplit(":", 1)[1])):   # it answers /v2/ with 401 only
-            assert time.monotonic() < deadline and server.poll() is None, "registry down"
-            time.sleep(0.05)
+    with registry_server(tmp_path / "login-registry", monkeypatch,
+                         extra=f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n"
+                         ) as host:
         yield host
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_the_registry_check_logs_in_like_the_engine(tmp_path, registry_with_login,

@@ -8,7 +8,6 @@ package that failed to upload is in no index.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -16,25 +15,11 @@ import subprocess
 import sys
 
 import pytest
-import rattler
 
 from tests.conftest import DODO, Workspace
 from tests.podman_fixtures import free_port
 from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
-
-PLATFORMS = [str(rattler.Subdir.current()), "noarch"]
-
-
-def install(url: str, specs: list[str], prefix, cache) -> dict[str, rattler.RepoDataRecord]:
-    async def solve_and_install():
-        gateway = rattler.Gateway(cache_dir=cache / "repodata")
-        records = await rattler.solve([rattler.Channel(url)], specs, gateway=gateway,
-                                      platforms=PLATFORMS)
-        await rattler.install(records, prefix, cache_dir=cache / "pkgs", show_progress=False)
-        return {r.name.normalized: r for r in records}
-
-    return asyncio.run(solve_and_install())
-
+from tests.test_conda_client import install
 
 def published_names(store, bucket: str, prefix: str = "conda") -> list[str]:
     data = store.repodata(bucket, f"{prefix}/noarch/repodata.json")
