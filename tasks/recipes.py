@@ -34,7 +34,6 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from .channel_index import index_and_report
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, folder_files,
                      is_package, publish_new_file, read_json, sha256_file)
@@ -512,7 +511,10 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
     for package in packages:
         print(f"   {recipe.name}: {package['file']}")
     # The channel's index never lags its packages: what is built is served, even when a
-    # later recipe fails.
+    # later recipe fails. Imported here: the hub's steps read recipes through images, and
+    # run where only doit and the standard library are installed (the index needs orjson).
+    from .channel_index import index_and_report
+
     index_and_report(settings)
 
 
