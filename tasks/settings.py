@@ -125,6 +125,16 @@ SETTINGS: list[Setting] = [
             "the images build_images tagged)."),
     Setting("hub", "service", "auto",
             "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
+    Setting("hub", "docker_url", "",
+            "spawner = docker: the Docker API users' containers run through, e.g. "
+            "unix:///var/run/docker.sock. Empty: the engine images.engine chooses; for podman, "
+            "the API service install_hub runs on a root-only socket under the prefix."),
+    Setting("hub", "default_image", "",
+            "spawner = docker: the image (folder name in images/) preselected in the picker; "
+            "empty: the first offered, by name."),
+    Setting("hub", "spawn_timeout", 60,
+            "spawner = docker: seconds a user's server may take to answer after its container "
+            "starts; then it is stopped and removed and the user is told."),
 ]
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
