@@ -218,7 +218,15 @@ def podman_runtime(tmp_path_factory) -> PodmanRuntime:
     runc = shutil.which("runc") or shutil.which("runc", path="/usr/sbin:/sbin")
     if runc is None:
         _missing("runc (podman's other runtime)", "runc")
-    root = tmp_path_factory.mktemp("podman-run")
+    runtime = make_podman_runtime(tmp_path_factory.mktemp("podman-run"))
+    try:
+        yield runtime
+    finally:
+        remove_podman_runtime(runtime)
+
+
+def make_podman_runtime(root: Path) -> PodmanRuntime:
+    """containers.conf and storage.conf in ``root``; the variables that select them."""
     files, processes = container_limits()
     # a --ulimit flag would replace these defaults entirely; the API applies them too
     (root / "containers.conf").write_text(
@@ -227,16 +235,17 @@ def podman_runtime(tmp_path_factory) -> PodmanRuntime:
     (root / "storage.conf").write_text(
         f'[storage]\ndriver = "overlay"\nrunroot = "{root / "run"}"\n'
         f'graphroot = "{root / "graph"}"\n')
-    runtime = PodmanRuntime(root, {"CONTAINERS_CONF": str(root / "containers.conf"),
-                                   "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
-                                   "BUILDAH_ISOLATION": "chroot"})
-    try:
-        yield runtime
-    finally:
-        runtime.podman("rm", "--all", "--force", "--time", "0", check=False)
-        runtime.podman("volume", "rm", "--all", "--force", check=False)
-        runtime.podman("rmi", "--all", "--force", check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    return PodmanRuntime(root, {"CONTAINERS_CONF": str(root / "containers.conf"),
+                                "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+                                "BUILDAH_ISOLATION": "chroot"})
+
+
+def remove_podman_runtime(runtime: PodmanRuntime) -> None:
+    """Every container, volume and image of the set-up, then its folder."""
+    runtime.podman("rm", "--all", "--force", "--time", "0", check=False)
+    runtime.podman("volume", "rm", "--all", "--force", check=False)
+    runtime.podman("rmi", "--all", "--force", check=False)
+    shutil.rmtree(runtime.root, ignore_errors=True)
 
 
 def debian_suite() -> str:
