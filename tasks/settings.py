@@ -121,8 +121,8 @@ SETTINGS: list[Setting] = [
             "authenticator accepts may log in."),
     Setting("hub", "allowed_groups", [], "System groups whose members may log in."),
     Setting("hub", "spawner", "local",
-            "local (a process per user, run as that user) or docker (DockerSpawner offering "
-            "the images build_images tagged)."),
+            "local (a process per user, run as that user) or docker (a container per user, "
+            "of an image build_images made, picked by its folder name)."),
     Setting("hub", "service", "auto",
             "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
     Setting("hub", "docker_url", "",

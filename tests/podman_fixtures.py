@@ -227,6 +227,7 @@ def podman_runtime(tmp_path_factory) -> PodmanRuntime:
 
 def make_podman_runtime(root: Path) -> PodmanRuntime:
     """containers.conf and storage.conf in ``root``; the variables that select them."""
+    root.mkdir(parents=True, exist_ok=True)
     files, processes = container_limits()
     # a --ulimit flag would replace these defaults entirely; the API applies them too
     (root / "containers.conf").write_text(

@@ -70,6 +70,9 @@ BROKEN_IMAGES = {
     "sleepy": ('USER root\nRUN printf \'#!/bin/sh\\ntrap "exit 0" TERM\\n'
                'while :; do sleep 1; done\\n\' > /opt/venv/bin/jupyterhub-singleuser\n'
                'USER jovyan\n'),
+    # a jupyterhub-singleuser that exits at once, saying why
+    "crashy": ('USER root\nRUN printf \'#!/bin/sh\\necho "crashy: no licence server" >&2\\n'
+               'exit 3\\n\' > /opt/venv/bin/jupyterhub-singleuser\nUSER jovyan\n'),
     "doomed": "LABEL purpose=its-tag-is-removed-by-a-test\n",
 }
 
@@ -443,6 +446,17 @@ def test_a_server_that_never_answers_is_stopped_after_the_spawn_timeout(docker_s
     assert site.wait_no_containers() == {}, "nothing is left running after a failed spawn"
 
 
+def test_a_server_that_exits_at_start_is_reported_with_its_last_lines(docker_site, browser):
+    site = docker_site
+    browser.spawn_via_api("crashy")
+    assert ("Your server (image 'crashy') stopped while starting; your administrator has been "
+            "told.") in browser.failure_page()
+    assert re.search(r"image 'crashy' \(\S+\): the server exited at start \(ExitCode=3\S* .*"
+                     r"crashy: no licence server.*; fix: make jupyterhub-singleuser start",
+                     site.hub_log()), site.hub_log()[-3000:]
+    assert site.wait_no_containers() == {}, "nothing is left running after a failed spawn"
+
+
 def test_a_stopped_engine_gives_the_user_a_page_and_hub_start_brings_it_back(
         docker_site, browser):
     site = docker_site
@@ -490,7 +504,8 @@ def test_environment_images_get_the_hubs_singleuser_through_repo2dockers_appendi
                  '[hub]\njupyterhub_version = "6.1.1"\n')
     folder = ws.root / "images" / "analysis"
     folder.mkdir()
-    (folder / "environment.yml").write_text("channels: [conda-forge]\ndependencies: [python=3.12]\n")
+    (folder / "environment.yml").write_text(
+        "channels: [conda-forge]\ndependencies: [python=3.12]\n")
     ws.doit("build_images", check=False)  # needs conda-forge; offline it fails, after staging
     config = ws.state / "images" / "analysis" / "repo2docker_config.py"
     assert "c.Repo2Docker.appendix" in config.read_text()

@@ -182,9 +182,10 @@ class HubworksSpawner(DockerSpawner):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spawn_timeout
         while loop.time() < deadline:
-            state = await self.poll()
+            state = await super().poll()
             if state is not None:
                 what = f"the server exited at start ({state}); its last lines: {await self._tail()}"
+                await self._remove_exited()
                 self._admin(name, tag, what, "make jupyterhub-singleuser start in that image "
                                              "(the lines above say why it did not)")
                 raise SpawnProblem(f"Your server (image '{name}') stopped while starting; "
@@ -208,6 +209,19 @@ class HubworksSpawner(DockerSpawner):
         except Exception as exc:
             return f"(no log: {_describe(exc)})"
         return " | ".join(raw.decode(errors="replace").strip().splitlines()) or "(none)"
+
+    async def poll(self):
+        """As DockerSpawner's, and an exited container is removed: JupyterHub stops only
+        servers that still run, and the container is kept after exit only for its log."""
+        status = await super().poll()
+        if status is not None:
+            await self._remove_exited()
+        return status
+
+    async def _remove_exited(self) -> None:
+        if self.object_id and self.remove:
+            await self.remove_object()
+            self.object_id = ""
 
     async def stop(self, now=False):
         if not self.object_id:

@@ -120,7 +120,8 @@ def check_images_file(hub: HubLayout):
         current = False
     if not current:
         return False, f"{hub.images_file} differs from the built images"
-    return True, describe(content).splitlines()[0]
+    left = ", ".join(image["name"] for image in content["left_out"])
+    return True, describe(content).splitlines()[0] + (f"; left out: {left}" if left else "")
 
 
 def write_images_file(hub: HubLayout) -> str:
