@@ -250,10 +250,12 @@ def remove_podman_runtime(runtime: PodmanRuntime) -> None:
 
 
 def debian_suite() -> str:
-    for line in Path("/etc/os-release").read_text().splitlines():
-        if line.startswith("VERSION_CODENAME="):
-            return line.split("=", 1)[1].strip('"') or "stable"
-    return "stable"
+    """This machine's Debian release (its archive is what apt here reaches), else stable."""
+    release = dict(line.split("=", 1) for line in
+                   Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    if release.get("ID", "").strip('"') != "debian":
+        return "stable"
+    return release.get("VERSION_CODENAME", "").strip('"') or "stable"
 
 
 def hub_base_rootfs_command(jupyterhub: str, jupyterlab: str) -> list[str]:

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -349,6 +350,10 @@ def test_the_whole_chain_from_a_recipe_to_code_in_a_users_kernel(docker_site, br
     assert image["uid"] == 1000  # the image's user, never root
 
     assert list(site.containers()) == [f"jupyter-{site.user}"]
+    # the engine's socket is root's alone: only the hub drives containers
+    socket_file = site.prefix / "var" / "podman.sock"
+    assert socket_file.stat().st_uid == 0 and not socket_file.stat().st_mode & 0o007
+    assert stat.S_IMODE((site.prefix / "var").stat().st_mode) == 0o700
     browser.stop_server()
     assert site.wait_no_containers() == {}, "stopping the server removes its container"
 
@@ -491,6 +496,16 @@ def test_without_an_engine_the_engine_step_names_the_socket_and_the_fix(docker_s
             f"does not answer: the socket does not exist.") in run.output, run.output
     assert "fix: start the engine behind it, or correct hub.docker_url" in run.output
     assert (site.prefix / "etc" / "jupyterhub_config.py").read_text() == config
+    assert steps_run(site.install()) == set()
+
+
+def test_a_default_image_that_was_never_built_stops_the_images_step(docker_site):
+    site = docker_site
+    run = site.doit("install_hub", env={"HUBWORKS_HUB_DEFAULT_IMAGE": "anlysis"})
+    assert run.returncode != 0 and "FAILED install_hub:images" in run.output
+    assert "hub.default_image is 'anlysis', and build_images has built no image of that name" \
+        in run.output, run.output
+    assert "fix: set hub.default_image (HUBWORKS_HUB_DEFAULT_IMAGE) to a folder name" in run.output
     assert steps_run(site.install()) == set()
 
 
