@@ -36,6 +36,8 @@ TEST_TOOLS = [
     ("/bin/busybox", "busybox-static"),            # base images for test builds, made offline
     ("/usr/bin/docker-registry", "docker-registry"),  # a local registry for push tests
     ("/usr/bin/pypy3", "pypy3"),                   # a real Python 3.9: the "too old" case
+    ("/usr/sbin/runc", "runc"),                    # runs hub tests' containers where crun cannot
+    ("/usr/bin/mmdebstrap", "mmdebstrap"),         # a Debian base image with JupyterHub, offline
 ]
 BENCHMARK_TOOLS = [("wrk", "wrk")]  # the HTTP load generator of benchmarks/bench_server.py
 

@@ -36,7 +36,6 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -258,7 +257,17 @@ def image_hash(settings: Settings, image: Image, resolution: Resolution) -> str:
         "user": [settings.images.user_name, settings.images.user_id],
         "repo2docker": repo2docker_version,
     }, sort_keys=True).encode())
+    appendix = hub_singleuser_appendix(settings, image)
+    if appendix:  # environment.yml images follow the hub's JupyterHub release
+        digest.update(appendix.encode())
     return digest.hexdigest()[:16]
+
+
+def hub_singleuser_appendix(settings: Settings, image: Image) -> str:
+    """What repo2docker appends to the image's build so that it serves the hub's users."""
+    from .singleuser import singleuser_appendix
+
+    return singleuser_appendix(image, settings.hub.jupyterhub_version)
 
 
 # ---------------------------------------------------------------- records
@@ -469,6 +478,10 @@ def build_image(image: Image) -> None:
                     and previous.get("internal_packages") != resolution.packages)
     config = write_repo2docker_config(settings, scratch / "repo2docker_config.py",
                                       no_cache=no_cache)
+    appendix = hub_singleuser_appendix(settings, image)
+    if appendix:  # the hub's jupyterhub-singleuser, installed after everything else
+        with config.open("a") as handle:
+            handle.write(f"c.Repo2Docker.appendix = {appendix!r}\n")
     command = repo2docker_command(settings, engine.repo2docker_engine, stage, tag,
                                   build_url, config, content_hash)
     log = log_path(settings, "images", f"{image.name}.log")

@@ -152,12 +152,20 @@ SETTINGS: list[Setting] = [
             "authenticator accepts may log in."),
     Setting("hub", "allowed_groups", [], "System groups whose members may log in."),
     Setting("hub", "spawner", "local",
-            "local (a process per user, run as that user) or docker (DockerSpawner offering "
-            "the images build_images tagged)."),
+            "local (a process per user, run as that user) or docker (a container per user, "
+            "of an image build_images made, picked by its folder name)."),
     Setting("hub", "service", "auto",
             "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
+    Setting("hub", "docker_url", "",
+            "spawner = docker: the Docker API users' containers run through, e.g. "
+            "unix:///var/run/docker.sock. Empty: the engine images.engine chooses; for podman, "
+            "the API service install_hub runs on a root-only socket under the prefix."),
     Setting("hub", "default_image", "",
-            "Image (its folder name in images/) users get by default; empty: the first."),
+            "spawner = docker: the image (folder name in images/) preselected in the picker; "
+            "empty: the first offered, by name."),
+    Setting("hub", "spawn_timeout", 60,
+            "spawner = docker: seconds a user's server may take to answer after its container "
+            "starts; then it is stopped and removed and the user is told."),
     Setting("hub", "values_file", "hub-values.yaml",
             "Where hub_values writes the zero-to-jupyterhub values (helm upgrade --values).",
             kind="path"),

@@ -7,6 +7,14 @@ test that uses podman is marked ``slow``, so ``pytest -m "not slow"`` runs witho
 Builds here need chroot isolation (podman cannot start OCI containers on every host): tests
 ask for it as users do, with ``images.isolation = "chroot"`` for hubworks and
 ``BUILDAH_ISOLATION=chroot`` for plain repo2docker, never in the whole session's environment.
+
+For running containers (the hub's users' servers, a built image serving HTTP) there is a
+second set-up, ``podman_runtime``: the runc runtime with explicit rlimits in a containers.conf
+of its own, and overlay storage in its own graphroot (a container is created in a fraction of
+a second; vfs copies the whole image per container). ``hub_base_image`` is a Debian image with
+JupyterHub and JupyterLab made without a registry. Both are configured through environment
+variables only (``CONTAINERS_CONF``, ``CONTAINERS_STORAGE_CONF``), never in the machine's own
+podman configuration, and built once per session.
 """
 
 from __future__ import annotations
@@ -15,12 +23,15 @@ import contextlib
 import io
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
 import tarfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -211,3 +222,160 @@ def registry_tags(host: str, repository: str) -> list[str]:
     """The tags ``repository`` has in the registry at ``host``."""
     with _LOOPBACK.open(f"http://{host}/v2/{repository}/tags/list", timeout=5) as page:
         return json.load(page)["tags"]
+
+
+# ---- running containers --------------------------------------------------------------------
+
+MMDEBSTRAP = "/usr/bin/mmdebstrap"  # Debian's mmdebstrap: a Debian root filesystem, no registry
+HUB_BASE_PACKAGES = "python3,python3-venv,ca-certificates,passwd,libstdc++6"
+HOST_CA_FOLDER = "/usr/local/share/ca-certificates"  # extra CAs the host trusts (Debian's place)
+RUNTIME_IMAGE_PREFIX = "localhost/hubworks-test"
+
+
+def container_limits() -> tuple[int, int]:
+    """rlimits a container may ask for here: open files up to this process's hard limit,
+    processes up to what podman's monitor holds (the kernel's pid_max where that is lower)."""
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    processes = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    if processes == resource.RLIM_INFINITY or processes > pid_max:
+        processes = pid_max
+    if files == resource.RLIM_INFINITY:
+        files = 1048576
+    return files, processes
+
+
+@dataclass
+class PodmanRuntime:
+    """A podman set-up that runs containers; ``env`` selects it for any podman process."""
+
+    root: Path
+    env: dict[str, str]
+
+    def podman(self, *args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(["podman", *args], env={**os.environ, **self.env},
+                              capture_output=True, text=True, check=check, **kwargs)
+
+    def containers(self, label: str) -> list[str]:
+        """Names of the containers (running or not) that carry ``label`` (key=value)."""
+        out = self.podman("ps", "-a", "--filter", f"label={label}", "--format", "{{.Names}}")
+        return out.stdout.split()
+
+
+@pytest.fixture(scope="session")
+def podman_runtime(tmp_path_factory) -> PodmanRuntime:
+    """podman with runc, explicit rlimits and overlay storage of its own, for running."""
+    if shutil.which("podman") is None:
+        _missing("podman", "podman")
+    runc = shutil.which("runc") or shutil.which("runc", path="/usr/sbin:/sbin")
+    if runc is None:
+        _missing("runc (podman's other runtime)", "runc")
+    runtime = make_podman_runtime(tmp_path_factory.mktemp("podman-run"))
+    try:
+        yield runtime
+    finally:
+        remove_podman_runtime(runtime)
+
+
+def make_podman_runtime(root: Path) -> PodmanRuntime:
+    """containers.conf and storage.conf in ``root``; the variables that select them."""
+    root.mkdir(parents=True, exist_ok=True)
+    files, processes = container_limits()
+    # a --ulimit flag would replace these defaults entirely; the API applies them too
+    (root / "containers.conf").write_text(
+        f'[containers]\ndefault_ulimits = ["nofile={files}:{files}", '
+        f'"nproc={processes}:{processes}"]\n[engine]\nruntime = "runc"\n')
+    (root / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\nrunroot = "{root / "run"}"\n'
+        f'graphroot = "{root / "graph"}"\n')
+    return PodmanRuntime(root, {"CONTAINERS_CONF": str(root / "containers.conf"),
+                                "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+                                "BUILDAH_ISOLATION": "chroot"})
+
+
+def remove_podman_runtime(runtime: PodmanRuntime) -> None:
+    """Every container, volume and image of the set-up, then its folder."""
+    runtime.podman("rm", "--all", "--force", "--time", "0", check=False)
+    runtime.podman("volume", "rm", "--all", "--force", check=False)
+    runtime.podman("rmi", "--all", "--force", check=False)
+    shutil.rmtree(runtime.root, ignore_errors=True)
+
+
+def debian_suite() -> str:
+    """This machine's Debian release (its archive is what apt here reaches), else stable."""
+    release = dict(line.split("=", 1) for line in
+                   Path("/etc/os-release").read_text().splitlines() if "=" in line)
+    if release.get("ID", "").strip('"') != "debian":
+        return "stable"
+    return release.get("VERSION_CODENAME", "").strip('"') or "stable"
+
+
+def hub_base_rootfs_command(jupyterhub: str, jupyterlab: str) -> list[str]:
+    """mmdebstrap writing a Debian root filesystem with a JupyterHub venv, as a tar on stdout."""
+    trust = (f'if [ -d {HOST_CA_FOLDER} ]; then cp -r {HOST_CA_FOLDER}/. '
+             f'"$1{HOST_CA_FOLDER}/"; fi; chroot "$1" update-ca-certificates')
+    venv = ('chroot "$1" python3 -m venv /opt/venv && chroot "$1" /opt/venv/bin/pip install '
+            f'--no-cache-dir --quiet jupyterhub=={jupyterhub} jupyterlab=={jupyterlab}')
+    user = 'chroot "$1" useradd --create-home --uid 1000 --shell /bin/bash jovyan'
+    return [MMDEBSTRAP, "--variant=minbase", f"--include={HUB_BASE_PACKAGES}",
+            # pip in the image must trust what the host trusts (networks that inspect TLS)
+            f"--customize-hook={trust}", f"--customize-hook={venv}",
+            f"--customize-hook={user}", debian_suite(), "-"]
+
+
+def make_hub_base_image(runtime_env: dict[str, str], name: str, jupyterhub: str,
+                        jupyterlab: str, log: Path) -> str:
+    """A Python image with JupyterHub and JupyterLab from Debian and PyPI, no registry."""
+    with log.open("wb") as errors:
+        rootfs = subprocess.Popen(hub_base_rootfs_command(jupyterhub, jupyterlab),
+                                  stdout=subprocess.PIPE, stderr=errors)
+        imported = subprocess.run(
+            ["podman", "import",
+             "--change", "ENV PATH=/opt/venv/bin:" + PATH_IN_IMAGE,
+             "--change", "USER jovyan", "--change", "WORKDIR /home/jovyan",
+             "--change", 'CMD ["jupyterhub-singleuser"]', "-", name],
+            stdin=rootfs.stdout, env={**os.environ, **runtime_env}, capture_output=True)
+        rootfs.stdout.close()
+        rootfs.wait()
+    if rootfs.returncode or imported.returncode:
+        raise RuntimeError(f"making {name} failed: mmdebstrap exit {rootfs.returncode} "
+                           f"(log {log}), podman import: {imported.stderr.decode()[-2000:]}")
+    return name
+
+
+@pytest.fixture(scope="session")
+def hub_base_image(podman_runtime, tmp_path_factory) -> str:
+    """Debian + venv with the pinned JupyterHub and JupyterLab + user jovyan (uid 1000)."""
+    if not os.path.exists(MMDEBSTRAP):
+        _missing(MMDEBSTRAP, "mmdebstrap")
+    from tasks.settings import SETTINGS
+
+    pins = {s.key: s.default for s in SETTINGS if s.section == "hub"}
+    jupyterhub, jupyterlab = pins["jupyterhub_version"], pins["jupyterlab_version"]
+    name = f"{RUNTIME_IMAGE_PREFIX}/hub-base:{jupyterhub}-{jupyterlab}"
+    log = tmp_path_factory.mktemp("hub-base") / "mmdebstrap.log"
+    return make_hub_base_image(podman_runtime.env, name, jupyterhub, jupyterlab, log)
+
+
+@pytest.fixture(scope="session")
+def runtime_busybox_image(podman_runtime) -> str:
+    """The busybox base image, in the store that runs containers."""
+    subprocess.run(["podman", "import", "--change", f"ENV PATH={PATH_IN_IMAGE}",
+                    "--change", 'CMD ["/bin/sh"]', "-", BUSYBOX_IMAGE],
+                   input=busybox_rootfs(), env={**os.environ, **podman_runtime.env},
+                   capture_output=True, check=True)
+    return BUSYBOX_IMAGE
+
+
+@pytest.fixture
+def podman_api(podman_runtime, tmp_path):
+    """podman's Docker-compatible API on a socket of this test, over ``podman_runtime``."""
+    from tasks.hub.containers import start_podman_process
+
+    socket_path = tmp_path / "podman.sock"
+    service = start_podman_process(socket_path, podman_runtime.env, tmp_path / "podman.log")
+    try:
+        yield f"unix://{socket_path}"
+    finally:
+        service.terminate()
+        service.wait(timeout=30)

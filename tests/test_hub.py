@@ -35,7 +35,7 @@ import pytest
 import requests
 
 from tasks.hub.layout import HubLayout
-from tasks.hub.render import render_config, render_unit
+from tasks.hub.render import render_config, render_podman_unit, render_unit
 from tasks.hub.steps import schema_head
 from tasks.settings import load_settings
 
@@ -490,17 +490,45 @@ def test_the_systemd_unit_runs_the_hub_from_the_prefix(tmp_path):
     assert "WantedBy=multi-user.target" in unit
 
 
-def test_docker_spawner_offers_the_images_build_images_tagged(tmp_path):
+def test_docker_spawner_config_runs_the_offered_images_through_podmans_api(tmp_path):
     (tmp_path / "hubworks.toml").write_text(
-        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\nallowed_groups = ["staff"]\n')
-    records = tmp_path / ".hubworks" / "images"
-    records.mkdir(parents=True)
-    for name in ("base", "science"):
-        (records / f"{name}.json").write_text(json.dumps({"tag": f"hubworks/{name}:abc123"}))
+        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\nallowed_groups = ["staff"]\n'
+        '[images]\nengine = "podman"\n')
     config = render_config(HubLayout(load_settings(tmp_path, environ={})), Path("/usr/bin/node"))
-    assert "c.JupyterHub.spawner_class = 'docker'" in config
-    assert ("c.DockerSpawner.allowed_images = {'hubworks/base:abc123': 'hubworks/base:abc123', "
-            "'hubworks/science:abc123': 'hubworks/science:abc123'}") in config
+    socket_url, images = "unix:///srv/hub/var/podman.sock", "/srv/hub/etc/images.json"
+    assert "c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner" in config
+    assert f"c.HubworksSpawner.images_file = {images!r}" in config
+    assert f"c.DockerSpawner.client_kwargs = {{'base_url': {socket_url!r}}}" in config
+    # containers reach the hub on the bridge's gateway; nothing listens on every interface
+    assert f"c.JupyterHub.hub_ip = hubworks_spawner.hub_address({socket_url!r}, {images!r})" \
+        in config
+    assert "0.0.0.0" not in config
+    assert "c.DockerSpawner.host_ip = '127.0.0.1'" in config
+    assert "c.JupyterHub.cleanup_servers = False" in config
+    assert "c.DockerSpawner.pull_policy = 'never'" in config
     assert "c.LocalAuthenticator.allowed_groups = ['staff']" in config
-    assert "c.Authenticator.allow_all = False" in config
     compile(config, "jupyterhub_config.py", "exec")
+
+
+def test_docker_url_names_the_engine_and_a_registry_prefix_allows_pulls(tmp_path):
+    (tmp_path / "hubworks.toml").write_text(
+        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\n'
+        'docker_url = "tcp://10.1.2.3:2375"\n[images]\npush = true\n')
+    config = render_config(HubLayout(load_settings(tmp_path, environ={})), Path("/usr/bin/node"))
+    assert "c.DockerSpawner.client_kwargs = {'base_url': 'tcp://10.1.2.3:2375'}" in config
+    assert "c.DockerSpawner.pull_policy = 'ifnotpresent'" in config
+
+
+def test_with_systemd_podmans_api_is_a_unit_the_hub_requires(tmp_path):
+    (tmp_path / "hubworks.toml").write_text(
+        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\nservice = "systemd"\n'
+        '[images]\nengine = "podman"\n')
+    hub = HubLayout(load_settings(tmp_path, environ={}))
+    unit = render_podman_unit(hub)
+    assert re.search(r"^ExecStart=/\S*podman system service --time=0 "
+                     r"unix:///srv/hub/var/podman\.sock$", unit, re.M), unit
+    assert "EnvironmentFile=/srv/hub/etc/podman-service.env\n" in unit
+    # stopping the API must not stop users' containers (their conmon shares its cgroup)
+    assert "KillMode=process\n" in unit and "Delegate=true\n" in unit
+    hub_unit = render_unit(hub)
+    assert "Requires=jupyterhub-podman.service\nAfter=jupyterhub-podman.service\n" in hub_unit

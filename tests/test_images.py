@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 
 import pytest
 
-from tests.conftest import DODO, Workspace, port_refuses
+from tests.conftest import DODO, port_refuses
 from tests.podman_fixtures import (files_in_image_containing, free_port, image_file,
                                    image_metadata, registry_tags)
 
@@ -398,51 +397,45 @@ def test_environment_image_is_staged_with_the_served_url(image_workspace):
         assert "the build could not reach:" in run.output, run.output
 
 
-def _docker_problem() -> str:
-    if shutil.which("docker") is None:
-        return "the docker CLI is not installed"
-    proc = subprocess.run(["docker", "info"], capture_output=True, text=True)
-    return "" if proc.returncode == 0 else "no Docker engine runs containers here (docker info failed)"
+def test_built_image_serves_its_internal_package_from_a_container(
+        workspace, podman_runtime, runtime_busybox_image, podman_api):
+    """A built image runs: started through podman's Docker-compatible API (what the hub's
+    DockerSpawner uses), it serves the file its build fetched from the served channel."""
+    import requests
 
+    from tasks.hub.containers import docker_client
 
-DOCKER_PROBLEM = _docker_problem()
-
-
-@pytest.fixture(scope="session")
-def docker_compose_file(tmp_path_factory):
-    """pytest-docker's compose file: one service running an image build_images made."""
-    ws = Workspace(tmp_path_factory.mktemp("docker") / "ws")
+    ws = workspace
+    ws.env.update(podman_runtime.env)
     ws.configure('[recipes]\npackage_format = "tar.bz2"\n[channel]\nport = 0\n'
-                 '[images]\nengine = "docker"\n')
+                 '[images]\nengine = "podman"\nprefix = "hubworks-test"\n')
     ws.add_recipe("site", script=["echo hello-from-internal > $PREFIX/share/site/index.html"])
     folder = ws.root / "images" / "web"
     folder.mkdir()
-    (folder / "Dockerfile").write_text(textwrap.dedent("""\
-        FROM busybox:stable
+    (folder / "Dockerfile").write_text(textwrap.dedent(f"""\
+        FROM {runtime_busybox_image}
         ARG CHANNEL_URL
-        RUN wget -q -O /tmp/site.tar.bz2 "${CHANNEL_URL}noarch/site-1.0.0-h4616a5c_0.tar.bz2" \\
+        RUN wget -q -O /tmp/site.tar.bz2 "${{CHANNEL_URL}}noarch/site-1.0.0-h4616a5c_0.tar.bz2" \\
          && mkdir -p /srv && tar -xjf /tmp/site.tar.bz2 -C /srv
         CMD ["httpd", "-f", "-p", "8080", "-h", "/srv/share/site"]
     """))
     ws.doit("build_images")
-    compose = ws.root / "compose.yml"
-    compose.write_text(f"services:\n  web:\n    image: {record(ws, 'web')['tag']}\n"
-                       f"    ports: ['8080']\n")
-    return str(compose)
 
-
-@pytest.mark.skipif(bool(DOCKER_PROBLEM), reason=DOCKER_PROBLEM or "-")
-def test_built_image_serves_its_internal_package_from_a_container(docker_services, docker_ip):
-    """Where Docker runs containers: start a built image (pytest-docker) and talk to it."""
-    import requests
-
-    url = f"http://{docker_ip}:{docker_services.port_for('web', 8080)}/index.html"
-
-    def answers() -> bool:
-        try:
-            return requests.get(url, timeout=2).ok
-        except requests.ConnectionError:
-            return False
-
-    docker_services.wait_until_responsive(check=answers, timeout=60, pause=0.5)
-    assert requests.get(url, timeout=5).text.strip() == "hello-from-internal"
+    client = docker_client(podman_api)
+    container = client.containers.run(record(ws, "web")["tag"], detach=True,
+                                      ports={"8080/tcp": ("127.0.0.1", None)})
+    try:
+        container.reload()
+        port = container.ports["8080/tcp"][0]["HostPort"]
+        url = f"http://127.0.0.1:{port}/index.html"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                page = requests.get(url, timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, f"{url} never answered"
+                time.sleep(0.2)
+        assert page.text.strip() == "hello-from-internal"
+    finally:
+        container.remove(force=True)

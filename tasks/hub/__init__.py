@@ -13,8 +13,9 @@ against the file, the database's schema revision, the running hub's pid and /hub
 so a step the server already satisfies is skipped and its line says why:
 ``-- install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``.
 
-Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner (spawner =
-docker only), proxy, secrets, config, database, service, health. ``steps.py`` has one
+Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner, engine,
+images (these three with spawner = docker only), proxy, secrets, config, database, service,
+health. ``steps.py`` has one
 ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
 ``hubworks.toml`` (``doit settings`` lists them).
 """
@@ -113,7 +114,7 @@ def _start() -> None:
 
 @reports_errors
 def _stop() -> None:
-    print(stop_hub(current_hub()))
+    print(stop_hub(current_hub(), with_engine=True))
 
 
 def task_hub_start():
@@ -122,5 +123,5 @@ def task_hub_start():
 
 
 def task_hub_stop():
-    """Stop the hub, its proxy and the users' servers (SIGTERM, wait, report)."""
+    """Stop the hub and its proxy, and the users' servers or podman's API service (SIGTERM)."""
     return {"actions": [_stop], "uptodate": [False], "verbosity": 2}

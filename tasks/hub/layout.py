@@ -11,6 +11,7 @@ from ..errors import HubworksError
 from ..settings import Settings
 
 UNIT_NAME = "jupyterhub.service"
+PODMAN_UNIT_NAME = "jupyterhub-podman.service"
 SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
 PROXY_PACKAGE = "configurable-http-proxy"
 
@@ -82,6 +83,19 @@ class HubLayout:
     def proxy_releases_file(self) -> Path:
         return self.etc / "proxy-releases.json"
 
+    # spawner = docker: what the hub offers and the code it runs them with
+    @property
+    def images_file(self) -> Path:
+        return self.etc / "images.json"
+
+    @property
+    def spawner_module(self) -> Path:
+        return self.etc / "hubworks_spawner.py"
+
+    @property
+    def podman_env_file(self) -> Path:
+        return self.etc / "podman-service.env"
+
     # secrets: root only
     @property
     def secrets(self) -> Path:
@@ -116,6 +130,19 @@ class HubLayout:
     def log_file(self) -> Path:
         return self.var / "jupyterhub.log"
 
+    # podman's Docker-compatible API service: its socket lives in root-only var/
+    @property
+    def podman_socket(self) -> Path:
+        return self.var / "podman.sock"
+
+    @property
+    def podman_pid_file(self) -> Path:
+        return self.var / "podman-service.pid"
+
+    @property
+    def podman_log_file(self) -> Path:
+        return self.var / "podman-service.log"
+
     @property
     def unit_file(self) -> Path:
         return SYSTEMD_UNIT_DIR / UNIT_NAME
@@ -123,6 +150,14 @@ class HubLayout:
     @property
     def unit_link(self) -> Path:
         return SYSTEMD_UNIT_DIR / "multi-user.target.wants" / UNIT_NAME
+
+    @property
+    def podman_unit_file(self) -> Path:
+        return SYSTEMD_UNIT_DIR / PODMAN_UNIT_NAME
+
+    @property
+    def podman_unit_link(self) -> Path:
+        return SYSTEMD_UNIT_DIR / "multi-user.target.wants" / PODMAN_UNIT_NAME
 
     # choices
     def choice(self, key: str) -> str:
@@ -141,9 +176,15 @@ class HubLayout:
         return service == "systemd"
 
     @property
+    def uses_docker(self) -> bool:
+        return self.choice("spawner") == "docker"
+
+    @property
     def needs_root_to_run(self) -> bool:
-        """PAM reads the password database; local servers start as their users."""
-        return self.choice("authenticator") == "pam" or self.choice("spawner") == "local"
+        """PAM reads the password database; local servers start as their users; the engine's
+        socket (Docker's, or podman's under var/) is root's unless hub.docker_url names another."""
+        return (self.choice("authenticator") == "pam" or self.choice("spawner") == "local"
+                or not self.hub.docker_url)
 
     @property
     def listens_everywhere(self) -> bool:

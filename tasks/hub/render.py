@@ -1,7 +1,8 @@
-"""The text of ``jupyterhub_config.py`` and of the systemd unit, rendered from settings.
+"""The text of ``jupyterhub_config.py`` and of the systemd units, rendered from settings.
 
-Pure functions of the settings (and of the tags build_images recorded), so an up-to-date check
-can compare what is on disk with what would be written now.
+Pure functions of the settings (and, with the docker spawner, of the engine they choose), so an
+up-to-date check can compare what is on disk with what would be written now. The images users
+may pick are not in the config: the hub reads them from ``etc/images.json`` at each spawn.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..images import built_image_tags
-from .layout import HubLayout
+from .containers import docker_api, podman_service_command
+from .layout import PODMAN_UNIT_NAME, HubLayout
 
 HEADER = ("# Written by `doit install_hub` from the [hub] settings (hubworks.toml);\n"
           "# change those and re-run rather than editing this file.\n")
@@ -30,11 +31,15 @@ def render_config(hub: HubLayout, node: Path) -> str:
     def set_(name: str, value) -> None:
         lines.append(f"c.{name} = {value!r}")
 
-    lines.append("# network: users reach the proxy; hub and proxy API stay on loopback")
+    docker = hub.uses_docker
+    if docker:
+        lines.append("# network: users reach the proxy; the hub listens on the container bridge's "
+                     "gateway (below), the proxy API on loopback")
+    else:
+        lines.append("# network: users reach the proxy; hub and proxy API stay on loopback")
     set_("JupyterHub.bind_url", f"http://{_host(s.ip)}:{s.port}/")
-    docker = hub.choice("spawner") == "docker"
-    # containers reach the hub from outside loopback; local servers do not need to
-    set_("JupyterHub.hub_ip", "0.0.0.0" if docker else "127.0.0.1")
+    if not docker:
+        set_("JupyterHub.hub_ip", "127.0.0.1")
     set_("JupyterHub.hub_port", s.hub_port)
     set_("ConfigurableHTTPProxy.api_url", f"http://127.0.0.1:{s.proxy_api_port}")
     set_("ConfigurableHTTPProxy.command", [str(node), str(hub.proxy_script)])
@@ -69,20 +74,35 @@ def render_config(hub: HubLayout, node: Path) -> str:
 
 
 def _docker_spawner(hub: HubLayout) -> list[str]:
-    tags = built_image_tags(hub.settings)
-    images = {tag: tag for tag in tags}
-    user = hub.settings.images.user_name
-    lines = [
-        "c.JupyterHub.spawner_class = 'docker'",
-        f"c.DockerSpawner.allowed_images = {images!r}",
-        "c.DockerSpawner.remove = True",
+    """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see docker_spawner.py)."""
+    url = docker_api(hub).url
+    images, timeout = str(hub.images_file), hub.hub.spawn_timeout
+    # a registry prefix (images.push) lets another machine pull; local builds are never pulled
+    pull = "ifnotpresent" if hub.settings.images.push else "never"
+    return [
+        "import sys",
+        f"sys.path.insert(0, {str(hub.etc)!r})",
+        "import hubworks_spawner  # noqa: E402",
+        "c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner",
+        f"c.HubworksSpawner.images_file = {images!r}  # written by install_hub's images step",
+        f"c.HubworksSpawner.spawn_timeout = {timeout!r}",
+        f"c.HubworksSpawner.hub_label = {str(hub.prefix)!r}",
+        f"c.DockerSpawner.client_kwargs = {{'base_url': {url!r}}}",
+        "c.DockerSpawner.network_name = 'bridge'",
+        "c.DockerSpawner.host_ip = '127.0.0.1'  # published ports: for the proxy only",
+        f"c.DockerSpawner.pull_policy = {pull!r}",
+        "c.DockerSpawner.remove = True  # a stopped server's container goes; its home volume stays",
         # repo2docker images start a plain notebook server unless told otherwise
         "c.DockerSpawner.cmd = ['jupyterhub-singleuser']",
-        f"c.DockerSpawner.notebook_dir = {f'/home/{user}'!r}",
+        # the spawner itself waits spawn_timeout for the server; these only back it up
+        f"c.Spawner.start_timeout = {timeout + 60!r}",
+        "c.Spawner.http_timeout = 30",
+        "# users' containers keep running while the hub restarts; it finds them again",
+        "c.JupyterHub.cleanup_servers = False",
+        "# containers reach the hub at the bridge's gateway, an address the LAN is not routed to",
+        f"c.JupyterHub.hub_ip = hubworks_spawner.hub_address({url!r}, {images!r})",
+        "c.JupyterHub.hub_connect_ip = c.JupyterHub.hub_ip",
     ]
-    if tags:
-        lines.insert(2, f"c.DockerSpawner.image = {tags[0]!r}")
-    return lines
 
 
 def _host(ip: str) -> str:
@@ -108,13 +128,16 @@ def ports_in_config(text: str) -> dict[str, int]:
 
 def render_unit(hub: HubLayout) -> str:
     """The systemd unit that runs the hub as root (PAM and per-user servers need it)."""
+    engine = ""
+    if hub.uses_docker and docker_api(hub).managed:
+        engine = f"Requires={PODMAN_UNIT_NAME}\nAfter={PODMAN_UNIT_NAME}\n"
     return f"""\
 # Written by `doit install_hub` (hubworks); re-run it rather than editing this file.
 [Unit]
 Description=JupyterHub
 After=network-online.target
 Wants=network-online.target
-
+{engine}
 [Service]
 User=root
 WorkingDirectory={hub.var}
@@ -125,6 +148,28 @@ KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def render_podman_unit(hub: HubLayout) -> str:
+    """The systemd unit of podman's Docker-compatible API service for the hub."""
+    command = " ".join(podman_service_command(hub.podman_socket))
+    return f"""\
+# Written by `doit install_hub` (hubworks); re-run it rather than editing this file.
+[Unit]
+Description=podman's Docker-compatible API for JupyterHub's users' containers
+Before=jupyterhub.service
+
+[Service]
+EnvironmentFile={hub.podman_env_file}
+ExecStart={command}
+# users' containers belong to their conmon processes: stopping the API must not stop them
+Delegate=true
+KillMode=process
+Restart=on-failure
 
 [Install]
 WantedBy=multi-user.target

@@ -16,7 +16,8 @@ import urllib.request
 
 from ..errors import HubworksError
 from ..workspace import log_path
-from .layout import UNIT_NAME, HubLayout
+from .containers import docker_api, start_podman_service, stop_podman_service
+from .layout import PODMAN_UNIT_NAME, UNIT_NAME, HubLayout
 from .render import hub_search_path, ports_in_config
 from .system import (descendants, is_alive, port_is_free, process_cmdline, read_pid,
                      require_root, run, signal_all, tail, wait_gone)
@@ -74,14 +75,22 @@ def ports_of_running_hub(hub: HubLayout) -> dict[str, int]:
         return {}
 
 
+def _runs_podman_service(hub: HubLayout) -> bool:
+    """Whether hub_start/hub_stop manage podman's API service with the hub (no systemd)."""
+    return hub.uses_docker and not hub.uses_systemd and docker_api(hub).managed
+
+
 def start_hub(hub: HubLayout) -> str:
     """Start the hub unless it runs; wait until /hub/health answers. Returns what happened."""
     if hub.needs_root_to_run:
         require_root("starting the hub (PAM checks system passwords and servers start as "
                      "their users)")
+    # first the engine: the hub's config asks it for the bridge's gateway at start
+    started = start_podman_service(hub) if _runs_podman_service(hub) else ""
+    engine = f"{started}; " if started else ""
     pid = running_hub_pid(hub)
     if pid:
-        return f"the hub already runs (pid {pid}): {hub.public_url}"
+        return f"{engine}the hub already runs (pid {pid}): {hub.public_url}"
     # a proxy left behind by a hub that died would hold the port
     leftover = stop_hub(hub)
     ensure_ports_free(hub)
@@ -93,7 +102,7 @@ def start_hub(hub: HubLayout) -> str:
     pid = _wait_healthy(hub, process)
     how = "systemd unit " + UNIT_NAME if hub.uses_systemd else f"log {hub.log_file}"
     before = "" if leftover == NOT_RUNNING else f"{leftover}; "
-    return f"{before}the hub runs (pid {pid}, {how}): {hub.public_url}"
+    return f"{engine}{before}the hub runs (pid {pid}, {how}): {hub.public_url}"
 
 
 def _start_detached(hub: HubLayout) -> subprocess.Popen:
@@ -132,8 +141,25 @@ def _wait_healthy(hub: HubLayout, process: subprocess.Popen | None) -> int:
         fix="fix what the log names, then run doit install_hub again")
 
 
-def stop_hub(hub: HubLayout) -> str:
-    """SIGTERM the hub (it stops its proxy and servers), wait, and report what stopped."""
+def stop_hub(hub: HubLayout, *, with_engine: bool = False) -> str:
+    """SIGTERM the hub (it stops its proxy and servers), wait, and report what stopped.
+
+    With the docker spawner users' containers keep running (the hub finds them again at
+    start); ``with_engine`` also stops podman's API service that runs with the hub.
+    """
+    said = _stop_hub_processes(hub)
+    if with_engine and hub.uses_docker and docker_api(hub).managed:
+        if hub.uses_systemd:
+            run(["systemctl", "stop", PODMAN_UNIT_NAME],
+                log=log_path(hub.settings, "hub", "systemctl.log"))
+            said += f"; stopped {PODMAN_UNIT_NAME}"
+        else:
+            stopped = stop_podman_service(hub)
+            said += f"; {stopped}" if stopped else ""
+    return said
+
+
+def _stop_hub_processes(hub: HubLayout) -> str:
     pid = running_hub_pid(hub)
     proxy = read_pid(hub.proxy_pid_file)
     proxy = proxy if proxy and is_alive(proxy) and "proxy" in " ".join(
@@ -167,6 +193,9 @@ def stop_hub(hub: HubLayout) -> str:
     if pid is None:
         return f"stopped a proxy (pid {proxy}) left from an earlier hub"
     proxy_part = f"its proxy (pid {proxy})" if proxy else "no proxy"
+    if hub.uses_docker:
+        return (f"stopped the hub (pid {pid}) and {proxy_part}; users' containers keep "
+                f"running and the hub finds them again when it starts")
     servers = len(family - {proxy})
     return (f"stopped the hub (pid {pid}), {proxy_part} and {servers} "
             f"process{'' if servers == 1 else 'es'} of users' servers")

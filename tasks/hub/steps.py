@@ -25,8 +25,12 @@ from typing import Callable
 
 from ..errors import HubworksError
 from ..workspace import log_path
-from .layout import PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
-from .render import hub_search_path, render_config, render_unit
+from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
+                         running_podman_pid, start_podman_service, stop_podman_service,
+                         write_podman_env)
+from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
+from .offered import check_images_file, write_images_file
+from .render import hub_search_path, render_config, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
 from .system import (Python, blocked_for_others, first_writable_by_others,
@@ -645,26 +649,110 @@ def ensure_secrets(hub: HubLayout) -> str:
     return "; ".join(done)
 
 
+# ---- the container engine (spawner = docker) ---------------------------------------------
+
+def _podman_unit_current(hub: HubLayout) -> bool:
+    try:
+        return hub.podman_unit_file.read_text() == render_podman_unit(hub)
+    except OSError:
+        return False
+
+
+def check_engine(hub: HubLayout) -> Check:
+    api = docker_api(hub)
+    if api.managed:
+        if recorded_podman_env(hub) != podman_environment():
+            return Check(False, f"{hub.podman_env_file} does not hold the podman configuration "
+                                f"of this environment")
+        if hub.uses_systemd:
+            if not _podman_unit_current(hub) or not hub.podman_unit_link.exists():
+                return Check(False, f"{PODMAN_UNIT_NAME} is missing, differs or is not enabled")
+        elif running_podman_pid(hub) is None:
+            return Check(False, "podman's API service for the hub is not running")
+    problem = api_problem(api.url)
+    if problem:
+        return Check(False, f"the Docker API at {api.url} does not answer: {problem}")
+    return Check(True, f"{api.origin} answers at {api.url}")
+
+
+@checks_first(check_engine)
+def ensure_engine(hub: HubLayout) -> str:
+    api = docker_api(hub)
+    if not api.managed:
+        problem = api_problem(api.url)
+        if api.engine == "docker":
+            fix = "start Docker (systemctl start docker) or set images.engine = \"podman\""
+        else:
+            fix = "start the engine behind it, or correct hub.docker_url (HUBWORKS_HUB_DOCKER_URL)"
+        raise HubworksError(f"users' servers run through the Docker API at {api.url} "
+                            f"({api.origin}), which does not answer: {problem}.",
+                            fix=f"{fix}; then run doit install_hub again")
+    require_root("running podman's API service for the hub")
+    env = podman_environment()
+    changed = recorded_podman_env(hub) != env
+    write_podman_env(hub, env)
+    said = []
+    if hub.uses_systemd:
+        replace_file(hub.podman_unit_file, render_podman_unit(hub), 0o644)
+        log = _log(hub, "engine")
+        if systemd_is_running():
+            run(["systemctl", "daemon-reload"], log=log)
+        run(["systemctl", "enable", PODMAN_UNIT_NAME], log=log)
+        if systemd_is_running():
+            run(["systemctl", "restart" if changed else "start", PODMAN_UNIT_NAME], log=log)
+        said.append(f"wrote and enabled {hub.podman_unit_file}")
+    else:
+        if changed:
+            said.append(stop_podman_service(hub))
+        said.append(start_podman_service(hub))
+    config = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "podman's own defaults"
+    return "; ".join(part for part in said if part) + f"; its configuration: {config}"
+
+
+# ---- the images users can pick (spawner = docker) ----------------------------------------
+
+def check_images(hub: HubLayout) -> Check:
+    holds, says = check_images_file(hub)
+    return Check(holds, says)
+
+
+@checks_first(check_images)
+def ensure_images(hub: HubLayout) -> str:
+    return write_images_file(hub)
+
+
 # ---- jupyterhub_config.py ----------------------------------------------------------------
+
+SPAWNER_SOURCE = Path(__file__).with_name("docker_spawner.py")
+
 
 def _wanted_config(hub: HubLayout) -> str | None:
     choice = node_choice(hub)
     return render_config(hub, choice.node) if choice else None
 
 
+def _written_files(hub: HubLayout, config: str) -> dict[Path, str]:
+    """The files of the config step: the config, and the spawner module it imports."""
+    files = {hub.config_file: config}
+    if hub.uses_docker:
+        files[hub.spawner_module] = SPAWNER_SOURCE.read_text()
+    return files
+
+
 def check_config(hub: HubLayout) -> Check:
     wanted = _wanted_config(hub)
     if wanted is None:
         return Check(False, "waits for the node step (the config names the proxy's node)")
-    try:
-        text = hub.config_file.read_text()
-        mode = stat.S_IMODE(os.stat(hub.config_file).st_mode)
-    except OSError:
-        return Check(False, f"{hub.config_file} does not exist yet")
-    if text != wanted:
-        return Check(False, f"{hub.config_file} differs from the settings")
-    if mode != 0o644:
-        return Check(False, f"{hub.config_file} has mode {mode:o}")
+    for path, text in _written_files(hub, wanted).items():
+        try:
+            current = path.read_text()
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            return Check(False, f"{path} does not exist yet")
+        if current != text:
+            return Check(False, f"{path} differs from the settings")
+        if mode != 0o644:
+            return Check(False, f"{path} has mode {mode:o}")
     return Check(True, f"{hub.config_file} matches the settings")
 
 
@@ -673,7 +761,8 @@ def ensure_config(hub: HubLayout) -> str:
     wanted = render_config(hub, chosen_node(hub).node)
     ensure_ports_free(hub, ours=ports_of_running_hub(hub))
     existed = hub.config_file.exists()
-    replace_file(hub.config_file, wanted, 0o644)
+    for path, text in _written_files(hub, wanted).items():
+        replace_file(path, text, 0o644)
     return f"{'rewrote' if existed else 'wrote'} {hub.config_file}"
 
 
@@ -775,7 +864,8 @@ def _changed_since_start(hub: HubLayout) -> str | None:
     except OSError:
         return None
     site = hub.site_packages()
-    inputs = [hub.config_file, hub.cookie_secret, hub.proxy_token, hub.proxy_dir]
+    inputs = [hub.config_file, hub.spawner_module, hub.cookie_secret, hub.proxy_token,
+              hub.proxy_dir]
     if site:
         inputs += list(site.glob("jupyterhub-*.dist-info")) + \
             list(site.glob("dockerspawner-*.dist-info"))
@@ -828,18 +918,25 @@ STEPS: list[Step] = [
          check_jupyterlab, ensure_jupyterlab, after=("jupyterhub",)),
     Step("dockerspawner", "DockerSpawner in the venv (spawner = docker only).",
          check_dockerspawner, ensure_dockerspawner, after=("jupyterlab",),
-         wanted=lambda hub: hub.choice("spawner") == "docker"),
+         wanted=lambda hub: hub.uses_docker),
+    Step("engine", "The Docker API users' containers run through answers (spawner = docker).",
+         check_engine, ensure_engine, after=("prefix",),
+         wanted=lambda hub: hub.uses_docker),
+    Step("images", "The built images that can serve users, checked once per tag "
+                   "(spawner = docker).",
+         check_images, ensure_images, after=("engine",),
+         wanted=lambda hub: hub.uses_docker),
     Step("proxy", "configurable-http-proxy from npm under the prefix.",
          check_proxy, ensure_proxy, after=("node",)),
     Step("secrets", "Cookie secret and proxy token, created once, mode 600.",
          check_secrets, ensure_secrets, after=("prefix",)),
     Step("config", "jupyterhub_config.py rendered from the settings.",
          check_config, ensure_config,
-         after=("proxy", "secrets", "jupyterhub", "dockerspawner")),
+         after=("proxy", "secrets", "jupyterhub", "dockerspawner", "engine")),
     Step("database", "The hub's database at the installed JupyterHub's schema.",
          check_database, ensure_database, after=("config",)),
     Step("service", "A systemd unit when systemd runs; else the background start.",
          check_service, ensure_service, after=("config",)),
     Step("health", "The hub runs the current install and /hub/health answers 200.",
-         check_health, ensure_health, after=("database", "service", "jupyterlab")),
+         check_health, ensure_health, after=("database", "service", "jupyterlab", "images")),
 ]
