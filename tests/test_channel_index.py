@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -129,6 +130,77 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     truncated.unlink()
     garbage.unlink()
     ws.doit("index_channel")
+
+
+def _damaged_copies(package, folder) -> list:
+    """Copies of ``package`` cut short or with one byte changed: in its payload (which
+    rattler's indexer does not read), in its metadata, near its end."""
+    data = package.read_bytes()
+    stem, suffix = package.name.split("-", 1)[0], package.name[len(package.name.split("-", 1)[0]):]
+    if package.name.endswith(".conda"):
+        with zipfile.ZipFile(package) as archive:
+            [payload] = [m for m in archive.infolist() if m.filename.startswith("pkg-")]
+        positions = {"payload": payload.header_offset + 30 + len(payload.filename) + 20
+                     + payload.compress_size // 2}
+    else:
+        positions = {"payload": len(data) // 2}
+    positions.update(metadata=len(data) // 3, end=len(data) - 3)
+    copies = []
+    for where, position in positions.items():
+        changed = bytearray(data)
+        changed[position] ^= 0x55
+        copies.append(folder / f"{stem}{where}{suffix}")
+        copies[-1].write_bytes(bytes(changed))
+    copies.append(folder / f"{stem}cut{suffix}")
+    copies[-1].write_bytes(data[: len(data) * 2 // 3])
+    return copies
+
+
+def test_a_first_index_names_every_damaged_file_and_indexes_the_rest(workspace):
+    ws = workspace
+    ws.add_recipe("good")
+    ws.doit("build_recipes")
+    ws.configure('[recipes]\npackage_format = "tar.bz2"\n')
+    ws.add_recipe("classic")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    [conda] = noarch.glob("good-*.conda")
+    [tar_bz2] = noarch.glob("classic-*.tar.bz2")
+    damaged = _damaged_copies(conda, noarch) + _damaged_copies(tar_bz2, noarch)
+    misplaced = ws.channel / "linux-64" / conda.name
+    misplaced.parent.mkdir()
+    shutil.copy(conda, misplaced)
+    # No index state: the first index of a channel reads every file while rattler indexes.
+    shutil.rmtree(ws.state / "index")
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode == 1
+    problem = run.output[run.output.index("problem: "):]
+    for path in damaged + [misplaced]:
+        assert str(path) in problem, path
+    assert "the other 2 are indexed and served" in problem
+    assert sorted(repodata(ws)) == sorted([conda.name, tar_bz2.name])
+    assert sharded_names(ws) == {"good", "classic"}
+    assert repodata(ws, "linux-64") == {} and sharded_names(ws, "linux-64") == set()
+
+
+def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    [built] = noarch.glob("*.conda")
+    for n in range(300):  # enough for the reading to be shared among processes
+        os.link(built, noarch / f"tool{n}-1.0.0-0.conda")
+    damaged = _damaged_copies(built, noarch)
+    shutil.rmtree(ws.state / "index")
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode == 1
+    assert "indexed 301 packages (305 read)" in run.output
+    problem = run.output[run.output.index("problem: "):]
+    assert sorted(re.findall(r"\S+\.conda(?=:)", problem)) == sorted(map(str, damaged))
+    assert len(repodata(ws)) == 301
 
 
 def test_readers_never_see_a_partial_index(workspace):
