@@ -35,6 +35,7 @@ import hashlib
 import html
 import os
 import re
+import secrets
 import shutil
 import signal
 import threading
@@ -52,11 +53,12 @@ from .package_files import read_package
 from .settings import Settings
 from .workspace import RUN, current_settings
 
-STATE_VERSION = 3  # 3: packages in the wrong folder are refused; read every package again
+STATE_VERSION = 4  # 4: staged files are checked by digest, page rows kept; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)
 PACKAGES_PER_PROCESS = 64  # fewer packages than that are read faster than a process starts
 ZST_LEVEL = 3  # 1.3 MB in 0.03 s for 20,000 packages; level 19 saves 20% in 5 s
 SHARD_INDEX = "repodata_shards.msgpack.zst"
+STAGED_FILES = ("repodata.json", "repodata.json.zst", SHARD_INDEX)
 
 Listing = dict[str, dict[str, list[int]]]  # subdir -> file name -> [size, mtime_ns]
 
@@ -108,7 +110,8 @@ def read_state(path: Path) -> dict:
         return {}
     packages, shards = state.get("packages"), state.get("shards", {})
     entry_keys = {"size", "mtime_ns", "meta", "error"}
-    if not isinstance(packages, dict) or not isinstance(shards, dict) or not all(
+    if not isinstance(packages, dict) or not isinstance(shards, dict) or not isinstance(
+            state.get("staged", {}), dict) or not all(
             isinstance(entry, dict) and entry_keys <= entry.keys()
             and isinstance(entry["meta"], dict) for entry in packages.values()):
         return {}
@@ -271,6 +274,7 @@ class StagedIndex:
 
     repodata: dict
     shard_index_bytes: bytes
+    digests: dict[str, str]  # sha256 of each of STAGED_FILES as written
 
     @property
     def files(self) -> set[str]:
@@ -285,9 +289,15 @@ def _shard_names(shard_index_bytes: bytes) -> dict[str, str]:
     return {name: f"{bytes(digest).hex()}.msgpack.zst" for name, digest in index["shards"].items()}
 
 
-def _read_staged(staged: Path, expected_files: set[str], published: Path) -> StagedIndex | None:
-    """The staged index of a subdir, or None when any part of it cannot be read or it does
-    not hold exactly ``expected_files``: then the subdir is indexed again from its packages.
+def _digests(contents: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+
+
+def _read_staged(staged: Path, expected_files: set[str], published: Path,
+                 digests: object) -> StagedIndex | None:
+    """The staged index of a subdir, or None when any part of it cannot be read, differs
+    from what the last run wrote (``digests``, from the state) or does not hold exactly
+    ``expected_files``: then the subdir is indexed again from its packages.
 
     Shards not yet served are checked against their content address before they can be.
     """
@@ -295,17 +305,14 @@ def _read_staged(staged: Path, expected_files: set[str], published: Path) -> Sta
     import zstandard
 
     try:
-        data = (staged / "repodata.json").read_bytes()
-        repodata = orjson.loads(data)
-        # Decompressed in one piece: a truncated frame raises instead of yielding a part.
-        if zstandard.ZstdDecompressor().decompress(
-                (staged / "repodata.json.zst").read_bytes()) != data:
+        contents = {name: (staged / name).read_bytes() for name in STAGED_FILES}
+        if _digests(contents) != digests:
             return None
-        shard_index = (staged / SHARD_INDEX).read_bytes()
-        shards = _shard_names(shard_index)
-        staged_index = StagedIndex(repodata, shard_index)
-        records = {**repodata.get("packages", {}), **repodata.get("packages.conda", {})}
-        names = {record["name"] for record in records.values()}
+        repodata = orjson.loads(contents["repodata.json"])
+        shards = _shard_names(contents[SHARD_INDEX])
+        staged_index = StagedIndex(repodata, contents[SHARD_INDEX], digests)
+        names = {record["name"] for section in ("packages", "packages.conda")
+                 for record in repodata.get(section, {}).values()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError, zstandard.ZstdError,
             msgpack.UnpackException):
         return None
@@ -339,13 +346,14 @@ def _update_subdir(fresh: Path, staged: Path, names: set[str], old: StagedIndex 
     for shard in new_shards:
         os.replace(shard, staged / "shards" / shard.name)
     shard_index = _merge_shard_index(old and old.shard_index_bytes, fresh_index, names)
-    atomic_write_bytes(staged / SHARD_INDEX, shard_index)
     repodata = _merge_repodata(old and old.repodata,
                                orjson.loads((fresh / "repodata.json").read_bytes()), names)
     data = orjson.dumps(repodata)
-    atomic_write_bytes(staged / "repodata.json.zst", _zstd(data))
+    contents = {"repodata.json": data, "repodata.json.zst": _zstd(data), SHARD_INDEX: shard_index}
+    atomic_write_bytes(staged / SHARD_INDEX, shard_index)
+    atomic_write_bytes(staged / "repodata.json.zst", contents["repodata.json.zst"])
     atomic_write_bytes(staged / "repodata.json", data)
-    return StagedIndex(repodata, shard_index)
+    return StagedIndex(repodata, shard_index, _digests(contents))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -405,10 +413,21 @@ def _name(entry: dict | None) -> str | None:
     return entry["meta"].get("name") if entry and not entry.get("error") else None
 
 
-def _good_files(entries: dict[str, dict], subdir: str) -> set[str]:
-    """File names of the readable packages of ``subdir`` among ``entries`` (key: subdir/file)."""
-    return {key.split("/", 1)[1] for key, entry in entries.items()
-            if key.split("/", 1)[0] == subdir and _name(entry)}
+def _summary(entries: dict[str, dict]) -> tuple[dict[str, set[str]], dict[str, str],
+                                                dict[str, list[str]]]:
+    """Of ``entries`` (key: subdir/file): the readable files by subdir, the unreadable ones
+    with the reason, and the keys of each package name."""
+    good: dict[str, set[str]] = {}
+    bad: dict[str, str] = {}
+    by_name: dict[str, list[str]] = {}
+    for key, entry in entries.items():
+        if entry["error"]:
+            bad[key] = entry["error"]
+        else:
+            subdir, _, filename = key.partition("/")
+            good.setdefault(subdir, set()).add(filename)
+            by_name.setdefault(entry["meta"]["name"], []).append(key)
+    return good, bad, by_name
 
 
 def _link_into(work: Path, channel_dir: Path, files: dict[str, set[str]]) -> None:
@@ -427,6 +446,37 @@ def _index_exactly(work: Path, channel_dir: Path, wanted: dict[str, set[str]]) -
     _index_fs(work)
 
 
+@dataclass
+class PageFacts:
+    """What the index page says besides its rows."""
+
+    packages: int
+    bad: dict[str, str]   # key -> why it is not indexed
+    subdirs: set[str]     # subdirs with readable packages
+
+
+def _write_page(channel_dir: Path, packages: dict[str, dict], touched: set[str],
+                by_name: dict[str, list[str]], state: dict, rows_path: Path,
+                facts: PageFacts) -> str:
+    """Write index.html, rendering rows again only for the package names a change touched
+    (``by_name``: the packages of each name): the other names' rows come from the last page
+    (a file of the state, named by a generation that the state records). Returns the new
+    generation."""
+    cached = read_json(rows_path, {}) if state.get("page") else {}
+    rows = cached.get("rows") if isinstance(cached, dict) else None
+    if isinstance(rows, dict) and cached.get("generation") == state["page"]:
+        for name in touched:
+            rows.pop(name, None)
+        rows.update(page_rows(packages, [key for name in touched
+                                         for key in by_name.get(name, ())]))
+    else:
+        rows = page_rows(packages, list(packages))
+    generation = secrets.token_hex(8)
+    atomic_write_bytes(rows_path, orjson.dumps({"generation": generation, "rows": rows}))
+    write_index_page(channel_dir, rows, facts)
+    return generation
+
+
 def index_channel(settings: Settings) -> IndexReport:
     """Bring every subdir's repodata and the index page in line with the channel's files.
 
@@ -438,6 +488,7 @@ def index_channel(settings: Settings) -> IndexReport:
     channel_dir = settings.channel_dir
     staging = settings.state("index", "staging")
     work = settings.state("index", "work")
+    rows_path = settings.state("index", "page-rows.json")
     with exclusive_lock(settings.state("index", "lock"), "the channel index"):
         (channel_dir / "noarch").mkdir(parents=True, exist_ok=True)
         listing = channel_listing(channel_dir)
@@ -470,43 +521,49 @@ def index_channel(settings: Settings) -> IndexReport:
         # Package names whose records change, per subdir: new, changed, removed, gone bad.
         # Without a state every subdir is indexed whole.
         touched: dict[str, set[str]] = {} if state else {subdir: set() for subdir in subdirs}
-        for key in set(current) | set(known):
-            if known.get(key) is current.get(key):
-                continue
-            subdir = key.split("/", 1)[0]
+        changed = [f"{c.subdir}/{c.filename}" for c in to_check] + list(known.keys() - current.keys())
+        for key in changed:
             for name in (_name(known.get(key)), _name(current.get(key))):
                 if name:
-                    touched.setdefault(subdir, set()).add(name)
+                    touched.setdefault(key.partition("/")[0], set()).add(name)
+        good_known, bad_known, _ = _summary(known)
+        good_current, report.bad, by_name = _summary(current)
 
         # The staged index of every subdir about to be published must hold exactly what the
         # state says; one that is missing, unreadable or different is rebuilt from the
         # packages on disk (never read as empty, which would drop the rest).
         staged_before: dict[str, StagedIndex] = {}
+        digests = state.get("staged", {})
         for subdir in subdirs:
             if subdir not in touched and (channel_dir / subdir / "repodata.json").is_file():
                 continue
-            staged = _read_staged(staging / subdir, _good_files(known, subdir),
-                                  channel_dir / subdir)
+            staged = _read_staged(staging / subdir, good_known.get(subdir, set()),
+                                  channel_dir / subdir, digests.get(subdir))
             if staged is None:
                 shutil.rmtree(staging / subdir, ignore_errors=True)
                 touched.setdefault(subdir, set()).update(
-                    _name(current[f"{subdir}/{f}"]) for f in _good_files(current, subdir))
+                    _name(current[f"{subdir}/{f}"]) for f in good_current.get(subdir, ()))
             else:
                 staged_before[subdir] = staged
 
         if touched:
-            wanted = {subdir: {filename for filename in listing.get(subdir, {})
-                               if _name(current[f"{subdir}/{filename}"]) in names}
-                      for subdir, names in touched.items()}
+            wanted: dict[str, set[str]] = {subdir: set() for subdir in touched}
+            for subdir, names in touched.items():
+                for name in names:
+                    for key in by_name.get(name, ()):
+                        if key.partition("/")[0] == subdir:
+                            wanted[subdir].add(key.partition("/")[2])
             _index_exactly(work, channel_dir, wanted)
             for subdir, names in touched.items():
                 staged = _update_subdir(work / subdir, staging / subdir, names,
                                         staged_before.get(subdir))
+                digests[subdir] = staged.digests
                 # Every readable package ends up indexed, or is named as not indexed.
-                for filename in _good_files(current, subdir) - staged.files:
-                    current[f"{subdir}/{filename}"] = dict(
-                        current[f"{subdir}/{filename}"],
-                        error="rattler's indexer left it out of the repodata")
+                for filename in wanted[subdir] - staged.files:
+                    key = f"{subdir}/{filename}"
+                    current[key] = dict(current[key], error="rattler's indexer left it out "
+                                                            "of the repodata")
+                    report.bad[key] = current[key]["error"]
             shutil.rmtree(work, ignore_errors=True)
         for stale in staging.iterdir() if staging.is_dir() else ():
             if stale.is_dir() and stale.name not in subdirs:
@@ -518,11 +575,14 @@ def index_channel(settings: Settings) -> IndexReport:
             if subdir in touched or not published.is_file():
                 shards[subdir] = sorted(_publish_subdir(
                     staging / subdir, channel_dir / subdir, set(shards.get(subdir, []))))
-        bad_before = {k for k, e in known.items() if e.get("error")}
-        report.bad = {key: entry["error"] for key, entry in current.items() if entry.get("error")}
-        if touched or set(report.bad) != bad_before or not (channel_dir / "index.html").exists():
-            write_index_page(channel_dir, current)
         report.packages = len(current) - len(report.bad)
+        page = state.get("page", "")
+        if touched or report.bad.keys() != bad_known.keys() or \
+                not (channel_dir / "index.html").exists():
+            page = _write_page(
+                channel_dir, current, set().union(*touched.values()), by_name, state, rows_path,
+                PageFacts(report.packages, report.bad,
+                          {subdir for subdir, files in good_current.items() if files}))
         # Last, once the index it describes is on disk: the state says what is indexed.
         atomic_write_bytes(state_path(settings), orjson.dumps({
             "version": STATE_VERSION,
@@ -530,6 +590,8 @@ def index_channel(settings: Settings) -> IndexReport:
             "signature": listing_signature(listing) if not report.bad else "",
             "packages": current,
             "shards": {k: v for k, v in shards.items() if k in subdirs},
+            "staged": {k: v for k, v in digests.items() if k in subdirs},
+            "page": page,
         }))
     return report
 
@@ -548,38 +610,52 @@ def _human_size(size: int) -> str:
     return ""
 
 
-def write_index_page(channel_dir: Path, packages: dict[str, dict]) -> None:
-    """index.html: every package, newest version first within each name."""
+def _escape(value: str) -> str:
+    """HTML-escaped; most values need nothing, so the work is skipped for them."""
+    return html.escape(value) if _HTML_SPECIAL.search(value) else value
+
+
+def _anchor(path: str, text: str) -> str:
+    href = path if _URL_PLAIN.fullmatch(path) else html.escape(quote(path))
+    return f'<a href="{href}">{_escape(text)}</a>'
+
+
+def page_rows(packages: dict[str, dict], keys: list[str]) -> dict[str, str]:
+    """The index page's table rows of the readable packages among ``keys``, by package
+    name, newest version first."""
     from rattler import Version
 
-    newest_first = sorted(
-        ((Version(e["meta"]["version"]), e["meta"]["build"], key, e)
-         for key, e in packages.items() if not e.get("error")),
-        key=lambda item: item[:2], reverse=True)
-    good = sorted(((key, e) for _, _, key, e in newest_first),
-                  key=lambda item: item[1]["meta"]["name"])  # stable: keeps version order
-    # Every value is escaped and every link percent-encoded: file names, folder names and
-    # everything in a package's metadata come from whoever put the file in the channel.
-    def escape(value: str) -> str:  # most values need nothing: skip the work for them
-        return html.escape(value) if _HTML_SPECIAL.search(value) else value
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for key in keys:
+        entry = packages[key]
+        if not entry["error"]:
+            groups.setdefault(entry["meta"]["name"], []).append((key, entry))
+    rows = {}
+    for name, items in groups.items():
+        if len(items) > 1:
+            items.sort(key=lambda item: (Version(item[1]["meta"]["version"]),
+                                         item[1]["meta"]["build"]), reverse=True)
+        # Every value is escaped and every link percent-encoded: file names, folder names
+        # and everything in a package's metadata come from whoever put the file there.
+        lines = []
+        for key, entry in items:
+            meta, (subdir, filename) = entry["meta"], key.split("/", 1)
+            cells = "".join(f"<td>{_escape(value)}</td>" for value in (
+                meta["name"], meta["version"], meta["build"], subdir))
+            cells += f'<td class="n">{_human_size(entry["size"])}</td>'
+            cells += "".join(f"<td>{_escape(value)}</td>" for value in (
+                meta.get("date", ""), meta.get("summary", "")))
+            lines.append(f"<tr>{cells}<td>{_anchor(key, filename)}</td></tr>")
+        rows[name] = "\n".join(lines)
+    return rows
 
-    def link(path: str, text: str) -> str:
-        href = path if _URL_PLAIN.fullmatch(path) else html.escape(quote(path))
-        return f'<a href="{href}">{escape(text)}</a>'
 
-    rows = []
-    for key, entry in good:
-        meta, (subdir, filename) = entry["meta"], key.split("/", 1)
-        cells = "".join(f"<td>{escape(value)}</td>" for value in (
-            meta["name"], meta["version"], meta["build"], subdir))
-        cells += f'<td class="n">{_human_size(entry["size"])}</td>'
-        cells += "".join(f"<td>{escape(value)}</td>" for value in (
-            meta.get("date", ""), meta.get("summary", "")))
-        rows.append(f"<tr>{cells}<td>{link(key, filename)}</td></tr>")
-    bad = [f"<li><code>{escape(k)}</code>: {escape(e['error'])}</li>"
-           for k, e in sorted(packages.items()) if e.get("error")]
-    subdirs = sorted({key.split("/", 1)[0] for key, _ in good} | {"noarch"})
-    links = " ".join(link(f"{s}/repodata.json", s) for s in subdirs)
+def write_index_page(channel_dir: Path, rows: dict[str, str], facts: PageFacts) -> None:
+    """index.html: every package (``rows``: by name, from page_rows), and the files left
+    out with the reason."""
+    bad = [f"<li><code>{_escape(key)}</code>: {_escape(error)}</li>"
+           for key, error in sorted(facts.bad.items())]
+    links = " ".join(_anchor(f"{s}/repodata.json", s) for s in sorted(facts.subdirs | {"noarch"}))
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>conda channel</title>
@@ -589,12 +665,12 @@ table {{ border-collapse: collapse; }} td, th {{ padding: .2em .8em; text-align:
 tr:nth-child(even) {{ background: #f3f3f3; }} td.n {{ text-align: right; }}
 </style></head><body>
 <h1>conda channel</h1>
-<p>{len(good)} packages. Repodata: {links}. Indexed {generated}.</p>
+<p>{facts.packages} packages. Repodata: {links}. Indexed {generated}.</p>
 {"<h2>Not indexed (unreadable or misplaced files)</h2><ul>" + "".join(bad) + "</ul>" if bad else ""}
 <table>
 <tr><th>Package</th><th>Version</th><th>Build</th><th>Subdir</th><th>Size</th><th>Date</th>\
 <th>Summary</th><th>File</th></tr>
-{chr(10).join(rows)}
+{chr(10).join(rows[name] for name in sorted(rows))}
 </table></body></html>
 """
     atomic_write_bytes(channel_dir / "index.html", page.encode())

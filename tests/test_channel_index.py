@@ -81,6 +81,13 @@ def test_index_is_incremental(workspace):
     shutil.rmtree(ws.root / "recipes" / "one")
     ws.doit("index_channel")
     assert sorted(repodata(ws)) == ["by-hand-1.0-0.conda", two]
+    # The page lists what is indexed: the removed file is gone from it, the new one is there.
+    page = (ws.channel / "index.html").read_text()
+    assert one not in page and "by-hand-1.0-0.conda" in page and two in page
+    shutil.rmtree(ws.root / "recipes" / "two")
+    (ws.channel / "noarch" / two).unlink()
+    ws.doit("index_channel")
+    assert ">two<" not in (ws.channel / "index.html").read_text()
 
 
 def test_a_file_replaced_under_the_same_name_gets_new_metadata(workspace):
