@@ -283,11 +283,12 @@ def _not_msgpack(path):
     ("staging/noarch/repodata.json", _cut_to_1000_bytes),
     ("staging/noarch/repodata.json", lambda path: path.write_bytes(b'{"packages": {}}')),
     ("staging/noarch/repodata.json.zst", _cut_to_1000_bytes),
+    ("staging/noarch/records.msgpack", _cut_to_1000_bytes),
     ("staging/noarch/repodata_shards.msgpack.zst", lambda path: path.write_bytes(b"\0" * 40)),
     ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
     ("state.json", _cut_to_1000_bytes),
     ("state.json", lambda path: path.write_text(f'{{"version": {STATE_VERSION}, "packages": []}}')),
-], ids=["repodata-cut", "repodata-emptied", "zst-cut", "shard-index-zeros",
+], ids=["repodata-cut", "repodata-emptied", "zst-cut", "records-cut", "shard-index-zeros",
         "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
 def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
     ws = workspace
