@@ -227,15 +227,6 @@ def _index_fs(folder: Path) -> None:
 
 # ---------------------------------------------------------------- rattler on what changed
 
-def _link(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or links not allowed: a copy does the same job
-        shutil.copy2(source, target)
-
-
 def _zstd(data: bytes) -> bytes:
     import zstandard
 
@@ -526,12 +517,17 @@ def _scan(listing: Listing, known: dict[str, dict]) -> tuple[
 
 
 def _link_into(work: Path, channel_dir: Path, files: dict[str, set[str]]) -> None:
-    """Hard links (copies where links fail) of ``files`` (subdir -> names) in ``work``."""
-    for subdir, names in files.items():
-        (work / subdir).mkdir(parents=True, exist_ok=True)
-        for filename in names:
-            _link(channel_dir / subdir / filename, work / subdir / filename)
+    """Hard links (copies where links fail) of ``files`` (subdir -> names) in a fresh
+    ``work``. Plain strings and one folder at a time: 20,000 links are the cost."""
     (work / "noarch").mkdir(parents=True, exist_ok=True)  # rattler indexes it in any case
+    for subdir, names in files.items():
+        source, target = f"{channel_dir / subdir}/", f"{work / subdir}/"
+        os.makedirs(target, exist_ok=True)
+        for filename in names:
+            try:
+                os.link(source + filename, target + filename)
+            except OSError:  # another filesystem, or links not allowed: a copy does the same
+                shutil.copy2(source + filename, target + filename)
 
 
 def _index_exactly(work: Path, channel_dir: Path, wanted: dict[str, set[str]]) -> None:
