@@ -29,7 +29,6 @@ one last indexed: one directory scan, no hashing of packages.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import html
@@ -220,6 +219,8 @@ def check_packages(channel_dir: Path, checks: list[PackageCheck]) -> None:
 
 
 def _index_fs(folder: Path) -> None:
+    import asyncio  # here, not at the top: loading the tasks does not need it
+
     from rattler.index import index_fs
 
     asyncio.run(index_fs(folder, write_zst=False, write_shards=True))
