@@ -191,23 +191,34 @@ def test_a_first_index_names_every_damaged_file_and_indexes_the_rest(workspace):
     assert repodata(ws, "linux-64") == {} and sharded_names(ws, "linux-64") == set()
 
 
-def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace):
+@pytest.mark.parametrize("kinds", [("payload", "metadata", "end", "cut"), ("payload",)],
+                         ids=["rattler-stops-at-some", "rattler-reads-them-all"])
+def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace, kinds):
+    """A first index of a big channel: rattler indexes every file while they are checked,
+    and what the check refuses leaves the index (whether or not rattler could read it)."""
     ws = workspace
     ws.add_recipe("tool")
     ws.doit("build_recipes")
     noarch = ws.channel / "noarch"
     [built] = noarch.glob("*.conda")
-    for n in range(300):  # enough for the reading to be shared among processes
+    for n in range(300):  # enough for reading side by side and for the early index
         os.link(built, noarch / f"tool{n}-1.0.0-0.conda")
-    damaged = _damaged_copies(built, noarch)
+    damaged = []
+    for path in _damaged_copies(built, noarch):
+        if any(path.name.startswith(f"tool{kind}-") for kind in kinds):
+            damaged.append(path)
+        else:
+            path.unlink()
     shutil.rmtree(ws.state / "index")
 
     run = ws.doit("index_channel", check=False)
     assert run.returncode == 1
-    assert "indexed 301 packages (305 read)" in run.output
+    assert f"indexed 301 packages ({301 + len(kinds)} read)" in run.output
+    assert "panicked" not in run.output and "backtrace" not in run.output
     problem = run.output[run.output.index("problem: "):]
     assert sorted(re.findall(r"\S+\.conda(?=:)", problem)) == sorted(map(str, damaged))
-    assert len(repodata(ws)) == 301
+    assert len(repodata(ws)) == 301 and not set(repodata(ws)) & {p.name for p in damaged}
+    assert sharded_names(ws) == {"tool"}
 
 
 def test_readers_never_see_a_partial_index(workspace):
