@@ -13,7 +13,10 @@ at 20,000 packages), and writes into the directory clients are reading. So here:
   the same way (it would land in the wrong repodata);
 - only the package names a change touches go to rattler, in a fresh folder of hard links
   (so a package replaced under the same file name is read again); their records and shards
-  replace the old ones in a staged copy of the index under ``<state_dir>/index/``;
+  replace the old ones in a staged copy of the index under ``<state_dir>/index/``, whose
+  records are kept as JSON text (``Records``) so a change copies bytes instead of parsing
+  and writing every record again; a channel without index state goes to rattler whole,
+  while its files are checked (``_EarlyIndex``);
 - nothing is lost: every state file is written atomically and synced; a staged index that
   cannot be read, or that does not hold exactly the packages the state says it does, is
   rebuilt from the subdir's packages; a run ends with every readable package indexed;
@@ -21,10 +24,11 @@ at 20,000 packages), and writes into the directory clients are reading. So here:
 - atomic publication: new shards first, then the shard index and the repodata files, each
   replaced by rename, so a client never reads a partial file or a dangling shard; served
   files are hard links of the staged ones, which are synced once and never changed;
-- ``index.html`` at the channel root lists every package with its summary.
+- ``index.html`` at the channel root lists every package with its summary; its rows are
+  kept by package name and only the names a change touches are rendered again.
 
 The doit task is up to date while the channel's listing (names, sizes, mtimes) matches the
-one last indexed: one directory scan, no hashing of packages.
+one last indexed (``indexed.json``): one directory scan, no hashing of packages.
 """
 
 from __future__ import annotations
@@ -51,8 +55,7 @@ import orjson
 
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync_dir,
-                     read_json,
-                     replace_with_link, sha256_file, sync_files)
+                     read_json, replace_with_link, sha256_file, sync_files)
 from .package_files import read_package
 from .settings import Settings
 from .workspace import RUN, current_settings
@@ -257,6 +260,12 @@ class Section:
     names: list[str] = field(default_factory=list)
     records: list[bytes] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, records: dict[str, dict]) -> Section:
+        files = sorted(records)
+        return cls(files, [records[fn]["name"] for fn in files],
+                   [orjson.dumps(records[fn]) for fn in files])
+
     def without(self, names: set[str]) -> Section:
         keep = [name not in names for name in self.names]
         return Section(list(compress(self.files, keep)), list(compress(self.names, keep)),
@@ -284,14 +293,9 @@ class Records:
     @classmethod
     def from_repodata(cls, repodata: dict) -> Records:
         rest = {key: ({} if key in SECTIONS else value) for key, value in repodata.items()}
-        sections = {}
         for key in SECTIONS:
             rest.setdefault(key, {})
-            found = repodata.get(key, {})
-            sections[key] = Section([], [], []).plus(Section(
-                list(found), [record["name"] for record in found.values()],
-                [orjson.dumps(record) for record in found.values()]))
-        return cls(rest, sections)
+        return cls(rest, {key: Section.of(repodata.get(key, {})) for key in SECTIONS})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Records:
@@ -541,27 +545,30 @@ class _EarlyIndex:
     says of a file the check refuses (a panic with a backtrace, for some) is not the run's
     output. ``_index_exactly`` then takes out what the check refused."""
 
+    # It says when it is done: rattler's runtime now and then crashes the interpreter as it
+    # exits, after the index is written, so the exit status alone would mislead.
     SCRIPT = ("import asyncio, sys\nfrom rattler.index import index_fs\n"
-              "asyncio.run(index_fs(sys.argv[1], write_zst=False, write_shards=True))")
+              "asyncio.run(index_fs(sys.argv[1], write_zst=False, write_shards=True))\n"
+              "print('indexed', flush=True)")
 
     def __init__(self, work: Path, channel_dir: Path, files: dict[str, set[str]]):
         shutil.rmtree(work, ignore_errors=True)
         _link_into(work, channel_dir, files)
         self.files = files
         self.process = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(work)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.DEVNULL)
 
     def succeeded(self) -> bool:
-        return self.process.wait() == 0
+        return self.process.communicate()[0].strip() == b"indexed"
 
     def __enter__(self) -> _EarlyIndex:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.process.poll() is None:  # interrupted, or an error in the run
+        if self.process.returncode is None:  # not waited for: interrupted, or an error
             self.process.kill()
-            self.process.wait()
+            self.process.communicate()
 
 
 def _index_exactly(work: Path, channel_dir: Path, wanted: dict[str, set[str]],
