@@ -197,15 +197,17 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check_packages(channel_dir: Path, checks: list[PackageCheck]) -> None:
-    """Read every package in ``checks`` whole; many at once in one process per core.
+def check_packages(channel_dir: Path, checks: list[PackageCheck],
+                   processes: int = READ_PROCESSES) -> None:
+    """Read every package in ``checks`` whole; many at once in up to ``processes`` processes
+    (one per core unless the cores have other work, such as rattler indexing beside).
 
     Processes, not threads: a small package costs more interpreter time (the tar walk,
     the JSON) than decompression, which is all a thread could run beside the others.
     """
     import multiprocessing
 
-    workers = min(READ_PROCESSES, len(checks) // PACKAGES_PER_PROCESS)
+    workers = min(processes, len(checks) // PACKAGES_PER_PROCESS)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         for check in checks:
             _check_package(channel_dir, check)
@@ -658,7 +660,8 @@ def index_channel(settings: Settings) -> IndexReport:
         if not state and sum(len(listing[subdir]) for subdir in subdirs) >= EARLY_INDEX_MIN:
             early = cleanup.enter_context(_EarlyIndex(
                 work, channel_dir, {subdir: set(listing[subdir]) for subdir in subdirs}))
-        check_packages(channel_dir, to_check)
+        # Beside an early index, which keeps every core busy, one reader is quickest.
+        check_packages(channel_dir, to_check, 1 if early else READ_PROCESSES)
         report.read = len(to_check)
         for check in to_check:
             key = f"{check.subdir}/{check.filename}"

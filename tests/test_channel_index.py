@@ -191,11 +191,15 @@ def test_a_first_index_names_every_damaged_file_and_indexes_the_rest(workspace):
     assert repodata(ws, "linux-64") == {} and sharded_names(ws, "linux-64") == set()
 
 
-@pytest.mark.parametrize("kinds", [("payload", "metadata", "end", "cut"), ("payload",)],
-                         ids=["rattler-stops-at-some", "rattler-reads-them-all"])
-def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace, kinds):
-    """A first index of a big channel: rattler indexes every file while they are checked,
-    and what the check refuses leaves the index (whether or not rattler could read it)."""
+@pytest.mark.parametrize("kinds, first", [
+    (("payload", "metadata", "end", "cut"), True), (("payload",), True),
+    (("payload", "metadata", "end", "cut"), False)],
+    ids=["first-index-rattler-stops-at-some", "first-index-rattler-reads-them-all",
+         "added-to-an-index-read-by-several-processes"])
+def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace, kinds, first):
+    """Many packages at once: in a first index rattler indexes every file while they are
+    checked, and what the check refuses leaves the index (whether or not rattler could read
+    it); added to an indexed channel, they are checked by several processes first."""
     ws = workspace
     ws.add_recipe("tool")
     ws.doit("build_recipes")
@@ -209,11 +213,12 @@ def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace
             damaged.append(path)
         else:
             path.unlink()
-    shutil.rmtree(ws.state / "index")
+    if first:
+        shutil.rmtree(ws.state / "index")
 
     run = ws.doit("index_channel", check=False)
     assert run.returncode == 1
-    assert f"indexed 301 packages ({301 + len(kinds)} read)" in run.output
+    assert f"indexed 301 packages ({300 + len(kinds) + first} read)" in run.output
     assert "panicked" not in run.output and "backtrace" not in run.output
     problem = run.output[run.output.index("problem: "):]
     assert sorted(re.findall(r"\S+\.conda(?=:)", problem)) == sorted(map(str, damaged))
