@@ -34,6 +34,7 @@ one last indexed (``indexed.json``): one directory scan, no hashing of packages.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import hashlib
 import html
 import os
@@ -44,11 +45,12 @@ import signal
 import subprocess
 import sys
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from itertools import compress
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import orjson
@@ -60,7 +62,7 @@ from .package_files import read_package
 from .settings import Settings
 from .workspace import RUN, current_settings
 
-STATE_VERSION = 4  # 4: staged files are checked by digest, page rows kept; read all again
+STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)
 PACKAGES_PER_PROCESS = 64  # fewer packages than that are read faster than a process starts
 EARLY_INDEX_MIN = 200  # below this many packages, rattler after the check is as fast
@@ -356,7 +358,7 @@ class StagedIndex:
 
     records: Records
     shard_index_bytes: bytes
-    digests: dict[str, str]  # sha256 of each of STAGED_FILES as written
+    stamps: dict[str, list[int]]  # inode, size and mtime of each of STAGED_FILES as written
 
     @property
     def files(self) -> set[str]:
@@ -371,14 +373,20 @@ def _shard_names(shard_index_bytes: bytes) -> dict[str, str]:
     return {name: f"{bytes(digest).hex()}.msgpack.zst" for name, digest in index["shards"].items()}
 
 
-def _digests(contents: dict[str, bytes]) -> dict[str, str]:
-    return {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+def _stamps(folder: Path) -> dict[str, list[int]]:
+    """Inode, size and mtime of each of STAGED_FILES: every write replaces a file whole (a
+    new inode), and one cut short or changed in place shows another size or time."""
+    stamps = {}
+    for name in STAGED_FILES:
+        stat = (folder / name).stat()
+        stamps[name] = [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+    return stamps
 
 
 def _read_staged(staged: Path, expected_files: set[str], published: Path,
-                 digests: object) -> StagedIndex | None:
-    """The staged index of a subdir, or None when any part of it cannot be read, differs
-    from what the last run wrote (``digests``, from the state) or does not hold exactly
+                 stamps: object) -> StagedIndex | None:
+    """The staged index of a subdir, or None when any part of it cannot be read, is not the
+    file the last run wrote (``stamps``, from the state) or does not hold exactly
     ``expected_files``: then the subdir is indexed again from its packages.
 
     Shards not yet served are checked against their content address before they can be.
@@ -387,12 +395,12 @@ def _read_staged(staged: Path, expected_files: set[str], published: Path,
     import zstandard
 
     try:
-        contents = {name: (staged / name).read_bytes() for name in STAGED_FILES}
-        if _digests(contents) != digests:
+        if _stamps(staged) != stamps:
             return None
-        records = Records.from_bytes(contents[RECORDS])
-        shards = _shard_names(contents[SHARD_INDEX])
-        staged_index = StagedIndex(records, contents[SHARD_INDEX], digests)
+        shard_index = (staged / SHARD_INDEX).read_bytes()
+        records = Records.from_bytes((staged / RECORDS).read_bytes())
+        shards = _shard_names(shard_index)
+        staged_index = StagedIndex(records, shard_index, stamps)
         names = records.names
     except (OSError, ValueError, TypeError, KeyError, AttributeError, zstandard.ZstdError,
             msgpack.UnpackException):
@@ -436,7 +444,7 @@ def _update_subdir(fresh: Path, staged: Path, names: set[str], old: StagedIndex 
     # The record store first: repodata.json, written last, is what the others must match.
     for name in (RECORDS, SHARD_INDEX, "repodata.json.zst", "repodata.json"):
         atomic_write_bytes(staged / name, contents[name])
-    return StagedIndex(records, shard_index, _digests(contents))
+    return StagedIndex(records, shard_index, _stamps(staged))
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -625,6 +633,19 @@ def _write_page(channel_dir: Path, packages: dict[str, dict], touched: set[str],
     return generation
 
 
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """The collector's full passes walk every object, the state's hundreds of thousands
+    included, a few times per pass; nothing an index pass makes needs it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def index_channel(settings: Settings) -> IndexReport:
     """Bring every subdir's repodata and the index page in line with the channel's files.
 
@@ -638,7 +659,7 @@ def index_channel(settings: Settings) -> IndexReport:
     work = settings.state("index", "work")
     rows_path = settings.state("index", "page-rows.json")
     with exclusive_lock(settings.state("index", "lock"), "the channel index"), \
-            ExitStack() as cleanup:
+            ExitStack() as cleanup, _no_cycle_collection():
         (channel_dir / "noarch").mkdir(parents=True, exist_ok=True)
         listing = channel_listing(channel_dir)
         # Packages in other folders are refused one by one; only subdirs are indexed.
@@ -694,12 +715,12 @@ def index_channel(settings: Settings) -> IndexReport:
         # state says; one that is missing, unreadable or different is rebuilt from the
         # packages on disk (never read as empty, which would drop the rest).
         staged_before: dict[str, StagedIndex] = {}
-        digests = state.get("staged", {})
+        stamps = state.get("staged", {})
         for subdir in subdirs:
             if subdir not in touched and (channel_dir / subdir / "repodata.json").is_file():
                 continue
             staged = _read_staged(staging / subdir, good_known.get(subdir, set()),
-                                  channel_dir / subdir, digests.get(subdir))
+                                  channel_dir / subdir, stamps.get(subdir))
             if staged is None:
                 shutil.rmtree(staging / subdir, ignore_errors=True)
                 touched.setdefault(subdir, set()).update(
@@ -718,7 +739,7 @@ def index_channel(settings: Settings) -> IndexReport:
             for subdir, names in touched.items():
                 staged = _update_subdir(work / subdir, staging / subdir, names,
                                         staged_before.get(subdir))
-                digests[subdir] = staged.digests
+                stamps[subdir] = staged.stamps
                 # Every readable package ends up indexed, or is named as not indexed.
                 for filename in wanted[subdir] - staged.files:
                     key = f"{subdir}/{filename}"
@@ -751,7 +772,7 @@ def index_channel(settings: Settings) -> IndexReport:
             "version": STATE_VERSION,
             "packages": current,
             "shards": {k: v for k, v in shards.items() if k in subdirs},
-            "staged": {k: v for k, v in digests.items() if k in subdirs},
+            "staged": {k: v for k, v in stamps.items() if k in subdirs},
             "page": page,
         }))
         written = path.stat()
