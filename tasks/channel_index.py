@@ -42,8 +42,6 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -58,7 +56,7 @@ import orjson
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync_dir,
                      read_json, replace_with_link, sha256_file, sync_files)
-from .package_files import read_package
+from .package_files import conda_zip_opens, read_package
 from .settings import Settings
 from .workspace import RUN, current_settings
 
@@ -550,35 +548,42 @@ def _link_into(work: Path, channel_dir: Path, files: dict[str, set[str]]) -> Non
 
 
 class _EarlyIndex:
-    """rattler's index of every package file of a channel that has no index state, run while
-    the files are checked, for the two take as long. In a process of its own: what rattler
-    says of a file the check refuses (a panic with a backtrace, for some) is not the run's
-    output. ``_index_exactly`` then takes out what the check refused."""
+    """rattler's index of every package file of a channel that has no index state, run on a
+    thread while the files are checked (its Rust code does not hold the interpreter lock),
+    for the two take as long. ``_index_exactly`` then takes out what the check refused.
 
-    # It says when it is done: rattler's runtime now and then crashes the interpreter as it
-    # exits, after the index is written, so the exit status alone would mislead.
-    SCRIPT = ("import asyncio, sys\nfrom rattler.index import index_fs\n"
-              "asyncio.run(index_fs(sys.argv[1], write_zst=False, write_shards=True))\n"
-              "print('indexed', flush=True)")
+    A .conda file whose zip cannot be opened makes rattler's indexer panic, which prints a
+    backtrace into the run's output: such files (the check refuses them too) are left out.
+    """
 
     def __init__(self, work: Path, channel_dir: Path, files: dict[str, set[str]]):
+        self.files = {subdir: {name for name in names if not name.endswith(".conda")
+                               or conda_zip_opens(channel_dir / subdir / name)}
+                      for subdir, names in files.items()}
         shutil.rmtree(work, ignore_errors=True)
-        _link_into(work, channel_dir, files)
-        self.files = files
-        self.process = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(work)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL)
+        _link_into(work, channel_dir, self.files)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True,
+                                        name="hubworks-early-index")
+        self._thread.start()
+
+    def _run(self, work: Path) -> None:
+        try:
+            _index_fs(work)
+        except BaseException as exc:  # rattler stops at a package it cannot read
+            self.error = exc
 
     def succeeded(self) -> bool:
-        return self.process.communicate()[0].strip() == b"indexed"
+        self._thread.join()
+        return self.error is None
 
     def __enter__(self) -> _EarlyIndex:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.process.returncode is None:  # not waited for: interrupted, or an error
-            self.process.kill()
-            self.process.communicate()
+        # Interrupted, or an error in the run: rattler finishes in the work folder, which
+        # the next run clears; the thread ends with the process.
+        pass
 
 
 def _index_exactly(work: Path, channel_dir: Path, wanted: dict[str, set[str]],

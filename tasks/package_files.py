@@ -272,6 +272,20 @@ def _read_conda(handle: BinaryIO) -> dict[bytes, bytes | None]:
     return wanted
 
 
+def conda_zip_opens(path: Path) -> bool:
+    """Whether ``path`` is a .conda file whose zip opens, records agreeing, with an info
+    archive in it: what rattler's indexer needs not to panic on it (the rest of it may
+    still be damaged)."""
+    try:
+        with open(path, "rb") as handle, zipfile.ZipFile(handle) as archive:
+            members = archive.infolist()
+            _check_zip_records(handle, members)
+    except (UnreadablePackage, zipfile.BadZipFile, OSError, EOFError, struct.error, ValueError):
+        return False
+    return any(m.filename.startswith("info-") and m.filename.endswith(".tar.zst")
+               for m in members)
+
+
 def read_package(path: Path) -> dict:
     """Read ``path`` to its last byte; what the index page shows of it.
 
