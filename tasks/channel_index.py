@@ -580,10 +580,11 @@ class _EarlyIndex:
     def __enter__(self) -> _EarlyIndex:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        # Interrupted, or an error in the run: rattler finishes in the work folder, which
-        # the next run clears; the thread ends with the process.
-        pass
+    def __exit__(self, exc_type, *exc_info) -> None:
+        # After an error the run may go on, and its next index clears the work folder:
+        # rattler must be done with it. After Ctrl-C the process ends, and the thread too.
+        if exc_type is not None and not issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            self._thread.join()
 
 
 def _index_exactly(work: Path, channel_dir: Path, wanted: dict[str, set[str]],
