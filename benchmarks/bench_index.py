@@ -192,6 +192,7 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
     problem = conda_index_problem()
     times: dict[str, list[float]] = {}
     memory: list[float] = []
+    rattler_memory: list[float] = []
 
     def hubworks(n: int) -> None:
         ws = workdir / f"ws{count}-{n}"
@@ -203,7 +204,9 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
     def rattler(n: int, zst: bool) -> None:
         label = "rattler index_fs cold" + ("" if zst else ", no .zst")
         folder = linked_copy(source, workdir / f"rattler{count}-{n}-{int(zst)}")
-        times.setdefault(label, []).append(commands.index_fs(folder, zst)[0])
+        seconds, peak = commands.index_fs(folder, zst)
+        times.setdefault(label, []).append(seconds)
+        rattler_memory.append(peak)
         shutil.rmtree(folder)
 
     def conda_index(n: int) -> None:
@@ -265,6 +268,7 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
     figures = {label: median(values) for label, values in times.items()}
     figures["hubworks cold peak memory, doit process, MiB"] = max(memory)
     figures["hubworks cold peak memory, all its processes together, MiB"] = max(tree_peaks)
+    figures["rattler index_fs cold peak memory, MiB"] = max(rattler_memory)
     return figures
 
 
