@@ -103,6 +103,10 @@ class Engine:
     def image_exists(self, ref: str) -> bool:
         return self.image_id(ref) is not None
 
+    def images_exist(self, refs: tuple[str, ...] | list[str]) -> bool:
+        """True when the engine has every one of ``refs`` (one call for all of them)."""
+        return self._run("image", "inspect", "--format", "{{.Id}}", *refs).returncode == 0
+
     def tag(self, source: str, target: str) -> None:
         proc = self._run("tag", source, target)
         if proc.returncode != 0:

@@ -32,10 +32,12 @@ always); for a Dockerfile, also every internal package name its text mentions.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
+import functools
 import hashlib
 import json
+import os
+import platform
 import re
 import shutil
 import sys
@@ -52,6 +54,7 @@ from .workspace import (RUN, build_environment, current_settings, log_path, log_
                         run_logged)
 
 if TYPE_CHECKING:
+    from .engines import Engine
     from .server import ServedChannel
 
 # What repo2docker can build from (any one is enough); see its buildpacks.
@@ -227,35 +230,75 @@ async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
 
 
 def resolve_internal(settings: Settings, image: Image, channel_url: str,
-                     internal_names: set[str] | None = None) -> Resolution:
-    """Solve the image's internal requirements against the channel at ``channel_url``."""
+                     internal_names: set[str] | None = None, *, reuse: bool = False
+                     ) -> Resolution:
+    """Solve the image's internal requirements against the channel at ``channel_url``.
+
+    With ``reuse`` (up-to-date checks), an earlier solve of the same specs against the same
+    channel/ repodata is used again instead; builds always solve against what they use.
+    """
     if internal_names is None:
         from .channel_source import channel_package_names
 
         internal_names = channel_package_names(settings)  # channel/, or channel.url's
+    from .channel_source import published_channel_url
+
     specs = internal_specs(image, settings.images.channel_alias, internal_names)
     if not specs:
         return Resolution([])
-    cache = settings.state("rattler-cache")
+    # channel/ itself: the same specs against the same repodata solve the same way, so an
+    # up-to-date check needs no solver while neither changed. A published channel is asked.
+    key = None if published_channel_url(settings) else _resolution_key(settings, specs)
+    solved = settings.state("images", image.name, "resolved.json")
+    if key is not None and reuse:
+        known = read_json(solved, {})
+        if isinstance(known, dict) and known.get("key") == key:
+            return Resolution(specs, known["packages"])
+    import asyncio  # here, not at the top: a no-op run does not need it
+
     try:
-        return asyncio.run(_resolve(specs, channel_url, cache, internal_names))
+        resolution = asyncio.run(_resolve(specs, channel_url, settings.state("rattler-cache"),
+                                          internal_names))
     except HubworksError as exc:
         raise HubworksError(
             f"image '{image.name}': {exc.message}.",
             fix=f"build the package (add or fix its recipe in recipes/), or change the "
                 f"requirement in {image.env_file or image.dockerfile}") from None
+    if key is not None:
+        atomic_write_json(solved, {"key": key, "packages": resolution.packages})
+    return resolution
+
+
+def _resolution_key(settings: Settings, specs: list[str]) -> str:
+    """What solving ``specs`` against channel/ depends on: the specs, every repodata.json
+    (replaced whole on each index, so its inode, size and time tell one from another) and
+    the platform the solver assumes."""
+    repodata = []
+    for path in sorted(settings.channel_dir.glob("*/repodata.json")):
+        stat = path.stat()
+        repodata.append([path.parent.name, stat.st_ino, stat.st_size, stat.st_mtime_ns])
+    libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
+        else ""
+    return hashlib.sha256(json.dumps([specs, repodata, sys.platform, platform.machine(), libc])
+                          .encode()).hexdigest()
+
+
+@functools.cache
+def _repo2docker_version() -> str:
+    # From its metadata: importing repo2docker to read __version__ takes a quarter second.
+    from importlib.metadata import version
+
+    return version("jupyter-repo2docker")
 
 
 def image_hash(settings: Settings, image: Image, resolution: Resolution) -> str:
-    from repo2docker import __version__ as repo2docker_version
-
     digest = hashlib.sha256()
     digest.update(tree_digest(image.folder).encode())
     digest.update(json.dumps({
         "internal": resolution.packages,
         "alias": settings.images.channel_alias,
         "user": [settings.images.user_name, settings.images.user_id],
-        "repo2docker": repo2docker_version,
+        "repo2docker": _repo2docker_version(),
     }, sort_keys=True).encode())
     appendix = hub_singleuser_appendix(settings, image)
     if appendix:  # environment.yml images follow the hub's JupyterHub release
@@ -309,12 +352,27 @@ def image_is_current(settings: Settings, image: Image) -> bool:
     if not record or image.problem:
         return False
     try:
-        resolution = resolve_internal(settings, image, preflight_channel_url(settings))
+        resolution = resolve_internal(settings, image, preflight_channel_url(settings),
+                                      reuse=True)
         if image_hash(settings, image, resolution) != record["hash"]:
             return False
-        return select_engine(settings.images.engine).image_exists(record["tag"])
+        return _engine_has(select_engine(settings.images.engine), record["tag"], settings)
     except Exception:  # anything unclear: build, and let the build say what is wrong
         return False
+
+
+_confirmed: dict[tuple, frozenset[str]] = {}
+
+
+def _engine_has(engine: Engine, tag: str, settings: Settings) -> bool:
+    """Whether the engine has the image ``tag``. The first question of a run asks for every
+    recorded tag at once, one engine call instead of one per image; a tag that call did not
+    confirm is asked alone."""
+    tags = tuple(built_image_tags(settings))
+    key = (engine.cli, tags)
+    if key not in _confirmed:
+        _confirmed[key] = frozenset(tags) if tags and engine.images_exist(tags) else frozenset()
+    return tag in _confirmed[key] or engine.image_exists(tag)
 
 
 # ---------------------------------------------------------------- staging and building

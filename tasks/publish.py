@@ -29,7 +29,6 @@ Rules, for both:
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import hashlib
 import os
@@ -167,6 +166,8 @@ class FolderTarget(Target):
             partial.unlink(missing_ok=True)
 
     def index(self) -> None:
+        import asyncio  # here, not at the top: loading the tasks does not need it
+
         from rattler.index import index_fs
 
         (self.folder / "noarch").mkdir(exist_ok=True)  # conda clients require noarch
@@ -309,6 +310,8 @@ class S3Target(Target):
             raise self._fail(exc, f"uploading {package.key}") from None
 
     def index(self) -> None:
+        import asyncio
+
         from rattler.index import S3Credentials, index_s3
 
         credentials = S3Credentials(

@@ -20,10 +20,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
+import importlib.util
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -129,12 +130,37 @@ def _read_meta_yaml(recipe: Recipe) -> None:
     recipe.summary = str((data.get("about") or {}).get("summary") or "")
 
 
-def read_recipe(folder: Path) -> Recipe:
+def _renderer_stamp(backend: str) -> str:
+    """Which renderer reads recipes of ``backend``, and which install of it: another
+    version may read the same file differently. Found without importing it."""
+    spec = importlib.util.find_spec("rattler_build" if backend == "rattler-build" else "jinja2")
+    if spec is None or not spec.origin:
+        return ""
+    return f"{spec.origin}:{os.stat(spec.origin).st_mtime_ns}"
+
+
+def _render_key(recipe: Recipe) -> str:
+    """What reading the recipe depends on: its file's bytes, the renderer, the platform."""
+    digest = hashlib.sha256(recipe.spec.read_bytes())
+    digest.update(f"|{recipe.backend}|{_renderer_stamp(recipe.backend)}|{sys.platform}|"
+                  f"{platform.machine()}".encode())
+    return digest.hexdigest()
+
+
+def read_recipe(folder: Path, rendered: dict | None = None) -> Recipe:
+    """The recipe in ``folder``. ``rendered`` (recipe name -> what an earlier read found,
+    with its key) saves rendering a file that did not change; it is updated in place."""
     recipe = Recipe(name=folder.name, folder=folder)
     recipe.spec = next((folder / f for f in RECIPE_FILES if (folder / f).is_file()), None)
     if recipe.spec is None:
         recipe.problem = (f"recipe '{folder.name}' has no recipe.yaml or meta.yaml "
                           f"in {folder}.\n  fix: add a recipe.yaml, or remove the folder")
+        return recipe
+    key = _render_key(recipe)
+    known = (rendered or {}).get(folder.name)
+    if isinstance(known, dict) and known.get("key") == key:
+        recipe.outputs, recipe.requires = set(known["outputs"]), set(known["requires"])
+        recipe.summary, recipe.problem = known["summary"], known["problem"]
         return recipe
     try:
         if recipe.backend == "rattler-build":
@@ -145,14 +171,28 @@ def read_recipe(folder: Path) -> Recipe:
         recipe.problem = (f"recipe '{recipe.name}' cannot be read: {recipe.spec}: "
                           f"{str(exc).strip()}\n  fix: correct the recipe file")
     recipe.requires -= recipe.outputs
+    if rendered is not None:
+        rendered[folder.name] = {"key": key, "outputs": sorted(recipe.outputs),
+                                 "requires": sorted(recipe.requires),
+                                 "summary": recipe.summary, "problem": recipe.problem}
     return recipe
 
 
-def discover_recipes(recipes_dir: Path) -> dict[str, Recipe]:
+def discover_recipes(recipes_dir: Path, rendered_file: Path | None = None) -> dict[str, Recipe]:
+    """Every recipe in ``recipes_dir``. Rendering a recipe.yaml costs a few milliseconds
+    and every doit run needs all of them: with ``rendered_file``, what each file rendered
+    to is kept there and used again while the file (and the renderer) stay the same."""
     if not recipes_dir.is_dir():
         return {}
     folders = sorted(p for p in recipes_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {folder.name: read_recipe(folder) for folder in folders}
+    before = read_json(rendered_file, {}) if rendered_file else None
+    rendered = dict(before) if isinstance(before, dict) else ({} if rendered_file else None)
+    recipes = {folder.name: read_recipe(folder, rendered) for folder in folders}
+    if rendered_file and rendered is not None:
+        rendered = {name: rendered[name] for name in recipes if name in rendered}
+        if rendered != before:
+            atomic_write_json(rendered_file, rendered)
+    return recipes
 
 
 # ---------------------------------------------------------------- the dependency graph
@@ -275,6 +315,8 @@ def _packages_still_in_channel(settings: Settings, name: str) -> bool:
 def _private_channel(settings: Settings, recipe: Recipe, dependencies: list[str],
                      scratch: Path) -> Path:
     """A channel holding exactly the internal packages this recipe may use, indexed."""
+    import asyncio  # here, not at the top: loading the tasks does not need it
+
     from rattler.index import index_fs
 
     channel = scratch / "deps"
@@ -452,6 +494,8 @@ async def _place(channel_dir: Path, built: Path) -> Placement:
 
 
 def _placements(settings: Settings, built: list[Path]) -> list[Placement]:
+    import asyncio
+
     async def all_of_them():
         return await asyncio.gather(*(_place(settings.channel_dir, path) for path in built))
 
@@ -600,7 +644,7 @@ def workspace_recipes(settings: Settings) -> tuple[dict[str, Recipe], dict[str, 
     """The recipes and their dependency graph, read once per process: rendering recipes is
     the costly part of loading the tasks, and build_images needs them too."""
     if settings.recipes_dir not in _discovered:
-        recipes = discover_recipes(settings.recipes_dir)
+        recipes = discover_recipes(settings.recipes_dir, settings.state("recipes-rendered.json"))
         _discovered[settings.recipes_dir] = (recipes, analyse(recipes))
     return _discovered[settings.recipes_dir]
 

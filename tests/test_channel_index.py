@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from html.parser import HTMLParser
 from urllib.parse import unquote
 
@@ -80,6 +81,13 @@ def test_index_is_incremental(workspace):
     shutil.rmtree(ws.root / "recipes" / "one")
     ws.doit("index_channel")
     assert sorted(repodata(ws)) == ["by-hand-1.0-0.conda", two]
+    # The page lists what is indexed: the removed file is gone from it, the new one is there.
+    page = (ws.channel / "index.html").read_text()
+    assert one not in page and "by-hand-1.0-0.conda" in page and two in page
+    shutil.rmtree(ws.root / "recipes" / "two")
+    (ws.channel / "noarch" / two).unlink()
+    ws.doit("index_channel")
+    assert ">two<" not in (ws.channel / "index.html").read_text()
 
 
 def test_a_file_replaced_under_the_same_name_gets_new_metadata(workspace):
@@ -129,6 +137,93 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     truncated.unlink()
     garbage.unlink()
     ws.doit("index_channel")
+
+
+def _damaged_copies(package, folder) -> list:
+    """Copies of ``package`` cut short or with one byte changed: in its payload (which
+    rattler's indexer does not read), in its metadata, near its end."""
+    data = package.read_bytes()
+    stem, suffix = package.name.split("-", 1)[0], package.name[len(package.name.split("-", 1)[0]):]
+    if package.name.endswith(".conda"):
+        with zipfile.ZipFile(package) as archive:
+            [payload] = [m for m in archive.infolist() if m.filename.startswith("pkg-")]
+        positions = {"payload": payload.header_offset + 30 + len(payload.filename) + 20
+                     + payload.compress_size // 2}
+    else:
+        positions = {"payload": len(data) // 2}
+    positions.update(metadata=len(data) // 3, end=len(data) - 3)
+    copies = []
+    for where, position in positions.items():
+        changed = bytearray(data)
+        changed[position] ^= 0x55
+        copies.append(folder / f"{stem}{where}{suffix}")
+        copies[-1].write_bytes(bytes(changed))
+    copies.append(folder / f"{stem}cut{suffix}")
+    copies[-1].write_bytes(data[: len(data) * 2 // 3])
+    return copies
+
+
+def test_a_first_index_names_every_damaged_file_and_indexes_the_rest(workspace):
+    ws = workspace
+    ws.add_recipe("good")
+    ws.doit("build_recipes")
+    ws.configure('[recipes]\npackage_format = "tar.bz2"\n')
+    ws.add_recipe("classic")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    [conda] = noarch.glob("good-*.conda")
+    [tar_bz2] = noarch.glob("classic-*.tar.bz2")
+    damaged = _damaged_copies(conda, noarch) + _damaged_copies(tar_bz2, noarch)
+    misplaced = ws.channel / "linux-64" / conda.name
+    misplaced.parent.mkdir()
+    shutil.copy(conda, misplaced)
+    # No index state: the first index of a channel reads every file while rattler indexes.
+    shutil.rmtree(ws.state / "index")
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode == 1
+    problem = run.output[run.output.index("problem: "):]
+    for path in damaged + [misplaced]:
+        assert str(path) in problem, path
+    assert "the other 2 are indexed and served" in problem
+    assert sorted(repodata(ws)) == sorted([conda.name, tar_bz2.name])
+    assert sharded_names(ws) == {"good", "classic"}
+    assert repodata(ws, "linux-64") == {} and sharded_names(ws, "linux-64") == set()
+
+
+@pytest.mark.parametrize("kinds, first", [
+    (("payload", "metadata", "end", "cut"), True), (("payload",), True),
+    (("payload", "metadata", "end", "cut"), False)],
+    ids=["first-index-rattler-stops-at-some", "first-index-rattler-reads-them-all",
+         "added-to-an-index-read-by-several-processes"])
+def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace, kinds, first):
+    """Many packages at once: in a first index rattler indexes every file while they are
+    checked, and what the check refuses leaves the index (whether or not rattler could read
+    it); added to an indexed channel, they are checked by several processes first."""
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    [built] = noarch.glob("*.conda")
+    for n in range(300):  # enough for reading side by side and for the early index
+        os.link(built, noarch / f"tool{n}-1.0.0-0.conda")
+    damaged = []
+    for path in _damaged_copies(built, noarch):
+        if any(path.name.startswith(f"tool{kind}-") for kind in kinds):
+            damaged.append(path)
+        else:
+            path.unlink()
+    if first:
+        shutil.rmtree(ws.state / "index")
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode == 1
+    assert f"indexed 301 packages ({300 + len(kinds) + first} read)" in run.output
+    assert "panicked" not in run.output and "backtrace" not in run.output
+    problem = run.output[run.output.index("problem: "):]
+    assert sorted(re.findall(r"\S+\.conda(?=:)", problem)) == sorted(map(str, damaged))
+    assert len(repodata(ws)) == 301 and not set(repodata(ws)) & {p.name for p in damaged}
+    assert sharded_names(ws) == {"tool"}
 
 
 def test_readers_never_see_a_partial_index(workspace):
@@ -204,11 +299,12 @@ def _not_msgpack(path):
     ("staging/noarch/repodata.json", _cut_to_1000_bytes),
     ("staging/noarch/repodata.json", lambda path: path.write_bytes(b'{"packages": {}}')),
     ("staging/noarch/repodata.json.zst", _cut_to_1000_bytes),
+    ("staging/noarch/records.msgpack", _cut_to_1000_bytes),
     ("staging/noarch/repodata_shards.msgpack.zst", lambda path: path.write_bytes(b"\0" * 40)),
     ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
     ("state.json", _cut_to_1000_bytes),
     ("state.json", lambda path: path.write_text(f'{{"version": {STATE_VERSION}, "packages": []}}')),
-], ids=["repodata-cut", "repodata-emptied", "zst-cut", "shard-index-zeros",
+], ids=["repodata-cut", "repodata-emptied", "zst-cut", "records-cut", "shard-index-zeros",
         "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
 def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
     ws = workspace

@@ -249,6 +249,28 @@ def test_a_second_run_waits_for_the_lock_on_the_recipe_it_builds(workspace):
     assert zipfile.ZipFile(ws.channel / "noarch" / package_file(ws, "slow")).testzip() is None
 
 
+def test_a_recipe_edited_between_runs_is_read_again(workspace):
+    """What each recipe.yaml renders to is kept between runs; an edit is seen at once."""
+    ws = workspace
+    ws.add_recipe("base")
+    ws.add_recipe("app", summary="the first words")
+    ws.doit("build_recipes")
+    assert "the first words" in ws.doit("list", "--all").output
+
+    # Same size, same mtime: only the bytes tell the new recipe from the old one.
+    recipe = ws.root / "recipes" / "app" / "recipe.yaml"
+    stat = recipe.stat()
+    recipe.write_text(recipe.read_text().replace("the first words", "the other words"))
+    os.utime(recipe, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert "the other words" in ws.doit("list", "--all").output
+
+    # A new requirement on another recipe's package orders the builds anew.
+    ws.add_recipe("app", run=["base"], summary="the other words")
+    ws.add_recipe("base", script=["echo changed > $PREFIX/share/base/extra.txt"])
+    run = ws.doit("build_recipes")
+    assert run.executed == ["build_recipes:base", "build_recipes:app"]  # app waits for base
+
+
 def test_dependency_cycle_is_an_error_naming_the_recipes(workspace):
     ws = workspace
     ws.add_recipe("alpha", run=["beta"])
