@@ -566,8 +566,11 @@ def test_docker_servers_get_the_limits_as_container_limits(tmp_path):
     hub = layout(tmp_path, 'spawner = "docker"\nmem_limit = "2G"\ncpu_limit = 1.5\n')
     config = render_config(hub, Path("/usr/bin/node"))
     assert "c.Spawner.mem_limit = '2G'\nc.Spawner.cpu_limit = 1.5\n" in config
-    assert "c.JupyterHub.spawner_class = 'docker'" in config
+    assert config.index("c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner") < \
+        config.index("c.Spawner.mem_limit")
     assert "RLIMIT_AS" not in config and "SystemdSpawner" not in config
+    assert "JUPYTER_CONFIG_PATH" not in render_config(
+        layout(tmp_path, 'spawner = "docker"\nhttps = "files"\n'), Path("/usr/bin/node"))
     compile(config, "jupyterhub_config.py", "exec")
 
 

@@ -43,10 +43,11 @@ def https_section(hub: HubLayout) -> list[str]:
              _set("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
              _set("JupyterHub.ssl_key", str(hub.tls_key_file)),
              _set("JupyterHub.cookie_options", {"secure": True}),
-             _set("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}}),
-             "# local servers read jupyter_server_config.json there (secure _xsrf cookie)",
-             "c.Spawner.environment.update(" + repr(
-                 {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}) + ")"]
+             _set("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
+    if hub.choice("spawner") == "local":
+        lines += ["# local servers read jupyter_server_config.json there (secure _xsrf cookie)",
+                  "c.Spawner.environment.update(" + repr(
+                      {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}) + ")"]
     if hub.redirects_http:
         lines += [f"# plain HTTP on port {hub.hub.http_port} only redirects to HTTPS and answers "
                   f"ACME challenges",

@@ -941,7 +941,7 @@ STEPS: list[Step] = [
          wanted=lambda hub: hub.https == "letsencrypt"),
     Step("proxy", "configurable-http-proxy from npm under the prefix.",
          check_proxy, ensure_proxy, after=("node",)),
-    Step("secrets", "Cookie secret and proxy token, created once, mode 600.",
+    Step("secrets", "Cookie secret, proxy token and status token, created once, mode 600.",
          check_secrets, ensure_secrets, after=("prefix",)),
     Step("tls", "The certificate the proxy serves (key 600), and the HTTPS service's files.",
          check_tls, ensure_tls, after=("secrets", "certbot", "venv"),

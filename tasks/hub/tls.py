@@ -48,7 +48,7 @@ def service_conf(hub: HubLayout) -> dict:
         "renew_days": RENEW_DAYS, "renew_every_hours": 0, "letsencrypt": None,
     }
     if hub.https == "letsencrypt":
-        # with systemd a timer renews (renew_timer_units); without, the service itself
+        # with systemd a timer renews (renewal_units); without, the service itself
         conf["renew_every_hours"] = 0 if hub.uses_systemd else RENEW_EVERY_HOURS
         conf["letsencrypt"] = {
             "certbot": str(hub.venv_bin / "certbot"), "directory": s.acme_directory,
