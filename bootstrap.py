@@ -38,6 +38,8 @@ TEST_TOOLS = [
     ("/usr/bin/pypy3", "pypy3"),                   # a real Python 3.9: the "too old" case
     ("/usr/sbin/runc", "runc"),                    # runs hub tests' containers where crun cannot
     ("/usr/bin/mmdebstrap", "mmdebstrap"),         # a Debian base image with JupyterHub, offline
+    ("/usr/bin/openssl", "openssl"),               # certificates for the HTTPS hub tests
+    ("/usr/bin/pebble", "pebble"),                 # Let's Encrypt's test ACME server
 ]
 BENCHMARK_TOOLS = [("wrk", "wrk")]  # the HTTP load generator of benchmarks/bench_server.py
 

@@ -2,7 +2,7 @@
 
     recipes/ --build_recipes--> channel/ --index_channel--> repodata, shards, index.html
     images/  --build_images--> repo2docker images, the channel served while they build
-    install_hub:* / hub_start / hub_stop: a JupyterHub on this server
+    install_hub:* / hub_start / hub_stop / hub_status: a JupyterHub on this server
     publish_channel, image_matrix, hub_values: beyond one machine (S3, CI runners, Kubernetes)
 """
 
@@ -12,6 +12,7 @@ from tasks.channel_index import task_index_channel
 from tasks.server import task_serve_channel
 from tasks.images import task_build_images
 from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
+from tasks.hub import task_hub_status
 from tasks.workspace import doit_config, task_settings
 from tasks.publish import task_publish_channel
 from tasks.registry import task_image_matrix

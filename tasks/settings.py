@@ -33,6 +33,8 @@ ENV_PREFIX = "HUBWORKS_"
 # A channel token stands in a URL path (/t/<token>/); shorter ones can be guessed.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]+")
 MIN_TOKEN_LENGTH = 16
+# Memory as JupyterHub reads it (ByteSpecification): bytes, or a number with K, M, G, T.
+BYTES_PATTERN = re.compile(r"\d+(\.\d+)?[KMGT]?")
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,9 @@ class Setting:
     key: str
     default: Any
     help: str
-    # "path": a str resolved against the workspace root; "port" (1-65535), "port_or_0" (0
-    # picks a free one), "token", "url": values checked when the settings are read
+    # "path": a str resolved against the workspace root (empty stays empty); "port"
+    # (1-65535), "port_or_0" (0 picks a free one), "token", "url", "https_url", "at_least_0",
+    # "bytes" (2G, 512M): values checked when the settings are read
     kind: str = ""
 
     @property
@@ -169,6 +172,49 @@ SETTINGS: list[Setting] = [
     Setting("hub", "values_file", "hub-values.yaml",
             "Where hub_values writes the zero-to-jupyterhub values (helm upgrade --values).",
             kind="path"),
+    # hub on the network: HTTPS, idle culling, per-user limits
+    Setting("hub", "https", "off",
+            "off (plain HTTP), files (the office's certificate: tls_cert, tls_key) or "
+            "letsencrypt (a certificate for hub.domain from acme_directory, renewed before it "
+            "expires). With HTTPS, set port = 443."),
+    Setting("hub", "http_port", 80,
+            "With HTTPS on: plain-HTTP port that only redirects to HTTPS and answers the ACME "
+            "challenge (letsencrypt needs it); 0: none.", kind="port_or_0"),
+    Setting("hub", "domain", "",
+            "The hub's DNS name: in its URL and, for letsencrypt, on its certificate."),
+    Setting("hub", "tls_cert", "",
+            "https = files: the certificate (PEM, with its chain); install_hub keeps a copy.",
+            kind="path"),
+    Setting("hub", "tls_key", "",
+            "https = files: its private key (PEM); install_hub keeps a root-only copy (0600).",
+            kind="path"),
+    Setting("hub", "acme_email", "",
+            "letsencrypt: address for the ACME account (expiry notices); empty: none."),
+    Setting("hub", "acme_directory", "https://acme-v02.api.letsencrypt.org/directory",
+            "letsencrypt: the ACME server's directory URL (Let's Encrypt's staging server, or "
+            "an office's own ACME server).", kind="https_url"),
+    Setting("hub", "acme_ca_bundle", "",
+            "letsencrypt: CA certificates (PEM) that the ACME client trusts for "
+            "acme_directory; empty: the public ones.", kind="path"),
+    Setting("hub", "certbot_version", "5.8.0",
+            "certbot release in the hub venv (https = letsencrypt only)."),
+    Setting("hub", "cull_idle_minutes", 60,
+            "Stop a user's server after this many minutes without activity "
+            "(jupyterhub-idle-culler); 0: never.", kind="at_least_0"),
+    Setting("hub", "cull_max_age_hours", 0,
+            "Stop a user's server this many hours after it started, active or not; 0: never.",
+            kind="at_least_0"),
+    Setting("hub", "idle_culler_version", "2.0.0",
+            "jupyterhub-idle-culler release in the hub venv (cull_idle_minutes > 0 only)."),
+    Setting("hub", "mem_limit", "",
+            "Memory per user server, e.g. 2G or 512M; empty: none. Containers and systemd get a "
+            "cgroup limit; a local server without systemd a per-process address-space limit.",
+            kind="bytes"),
+    Setting("hub", "cpu_limit", 0.0,
+            "CPUs per user server, e.g. 1.5; 0: none. Enforced for containers and under "
+            "systemd; not without systemd.", kind="at_least_0"),
+    Setting("hub", "systemdspawner_version", "1.0.2",
+            "jupyterhub-systemdspawner release (local servers with limits under systemd only)."),
 ]
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
@@ -245,6 +291,13 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
             except ValueError:
                 raise HubworksError(f"{problem} is {raw!r}, not a whole number.",
                                     fix="use digits only, e.g. 8000") from None
+        if want is float:
+            try:
+                raw = float(text)
+            except ValueError:
+                raise HubworksError(f"{problem} is {raw!r}, not a number.",
+                                    fix="use digits with an optional decimal point, e.g. 1.5"
+                                    ) from None
         if want is list:
             raw = [item.strip() for item in text.split(",") if item.strip()]
     as_default = f"write it as in the default: {setting.key} = {_toml_literal(setting.default)}"
@@ -255,6 +308,8 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
         value = list(raw)
     elif want is int and isinstance(raw, bool):
         raise HubworksError(f"{problem} is {raw!r}, not a whole number.", fix="use e.g. 8000")
+    elif want is float and isinstance(raw, int) and not isinstance(raw, bool):
+        value = float(raw)  # TOML's cpu_limit = 2
     elif isinstance(raw, want):
         value = raw
     else:
@@ -262,7 +317,7 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
             f"{problem} is {raw!r} ({type(raw).__name__}); expected {want.__name__}.",
             fix=as_default)
     _check(setting, value, problem)
-    if setting.kind == "path":
+    if setting.kind == "path" and value != "":
         value = (root / os.path.expanduser(value)).resolve()
     return value
 
@@ -287,6 +342,15 @@ def _check(setting: Setting, value: Any, problem: str) -> None:
                 fix=f'use at least {MIN_TOKEN_LENGTH} random characters (e.g. the output of '
                     f'`python3 -c "import secrets; print(secrets.token_urlsafe(24))"`), '
                     f'or token = "auto" for a random one per run')
+    elif setting.kind == "at_least_0" and value < 0:
+        raise HubworksError(f"{problem} is {value}, below 0.", fix="use 0 (off) or more")
+    elif setting.kind == "bytes" and value and not BYTES_PATTERN.fullmatch(value):
+        raise HubworksError(f"{problem} is {value!r}, not an amount of memory.",
+                            fix=f'write a number with K, M, G or T, e.g. {setting.key} = "2G"')
+    elif setting.kind == "https_url" and not re.match(r"https://[^/\s]+", value):
+        raise HubworksError(f"{problem} is {value!r}, not an https:// URL.",
+                            fix=f"write the server's directory URL, e.g. {setting.key} = "
+                                f"{_toml_literal(setting.default)}")
     elif setting.kind == "url" and value:
         if not re.match(r"https?://[^/\s]+", value):
             raise HubworksError(f"{problem} is {value!r}, not an http:// or https:// URL.",

@@ -212,23 +212,26 @@ def site():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def log_in_and_open_lab(site: HubSite) -> requests.Response:
-    """Log in through the form as the system user and follow the spawn to JupyterLab."""
-    session = requests.Session()
+def log_in_and_open_lab(site: HubSite, *, user: str = "", password: str = "",
+                        session: requests.Session | None = None) -> requests.Response:
+    """Log in through the form as a system user (the site's own unless given) and follow the
+    spawn to JupyterLab; ``session`` carries the cookies (and e.g. the CA to verify with)."""
+    user, password = user or site.user, password or site.password
+    session = session or requests.Session()
     session.get(f"{site.url}/hub/login", timeout=30).raise_for_status()
     response = session.post(
         f"{site.url}/hub/login?next=",
-        data={"username": site.user, "password": site.password,
+        data={"username": user, "password": password,
               "_xsrf": session.cookies.get("_xsrf")}, timeout=60)
     assert response.status_code == 200, response.text[-2000:]
     assert "/hub/login" not in response.url, "the login form came back: login failed"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        lab = session.get(f"{site.url}/user/{site.user}/lab", timeout=60)
-        if lab.status_code == 200 and lab.url.endswith(f"/user/{site.user}/lab"):
+        lab = session.get(f"{site.url}/user/{user}/lab", timeout=60)
+        if lab.status_code == 200 and lab.url.endswith(f"/user/{user}/lab"):
             return lab
         time.sleep(1)
-    pytest.fail(f"/user/{site.user}/lab never answered 200; last: {lab.status_code} {lab.url}")
+    pytest.fail(f"/user/{user}/lab never answered 200; last: {lab.status_code} {lab.url}")
 
 
 # ---- the install story -------------------------------------------------------------------
@@ -337,7 +340,7 @@ def test_changing_the_proxy_pin_reinstalls_the_proxy_and_restarts_the_hub(site):
 def test_secrets_survive_every_rerun_byte_for_byte(site):
     site.install()
     now = {p.name: p.read_bytes() for p in (site.prefix / "secrets").iterdir()}
-    assert now == site.secrets and len(now) == 2
+    assert now == site.secrets and len(now) == 3  # cookie, proxy token, status token
 
 
 # ---- what stops a step, and what it says ------------------------------------------------

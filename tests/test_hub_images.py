@@ -396,6 +396,38 @@ def test_a_new_build_is_offered_and_running_servers_survive_reinstall_and_restar
     assert ("lab-two", "lab-two (no internal packages)", False) in browser.picker()
 
 
+def test_a_users_container_gets_the_memory_and_cpu_limits(docker_site, browser):
+    site = docker_site
+    install = site.install({"HUBWORKS_HUB_MEM_LIMIT": "1G", "HUBWORKS_HUB_CPU_LIMIT": "0.5"})
+    assert steps_run(install) == {"config", "health"}, install.output
+    try:
+        browser.pick("lab")
+        (name,) = site.containers()
+        host = json.loads(site.runtime.podman("inspect", name).stdout)[0]["HostConfig"]
+        assert host["Memory"] == 1024 ** 3, host
+        assert host["CpuQuota"] * 2 == host["CpuPeriod"], host
+        # what the kernel enforces, read inside the container (cgroup v2 or v1 files)
+        printed = browser.run_in_kernel(
+            "import os\n"
+            "for name in ('memory.max', 'memory/memory.limit_in_bytes', 'cpu.max',\n"
+            "             'cpu/cpu.cfs_quota_us', 'cpu/cpu.cfs_period_us'):\n"
+            "    path = '/sys/fs/cgroup/' + name\n"
+            "    if os.path.exists(path): print(name, open(path).read().strip())\n"
+            "print('MEM_LIMIT', os.environ['MEM_LIMIT'])")
+        seen = dict(line.split(" ", 1) for line in printed.strip().splitlines())
+        memory = seen.get("memory.max") or seen.get("memory/memory.limit_in_bytes")
+        assert memory == str(1024 ** 3) and seen["MEM_LIMIT"] == memory, seen
+        if "cpu.max" in seen:
+            quota, period = seen["cpu.max"].split()
+        else:
+            quota, period = seen["cpu/cpu.cfs_quota_us"], seen["cpu/cpu.cfs_period_us"]
+        assert int(quota) * 2 == int(period), seen
+    finally:
+        browser.stop_server()
+        back = site.install()
+        assert steps_run(back) == {"config", "health"}, back.output
+
+
 # ---- images left out, and spawns that fail -------------------------------------------------
 
 def test_images_that_cannot_serve_users_are_left_out_with_the_reason(docker_site, browser):

@@ -6,6 +6,7 @@ How to use it (as root, on the server)::
     doit install_hub           # run the steps that are not up to date
     doit install_hub:config    # one step (and the steps it needs)
     doit hub_start / hub_stop  # the hub in the background, where systemd does not run
+    doit hub_status            # what runs, idle times, the certificate's expiry, the URL
 
 Each step is a doit subtask ``install_hub:<step>`` whose ``uptodate`` reads the server's
 real state (dist-info folders in the venv, the proxy's package.json, the rendered config
@@ -14,9 +15,10 @@ so a step the server already satisfies is skipped and its line says why:
 ``-- install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``.
 
 Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner, engine,
-images (these three with spawner = docker only), proxy, secrets, config, database, service,
-health. ``steps.py`` has one
-``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
+images (these three with spawner = docker only), idle_culler (culling on), systemdspawner
+(local servers with limits under systemd), certbot (letsencrypt), proxy, secrets, tls (HTTPS
+on), config, database, service, tls_renewal (letsencrypt under systemd), health. ``steps.py``
+has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
 ``hubworks.toml`` (``doit settings`` lists them).
 """
 
@@ -28,9 +30,11 @@ from ..errors import HubworksError, reports_errors
 from ..workspace import current_settings
 from .layout import HubLayout
 from .service import start_hub, stop_hub
+from .status import hub_status
 from .steps import STEPS, Check, Step
 
-__all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop"]
+__all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop",
+           "task_hub_status"]
 
 _last_checks: dict[str, Check] = {}
 
@@ -125,3 +129,13 @@ def task_hub_start():
 def task_hub_stop():
     """Stop the hub and its proxy, and the users' servers or podman's API service (SIGTERM)."""
     return {"actions": [_stop], "uptodate": [False], "verbosity": 2}
+
+
+@reports_errors
+def _status() -> None:
+    print(hub_status(current_hub()))
+
+
+def task_hub_status():
+    """Show what runs: hub, proxy, services, each user's server (age, idle); the certificate."""
+    return {"actions": [_status], "uptodate": [False], "verbosity": 2}

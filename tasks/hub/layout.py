@@ -19,6 +19,7 @@ _CHOICES = {
     "authenticator": ("pam", "dummy"),
     "spawner": ("local", "docker"),
     "service": ("auto", "systemd", "background"),
+    "https": ("off", "files", "letsencrypt"),
 }
 
 
@@ -96,6 +97,30 @@ class HubLayout:
     def podman_env_file(self) -> Path:
         return self.etc / "podman-service.env"
 
+    # the office's own config, and what HTTPS needs
+    @property
+    def config_d(self) -> Path:
+        """The office's own config files, loaded last; install_hub never writes them."""
+        return self.etc / "jupyterhub_config.d"
+
+    @property
+    def tls_service_conf(self) -> Path:
+        return self.etc / "hubworks_tls.json"
+
+    @property
+    def server_config_dir(self) -> Path:
+        """Jupyter config every local server reads (JUPYTER_CONFIG_PATH), e.g. for HTTPS."""
+        return self.etc / "jupyter"
+
+    # libexec: programs the hub runs as services, world-readable
+    @property
+    def libexec(self) -> Path:
+        return self.prefix / "libexec"
+
+    @property
+    def tls_service_script(self) -> Path:
+        return self.libexec / "hubworks_tls_service.py"
+
     # secrets: root only
     @property
     def secrets(self) -> Path:
@@ -108,6 +133,29 @@ class HubLayout:
     @property
     def proxy_token(self) -> Path:
         return self.secrets / "proxy_auth_token"
+
+    @property
+    def status_token(self) -> Path:
+        """API token of the hubworks-status service, which `doit hub_status` uses."""
+        return self.secrets / "status_api_token"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The certificate and key the proxy serves (copies; the key 0600)."""
+        return self.secrets / "tls"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        return self.tls_dir / "fullchain.pem"
+
+    @property
+    def tls_key_file(self) -> Path:
+        return self.tls_dir / "privkey.pem"
+
+    @property
+    def letsencrypt_dir(self) -> Path:
+        """certbot's configuration: ACME account and certificate lineage."""
+        return self.secrets / "letsencrypt"
 
     # var: database, pid files, log; root only
     @property
@@ -142,6 +190,11 @@ class HubLayout:
     @property
     def podman_log_file(self) -> Path:
         return self.var / "podman-service.log"
+
+    @property
+    def acme_webroot(self) -> Path:
+        """certbot writes ACME challenge files here; port hub.http_port serves them."""
+        return self.var / "acme-webroot"
 
     @property
     def unit_file(self) -> Path:
@@ -191,14 +244,34 @@ class HubLayout:
         return self.hub.ip in ("", "0.0.0.0", "::")
 
     @property
+    def https(self) -> str:
+        return self.choice("https")
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.https == "off" else "https"
+
+    @property
+    def redirects_http(self) -> bool:
+        """With HTTPS, hub.http_port answers plain HTTP (redirects, ACME challenges)."""
+        return self.https != "off" and self.hub.http_port != 0
+
+    @property
+    def local_host(self) -> str:
+        """Where this machine reaches the proxy."""
+        return "127.0.0.1" if self.listens_everywhere else self.hub.ip
+
+    @property
     def health_url(self) -> str:
-        host = "127.0.0.1" if self.listens_everywhere else self.hub.ip
-        return f"http://{_url_host(host)}:{self.hub.port}/hub/health"
+        return f"{self.scheme}://{_url_host(self.local_host)}:{self.hub.port}/hub/health"
 
     @property
     def public_url(self) -> str:
-        host = os.uname().nodename if self.listens_everywhere else self.hub.ip
-        return f"http://{_url_host(host)}:{self.hub.port}/"
+        host = self.hub.domain or (os.uname().nodename if self.listens_everywhere
+                                   else self.hub.ip)
+        default_port = {"http": 80, "https": 443}[self.scheme]
+        port = "" if self.hub.port == default_port else f":{self.hub.port}"
+        return f"{self.scheme}://{_url_host(host)}{port}/"
 
 
 def _url_host(host: str) -> str:

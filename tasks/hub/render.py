@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .containers import docker_api, podman_service_command
 from .layout import PODMAN_UNIT_NAME, HubLayout
+from .sections import network_sections
 
 HEADER = ("# Written by `doit install_hub` from the [hub] settings (hubworks.toml);\n"
           "# change those and re-run rather than editing this file.\n")
@@ -37,7 +38,7 @@ def render_config(hub: HubLayout, node: Path) -> str:
                      "gateway (below), the proxy API on loopback")
     else:
         lines.append("# network: users reach the proxy; hub and proxy API stay on loopback")
-    set_("JupyterHub.bind_url", f"http://{_host(s.ip)}:{s.port}/")
+    set_("JupyterHub.bind_url", f"{hub.scheme}://{_host(s.ip)}:{s.port}/")
     if not docker:
         set_("JupyterHub.hub_ip", "127.0.0.1")
     set_("JupyterHub.hub_port", s.hub_port)
@@ -70,6 +71,7 @@ def render_config(hub: HubLayout, node: Path) -> str:
         # absolute: the server starts as the user, whose PATH may lack the hub venv
         set_("Spawner.cmd", [str(hub.venv_bin / "jupyterhub-singleuser")])
         set_("Spawner.environment", {"PATH": hub_search_path(hub)})
+    lines += network_sections(hub)
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +112,8 @@ def _host(ip: str) -> str:
 
 
 _PORT_LINES = {
-    "port": r"^c\.JupyterHub\.bind_url = 'http://.*:(\d+)/'$",
+    "port": r"^c\.JupyterHub\.bind_url = 'https?://.*:(\d+)/'$",
+    "http_port": r"'--http-port', '(\d+)'",
     "hub_port": r"^c\.JupyterHub\.hub_port = (\d+)$",
     "proxy_api_port": r"^c\.ConfigurableHTTPProxy\.api_url = 'http://.*:(\d+)'$",
 }

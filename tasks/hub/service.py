@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -36,9 +37,18 @@ def running_hub_pid(hub: HubLayout) -> int | None:
     return None
 
 
+def _loopback_tls() -> ssl.SSLContext:
+    """For this machine's own proxy: its certificate names the domain, not 127.0.0.1."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
     try:
-        with urllib.request.urlopen(hub.health_url, timeout=timeout) as response:
+        with urllib.request.urlopen(hub.health_url, timeout=timeout,
+                                    context=_loopback_tls()) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -46,8 +56,11 @@ def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
 
 def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:
     s = hub.hub
-    return {"port": (s.ip, s.port), "hub_port": ("127.0.0.1", s.hub_port),
-            "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
+    owners = {"port": (s.ip, s.port), "hub_port": ("127.0.0.1", s.hub_port),
+              "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
+    if hub.redirects_http:
+        owners["http_port"] = (s.ip, s.http_port)
+    return owners
 
 
 def ensure_ports_free(hub: HubLayout, *, ours: dict[str, int] | None = None) -> None:
@@ -198,4 +211,4 @@ def _stop_hub_processes(hub: HubLayout) -> str:
                 f"running and the hub finds them again when it starts")
     servers = len(family - {proxy})
     return (f"stopped the hub (pid {pid}), {proxy_part} and {servers} "
-            f"process{'' if servers == 1 else 'es'} of users' servers")
+            f"process{'' if servers == 1 else 'es'} of its services and users' servers")

@@ -9,7 +9,6 @@ did; it checks again first, so it is safe to call on its own.
 from __future__ import annotations
 
 import configparser
-import functools
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Callable
 
 from ..errors import HubworksError
 from ..workspace import log_path
+from .checks import Check, checks_first
 from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
                          running_podman_pid, start_podman_service, stop_podman_service,
                          write_podman_env)
@@ -39,14 +39,9 @@ from .system import (Python, blocked_for_others, first_writable_by_others,
                      parse_version, probe_python, python_candidates, python_on_disk,
                      replace_file, require_root, run, satisfies, show_version, user_name,
                      write_private_file)
+from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
 
 MIN_PYTHON = (3, 10)
-
-
-@dataclass(frozen=True)
-class Check:
-    ok: bool
-    says: str
 
 
 @dataclass(frozen=True)
@@ -57,17 +52,6 @@ class Step:
     ensure: Callable[[HubLayout], str]
     after: tuple[str, ...] = ()
     wanted: Callable[[HubLayout], bool] = field(default=lambda hub: True)
-
-
-def checks_first(check: Callable[[HubLayout], Check]):
-    """Make an ensure_* function say "up to date" and do nothing when ``check`` holds."""
-    def decorate(ensure: Callable[[HubLayout], str]) -> Callable[[HubLayout], str]:
-        @functools.wraps(ensure)
-        def checked(hub: HubLayout) -> str:
-            state = check(hub)
-            return f"up to date: {state.says}" if state.ok else ensure(hub)
-        return checked
-    return decorate
 
 
 def _log(hub: HubLayout, step: str) -> Path:
@@ -83,8 +67,8 @@ def check_prefix(hub: HubLayout) -> Check:
     blocked = blocked_for_others(prefix)
     if blocked:
         return Check(False, f"other users cannot enter {prefix}: {blocked}")
-    for folder, private in ((prefix, False), (hub.etc, False), (hub.secrets, True),
-                            (hub.var, True)):
+    for folder, private in ((prefix, False), (hub.etc, False), (hub.config_d, False),
+                            (hub.secrets, True), (hub.var, True)):
         try:
             st = os.stat(folder)
         except OSError:
@@ -117,8 +101,8 @@ def ensure_prefix(hub: HubLayout) -> str:
             f"every user must be able to enter {prefix} (their servers run from its venv), "
             f"but {blocked}.",
             fix="set hub.prefix to a folder outside it, such as /opt/jupyterhub")
-    for folder, mode in ((prefix, 0o755), (hub.etc, 0o755), (hub.secrets, 0o700),
-                         (hub.var, 0o700)):
+    for folder, mode in ((prefix, 0o755), (hub.etc, 0o755), (hub.config_d, 0o755),
+                         (hub.secrets, 0o700), (hub.var, 0o700)):
         folder.mkdir(mode=mode, exist_ok=True)
         if os.stat(folder).st_uid != os.geteuid():
             os.chown(folder, os.geteuid(), os.getegid())
@@ -545,8 +529,8 @@ def _pip_env() -> dict[str, str]:
     return env
 
 
-def _check_package(hub: HubLayout, dist: str) -> Check:
-    pin = getattr(hub.hub, f"{dist}_version")
+def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
+    pin = getattr(hub.hub, f"{key}_version")
     have = installed_version(hub, dist)
     if have == pin:
         return Check(True, f"{dist} {pin} in {hub.venv}")
@@ -554,32 +538,39 @@ def _check_package(hub: HubLayout, dist: str) -> Check:
                  else f"{dist} is not installed; pinned {pin}")
 
 
-def _install_package(hub: HubLayout, dist: str) -> str:
-    pin = getattr(hub.hub, f"{dist}_version")
+def _install_package(hub: HubLayout, dist: str, key: str) -> str:
+    pin = getattr(hub.hub, f"{key}_version")
     before = installed_version(hub, dist)
     # --compile: users cannot write __pycache__ into root's venv, so compile it now
     run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}"],
-        log=_log(hub, dist), env=_pip_env())
+        log=_log(hub, key), env=_pip_env())
     make_readable_not_writable(hub.venv)
     return f"{dist} {pin} installed" + (f" (was {before})" if before else "")
 
 
-def _pinned_package(dist: str) -> tuple[Callable, Callable]:
-    """The check_/ensure_ pair of a distribution pinned by ``hub.<dist>_version``."""
+def _pinned_package(dist: str, key: str | None = None) -> tuple[Callable, Callable]:
+    """The check_/ensure_ pair of a distribution pinned by ``hub.<key>_version`` (key: the
+    distribution's name unless given)."""
+    key = key or dist
+
     def check(hub: HubLayout) -> Check:
-        return _check_package(hub, dist)
+        return _check_package(hub, dist, key)
 
     @checks_first(check)
     def ensure(hub: HubLayout) -> str:
-        return _install_package(hub, dist)
+        return _install_package(hub, dist, key)
 
-    check.__name__, ensure.__name__ = f"check_{dist}", f"ensure_{dist}"
+    check.__name__, ensure.__name__ = f"check_{key}", f"ensure_{key}"
     return check, ensure
 
 
 check_jupyterhub, ensure_jupyterhub = _pinned_package("jupyterhub")
 check_jupyterlab, ensure_jupyterlab = _pinned_package("jupyterlab")
 check_dockerspawner, ensure_dockerspawner = _pinned_package("dockerspawner")
+check_idle_culler, ensure_idle_culler = _pinned_package("jupyterhub-idle-culler", "idle_culler")
+check_certbot, ensure_certbot = _pinned_package("certbot")
+check_systemdspawner, ensure_systemdspawner = _pinned_package("jupyterhub-systemdspawner",
+                                                              "systemdspawner")
 
 
 # ---- configurable-http-proxy -------------------------------------------------------------
@@ -620,8 +611,8 @@ def ensure_proxy(hub: HubLayout) -> str:
 
 # ---- secrets -----------------------------------------------------------------------------
 
-def _secret_files(hub: HubLayout) -> tuple[Path, Path]:
-    return hub.cookie_secret, hub.proxy_token
+def _secret_files(hub: HubLayout) -> tuple[Path, ...]:
+    return hub.cookie_secret, hub.proxy_token, hub.status_token
 
 
 def check_secrets(hub: HubLayout) -> Check:
@@ -632,7 +623,8 @@ def check_secrets(hub: HubLayout) -> Check:
             return Check(False, f"{path.name} does not exist yet")
         if st.st_size == 0 or stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.geteuid():
             return Check(False, f"{path} is empty or readable by others")
-    return Check(True, "cookie secret and proxy token exist, mode 600 (never regenerated)")
+    return Check(True, "cookie secret, proxy token and status token exist, mode 600 (never "
+                       "regenerated)")
 
 
 @checks_first(check_secrets)
@@ -869,6 +861,13 @@ def _changed_since_start(hub: HubLayout) -> str | None:
     if site:
         inputs += list(site.glob("jupyterhub-*.dist-info")) + \
             list(site.glob("dockerspawner-*.dist-info"))
+        # the hub starts these as its services, or spawns servers with them
+        inputs += list(site.glob("jupyterhub_idle_culler-*.dist-info")) + \
+            list(site.glob("jupyterhub_systemdspawner-*.dist-info"))
+    # the office's own config (a file added, changed or removed) and the TLS service; not the
+    # certificate, which reaches the proxy without a restart
+    inputs += [hub.config_d, *hub.config_d.glob("*.py"), hub.tls_service_script,
+               hub.tls_service_conf]
     for path in inputs:
         try:
             if os.stat(path).st_mtime > started:
@@ -903,6 +902,11 @@ def ensure_health(hub: HubLayout) -> str:
     return "; ".join(said) + f"; {hub.health_url} answers 200"
 
 
+def _limits_by_systemd(hub: HubLayout) -> bool:
+    return hub.choice("spawner") == "local" and hub.uses_systemd and \
+        bool(hub.hub.mem_limit or hub.hub.cpu_limit)
+
+
 STEPS: list[Step] = [
     Step("prefix", "The prefix: every user can enter it; secrets and state are root's.",
          check_prefix, ensure_prefix),
@@ -926,17 +930,33 @@ STEPS: list[Step] = [
                    "(spawner = docker).",
          check_images, ensure_images, after=("engine",),
          wanted=lambda hub: hub.uses_docker),
+    Step("idle_culler", "jupyterhub-idle-culler in the venv (culling on only).",
+         check_idle_culler, ensure_idle_culler, after=("jupyterlab",),
+         wanted=lambda hub: bool(hub.hub.cull_idle_minutes or hub.hub.cull_max_age_hours)),
+    Step("systemdspawner", "jupyterhub-systemdspawner (local servers with limits, systemd).",
+         check_systemdspawner, ensure_systemdspawner, after=("jupyterlab",),
+         wanted=_limits_by_systemd),
+    Step("certbot", "certbot in the venv (https = letsencrypt only).",
+         check_certbot, ensure_certbot, after=("jupyterlab",),
+         wanted=lambda hub: hub.https == "letsencrypt"),
     Step("proxy", "configurable-http-proxy from npm under the prefix.",
          check_proxy, ensure_proxy, after=("node",)),
-    Step("secrets", "Cookie secret and proxy token, created once, mode 600.",
+    Step("secrets", "Cookie secret, proxy token and status token, created once, mode 600.",
          check_secrets, ensure_secrets, after=("prefix",)),
+    Step("tls", "The certificate the proxy serves (key 600), and the HTTPS service's files.",
+         check_tls, ensure_tls, after=("secrets", "certbot", "venv"),
+         wanted=lambda hub: hub.https != "off"),
     Step("config", "jupyterhub_config.py rendered from the settings.",
          check_config, ensure_config,
-         after=("proxy", "secrets", "jupyterhub", "dockerspawner", "engine")),
+         after=("proxy", "secrets", "jupyterhub", "dockerspawner", "engine", "idle_culler",
+                "systemdspawner", "tls")),
     Step("database", "The hub's database at the installed JupyterHub's schema.",
          check_database, ensure_database, after=("config",)),
     Step("service", "A systemd unit when systemd runs; else the background start.",
          check_service, ensure_service, after=("config",)),
+    Step("tls_renewal", "With systemd: a timer renews the Let's Encrypt certificate when due.",
+         check_renewal_timer, ensure_renewal_timer, after=("tls",),
+         wanted=lambda hub: hub.https == "letsencrypt" and hub.uses_systemd),
     Step("health", "The hub runs the current install and /hub/health answers 200.",
          check_health, ensure_health, after=("database", "service", "jupyterlab", "images")),
 ]
