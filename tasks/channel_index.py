@@ -520,6 +520,8 @@ def _scan(listing: Listing, known: dict[str, dict]) -> tuple[
             key = f"{subdir}/{filename}"
             before = known.get(key)
             if before is None or before["size"] != size or before["mtime_ns"] != mtime_ns:
+                if before is not None:
+                    _name(before)  # looked up later, when its name's records are replaced
                 to_check.append(PackageCheck(subdir, filename, size, mtime_ns))
                 continue
             current[key] = before

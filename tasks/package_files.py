@@ -7,8 +7,8 @@ CRC-32 and the zip's records agree with each other: damage or truncation anywher
 file is caught. ``info/index.json`` and ``info/about.json`` come out of the same pass and
 are parsed by rattler's own types, as its indexer parses them.
 
-Decompression and checksums run in C code that releases the interpreter lock, so a pool
-of threads reads several packages at once; the tar walk is a few lines here rather than
+Decompression and checksums run in C code that releases the interpreter lock (the index
+reads many packages in one process per core). The tar walk is a few lines here rather than
 ``tarfile``, which costs more per member than the decompression of a small package and
 takes a damaged header for the end of the archive.
 """

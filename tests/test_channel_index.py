@@ -295,6 +295,13 @@ def _not_msgpack(path):
     path.write_bytes(zstandard.ZstdCompressor().compress(b"\xc1 not msgpack"))
 
 
+def _one_entry_of_another_shape(path):
+    state = json.loads(path.read_text())
+    first = sorted(state["packages"])[0]
+    state["packages"][first] = {**state["packages"][first], "meta": "not a mapping"}
+    path.write_text(json.dumps(state))
+
+
 @pytest.mark.parametrize("state_file, damage", [
     ("staging/noarch/repodata.json", _cut_to_1000_bytes),
     ("staging/noarch/repodata.json", lambda path: path.write_bytes(b'{"packages": {}}')),
@@ -304,8 +311,9 @@ def _not_msgpack(path):
     ("staging/noarch/repodata_shards.msgpack.zst", _not_msgpack),
     ("state.json", _cut_to_1000_bytes),
     ("state.json", lambda path: path.write_text(f'{{"version": {STATE_VERSION}, "packages": []}}')),
+    ("state.json", _one_entry_of_another_shape),
 ], ids=["repodata-cut", "repodata-emptied", "zst-cut", "records-cut", "shard-index-zeros",
-        "shard-index-not-msgpack", "state-cut", "state-wrong-shape"])
+        "shard-index-not-msgpack", "state-cut", "state-wrong-shape", "state-entry-wrong-shape"])
 def test_an_unreadable_state_file_means_reindex_never_empty(workspace, state_file, damage):
     ws = workspace
     names = {f"pkg{n}" for n in range(6)}
