@@ -422,6 +422,9 @@ def test_a_users_container_gets_the_memory_and_cpu_limits(docker_site, browser):
         else:
             quota, period = seen["cpu/cpu.cfs_quota_us"], seen["cpu/cpu.cfs_period_us"]
         assert int(quota) * 2 == int(period), seen
+        status = site.doit("hub_status")
+        assert re.search(rf"^  {site.user} +image lab, container {name}, up [^,]+, idle ",
+                         status.output, re.M), status.output
     finally:
         browser.stop_server()
         back = site.install()

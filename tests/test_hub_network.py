@@ -8,9 +8,10 @@ hub. `doit hub_status` says what runs. With a one-minute culling setting the idl
 stopped and the active one's is not. Then the hub switches to Let's Encrypt, played by Pebble
 (Let's Encrypt's test server, Debian's `pebble`) on loopback, which checks the HTTP-01 challenge
 for real against the hub's plain-HTTP port (its DNS is Pebble's own test DNS server, answering
-127.0.0.1 for every name); the certificate is requested once, renewed by a re-run when it has
-fewer than 30 days left and by the hub's own service between runs, and a user's server survives
-both.
+127.0.0.1 for every name); the certificate is requested once (by the hub's service answering
+the challenge, or, with no hub running, by the step's own listener), renewed by a re-run when
+it has fewer than 30 days left and by the hub's own service between runs, and a user's server
+survives both.
 
 Needs root (users, PAM, ports), PyPI and npm (the hub's packages), openssl, and Debian's pebble.
 """
@@ -496,6 +497,23 @@ def test_letsencrypt_a_second_install_requests_nothing(site, pebble):
 
 
 @pytest.mark.slow
+def test_letsencrypt_with_no_hub_running_the_step_answers_the_challenge_itself(site, pebble):
+    """A new server: no hub runs yet, nothing was ever requested."""
+    assert site.doit("hub_stop").returncode == 0
+    for folder in ("letsencrypt", "tls"):
+        shutil.rmtree(site.prefix / "secrets" / folder)
+    before = pebble.issued()
+    run = site.install(letsencrypt(pebble))
+    assert run.executed == {"tls", "health"}, run.output
+    assert pebble.issued() == before + 1
+    # answered by the step's own listener: the hub's service was not running
+    assert re.search(r"hubworks-http: 127\.0\.0\.1 \"GET /\.well-known/acme-challenge/\S+ "
+                     r"HTTP/1\.1\" 200", run.output), run.output
+    served = served_certificate(site, verify_with=pebble.fetch("roots/0"), hostname=DOMAIN)
+    assert served == leaf(lineage(site) / "fullchain.pem")
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_letsencrypt_a_certificate_near_expiry_is_renewed_by_a_rerun_and_servers_survive(
         site, pebble):
@@ -505,13 +523,14 @@ def test_letsencrypt_a_certificate_near_expiry_is_renewed_by_a_rerun_and_servers
     server = site.server_pid(site.user)
     hub_pid = site.hub_pid()
     short = make_it_expire_soon(site, pebble)
+    before = pebble.issued()
     plan = site.doit("install_hub_plan", env=letsencrypt(pebble)).output
     assert re.search(r"would run\s+tls\s+the certificate expires in (9|10) days", plan), plan
 
     run = site.install(letsencrypt(pebble))
     assert run.executed == {"tls"}, run.output
     assert "the proxy restarted" in run.output
-    assert pebble.issued() == 2
+    assert pebble.issued() == before + 1
     served = served_certificate(site, verify_with=pebble.fetch("roots/0"), hostname=DOMAIN)
     assert served not in (short, None)
     assert tls_service.days_left((lineage(site) / "fullchain.pem").read_bytes()) > 30
@@ -530,21 +549,20 @@ def test_letsencrypt_the_hubs_service_renews_between_runs(site, pebble):
     log_in_and_open_lab(site, session=session)
     server = site.server_pid(site.user)
     short = make_it_expire_soon(site, pebble)
+    before = pebble.issued()
     service = tls_service_pid(site)
     assert service
     os.kill(service, signal.SIGTERM)
     deadline = time.monotonic() + 180
-    renewed = None
-    while time.monotonic() < deadline:
+    renewed = False
+    while not renewed and time.monotonic() < deadline:
+        time.sleep(2)
         try:
             served = served_certificate(site)
         except OSError:
-            served = None  # the proxy is restarting
-        if pebble.issued() == 3 and served not in (None, short, renewed) and \
-                served == leaf(lineage(site) / "fullchain.pem"):
-            renewed = served
-            break
-        time.sleep(2)
+            continue  # the proxy is restarting
+        renewed = pebble.issued() == before + 1 and served != short and \
+            served == leaf(lineage(site) / "fullchain.pem")
     assert renewed, f"no renewal within 180 s:\n{site.log()[-3000:]}"
     assert tls_service_pid(site) not in (None, service)
     assert site.server_pid(site.user) == server

@@ -262,8 +262,13 @@ class HubLayout:
         return "127.0.0.1" if self.listens_everywhere else self.hub.ip
 
     @property
+    def local_url(self) -> str:
+        """The proxy as this machine reaches it."""
+        return f"{self.scheme}://{_url_host(self.local_host)}:{self.hub.port}/"
+
+    @property
     def health_url(self) -> str:
-        return f"{self.scheme}://{_url_host(self.local_host)}:{self.hub.port}/hub/health"
+        return f"{self.local_url}hub/health"
 
     @property
     def public_url(self) -> str:

@@ -37,7 +37,7 @@ def running_hub_pid(hub: HubLayout) -> int | None:
     return None
 
 
-def _loopback_tls() -> ssl.SSLContext:
+def loopback_tls() -> ssl.SSLContext:
     """For this machine's own proxy: its certificate names the domain, not 127.0.0.1."""
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -48,7 +48,7 @@ def _loopback_tls() -> ssl.SSLContext:
 def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(hub.health_url, timeout=timeout,
-                                    context=_loopback_tls()) as response:
+                                    context=loopback_tls()) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -1,8 +1,9 @@
 """`doit hub_status`: what runs, for how long, how idle; the certificate; the URL.
 
 Processes come from /proc and the pid files; services and users' servers from the hub's REST
-API (on hub.hub_port, loopback), read as the ``hubworks-status`` service, whose token is
-``secrets/status_api_token`` (root's, like the rest of secrets/).
+API, reached through the proxy from this machine (the hub itself may listen on a container
+bridge) as the ``hubworks-status`` service, whose token is ``secrets/status_api_token`` (root's,
+like the rest of secrets/).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import urllib.request
 from ..errors import HubworksError
 from . import tls_service
 from .layout import HubLayout
-from .service import running_hub_pid
+from .service import loopback_tls, running_hub_pid
 from .system import is_alive, process_started_at, read_pid, require_root
 
 API_SECONDS = 10
@@ -48,10 +49,10 @@ def _timestamp_age(text: str | None) -> str:
 
 
 def _api(hub: HubLayout, path: str, token: str):
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{hub.hub.hub_port}/hub/api/{path}",
-        headers={"Authorization": f"token {token}"})
-    with urllib.request.urlopen(request, timeout=API_SECONDS) as response:
+    request = urllib.request.Request(f"{hub.local_url}hub/api/{path}",
+                                     headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(request, timeout=API_SECONDS,
+                                context=loopback_tls()) as response:
         return json.load(response)
 
 
@@ -73,12 +74,10 @@ def _what_runs(server: dict) -> str:
     if state.get("pid"):
         pid = state["pid"]
         return f"process {pid}" + ("" if is_alive(pid) else " (gone)")
-    if image or state.get("container_id"):
-        container = state.get("container_id", "")[:12]
-        return " ".join(part for part in (f"image {image}" if image else "",
-                                          f"container {container}" if container else "")
-                        if part)
-    return "server"
+    # DockerSpawner keeps its container's name and id as object_name, object_id
+    container = state.get("object_name") or str(state.get("object_id", ""))[:12]
+    parts = [f"image {image}" if image else "", f"container {container}" if container else ""]
+    return ", ".join(part for part in parts if part) or "server"
 
 
 def _servers(users: list[dict]) -> list[str]:
@@ -128,7 +127,7 @@ def _from_api(hub: HubLayout) -> list[str]:
         users = _api(hub, "users?state=active", token)
     except OSError as exc:
         raise HubworksError(
-            f"the hub runs but its API on port {hub.hub.hub_port} did not answer the status "
+            f"the hub runs but its API ({hub.local_url}hub/api/) did not answer the status "
             f"service: {getattr(exc, 'reason', exc)}.",
             fix="run doit install_hub (it installs the status service's token and restarts "
                 "the hub if needed)") from None
