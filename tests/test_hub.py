@@ -169,6 +169,14 @@ def single_user_servers(site: HubSite) -> dict[int, int]:
             if "jupyterhub-singleuser" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()}
 
 
+def add_user(name: str) -> str:
+    """A system user with a home folder and a fresh password (returned), for PAM logins."""
+    password = secrets.token_urlsafe(12)
+    subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
+    subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+    return password
+
+
 # ---- the hub, installed once ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -176,9 +184,7 @@ def site():
     if os.geteuid() != 0:
         missing("root: installing a hub and adding users needs it")
     user = f"hwtest{os.getpid() % 100000}"
-    password = secrets.token_urlsafe(12)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True)
-    subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
+    password = add_user(user)
     root = Path(tempfile.mkdtemp(prefix="hubworks-ws-"))
     outer = public_tempdir("hubworks-prefix-")
     port, hub_port, api_port = free_ports(3)

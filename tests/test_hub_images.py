@@ -23,7 +23,6 @@ import html
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import subprocess
@@ -38,7 +37,7 @@ import pytest
 import requests
 
 from tests.conftest import DoitRun, Workspace
-from tests.test_hub import PREVIOUS_JUPYTERHUB, free_ports, missing, public_tempdir
+from tests.test_hub import PREVIOUS_JUPYTERHUB, add_user, free_ports, missing, public_tempdir
 
 pytestmark = pytest.mark.slow
 
@@ -269,9 +268,7 @@ def docker_site(podman_runtime, hub_base_image):
     if os.geteuid() != 0:
         missing("root: installing a hub, adding users and podman's API socket need it")
     user = f"hwdock{os.getpid() % 100000}"
-    password = secrets.token_urlsafe(12)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", user], check=True)
-    subprocess.run(["chpasswd"], input=f"{user}:{password}\n", text=True, check=True)
+    password = add_user(user)
     root = Path(tempfile.mkdtemp(prefix="hubworks-dockerws-"))
     outer = public_tempdir("hubworks-dockerhub-")
     port, hub_port, api_port = free_ports(3)

@@ -43,8 +43,8 @@ from tasks.hub.render import render_config
 from tasks.hub.steps import STEPS
 from tasks.hub.tls import renewal_units
 from tasks.settings import load_settings
-from tests.test_hub import (HubSite, free_ports, log_in_and_open_lab, missing, processes_of,
-                            processes_under, public_tempdir, single_user_servers)
+from tests.test_hub import (HubSite, add_user, free_ports, log_in_and_open_lab, missing,
+                            processes_of, processes_under, public_tempdir, single_user_servers)
 
 MEM_LIMIT = "2G"
 MEM_LIMIT_BYTES = 2 * 1024 ** 3
@@ -142,13 +142,6 @@ class NetSite(HubSite):
         uid = self.uid(user)
         return next((pid for pid, owner in single_user_servers(self).items() if owner == uid),
                     None)
-
-
-def add_user(name: str) -> str:
-    password = secrets.token_urlsafe(12)
-    subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True)
-    subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-    return password
 
 
 @pytest.fixture(scope="module")
