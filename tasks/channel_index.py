@@ -55,7 +55,8 @@ import orjson
 
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync_dir,
-                     read_json, replace_with_link, sha256_file, sync_files)
+                     link_or_copy, read_json, replace_with_link, sha256_file,
+                     sync_files)
 from .package_files import conda_zip_opens, read_package
 from .settings import Settings
 from .workspace import RUN, current_settings
@@ -543,10 +544,7 @@ def _link_into(work: Path, channel_dir: Path, files: dict[str, set[str]]) -> Non
         source, target = f"{channel_dir / subdir}/", f"{work / subdir}/"
         os.makedirs(target, exist_ok=True)
         for filename in names:
-            try:
-                os.link(source + filename, target + filename)
-            except OSError:  # another filesystem, or links not allowed: a copy does the same
-                shutil.copy2(source + filename, target + filename)
+            link_or_copy(source + filename, target + filename)
 
 
 class _EarlyIndex:

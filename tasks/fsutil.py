@@ -138,6 +138,15 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def link_or_copy(source: str | Path, target: str | Path) -> None:
+    """``target`` as a hard link of ``source``, or a copy where links fail (another
+    filesystem, or links not allowed): a throwaway view of files, never published."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)

@@ -37,7 +37,7 @@ from doit.tools import config_changed
 
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, folder_files,
-                     is_package, publish_new_file, read_json, sha256_file)
+                     is_package, link_or_copy, publish_new_file, read_json, sha256_file)
 from .settings import Settings
 from .workspace import current_settings, log_path, log_tail, run_logged
 
@@ -331,10 +331,7 @@ def _private_channel(settings: Settings, recipe: Recipe, dependencies: list[str]
         for package in packages:
             source, target = settings.channel_dir / package["file"], channel / package["file"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copy2(source, target)
+            link_or_copy(source, target)
     asyncio.run(index_fs(channel, write_shards=False, write_zst=False))
     return channel
 

@@ -202,6 +202,7 @@ def install_lineage(conf: dict) -> bool:
 # ---- the proxy -----------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:
+    # system.is_alive's twin: this file runs on its own under the prefix, standard library only
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
