@@ -16,7 +16,6 @@ ones, and those ``registries.conf`` marks ``insecure = true``.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HubworksError, reports_errors
+from .netaddr import host_of, is_loopback
 from .settings import Settings
 from .workspace import current_settings, print_line
 
@@ -131,20 +131,9 @@ def _marked_insecure(registry: str) -> bool:
     return False
 
 
-def _is_loopback(registry: str) -> bool:
-    host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _schemes(registry: str) -> list[str]:
     # Both engines try TLS first and fall back to plain HTTP only where they were told to.
-    if _is_loopback(registry) or _marked_insecure(registry):
+    if is_loopback(host_of(registry)) or _marked_insecure(registry):
         return ["https", "http"]
     return ["https"]
 

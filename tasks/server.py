@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import hmac
 import io
-import ipaddress
 import os
 import queue
 import re
@@ -48,6 +47,7 @@ from urllib.parse import unquote
 
 from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
 from .errors import HubworksError, reports_errors
+from .netaddr import ip_address, is_loopback, listens_everywhere, machine_name, url_host
 from .settings import TOKEN_PATTERN, Settings
 from .workspace import current_settings, log_path, print_line
 
@@ -65,7 +65,6 @@ CONTENT_TYPES = {
 READ_METHODS = "GET, HEAD"
 _TOKEN_IN_PATH = re.compile(r"/t/[^/\s?#'\"]+")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)", re.IGNORECASE)
-_WILDCARDS = {"", "0.0.0.0", "::"}
 # C0 and C1 control characters and DEL, written as \xNN: a request cannot forge log lines
 # or send escape sequences to the terminal of whoever reads the log.
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
@@ -726,7 +725,7 @@ class ServedChannel:
         server lets local clients in without it."""
         path = f"t/{self.token}/" if self.token else ""
         base = self.url.removesuffix(path)
-        if self.host in _WILDCARDS:
+        if listens_everywhere(self.host):
             base = f"http://127.0.0.1:{self.port}/"
         return base if self.local_clients_without_token else base + path
 
@@ -803,48 +802,24 @@ def _bind(host: str, port: int, root: Path, token: str | None, log: AccessLog | 
 def _describe(server: ChannelServer, host: str, root: Path, token: str | None) -> ServedChannel:
     port = server.server_address[1]
     name, note = host, ""
-    if host in _WILDCARDS:
+    if listens_everywhere(host):
         # No client can connect to 0.0.0.0 or ::; name the machine instead.
         name = machine_name()
         note = (f"listening on all interfaces ({host or '0.0.0.0'}:{port}); "
                 "the URL uses this machine's name")
-    shown = f"[{name}]" if ":" in name else name
-    url = f"http://{shown}:{port}/" + (f"t/{token}/" if token else "")
+    url = f"http://{url_host(name)}:{port}/" + (f"t/{token}/" if token else "")
     return ServedChannel(url=url, host=host, port=port, token=token, channel_dir=root,
                          _server=server, note=note)
-
-
-def machine_name() -> str:
-    """This machine's DNS name, or its host name where DNS only knows it as localhost."""
-    fqdn = socket.getfqdn()
-    return socket.gethostname() if fqdn.split(".")[0] == "localhost" else fqdn
-
-
-def _ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    # A dual-stack server sees IPv4 clients as ::ffff:a.b.c.d.
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped or address
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    address = _ip_address(host)
-    return bool(address and address.is_loopback)
 
 
 def is_local_client(client: str, bound_host: str) -> bool:
     """A client on this machine: loopback, or the one address the server binds (a local
     connection to an address of this machine comes from that address)."""
-    address = _ip_address(client)
+    address = ip_address(client)
     if address is None:
         return False
-    return address.is_loopback or (bound_host not in _WILDCARDS
-                                   and address == _ip_address(bound_host))
+    return address.is_loopback or (not listens_everywhere(bound_host)
+                                   and address == ip_address(bound_host))
 
 
 def channel_token(policy: str, host: str, *, per_run: bool = False) -> str | None:

@@ -33,8 +33,9 @@ from rattler.index import index_fs
 from rattler_build import Stage0Recipe
 
 from tasks.errors import HubworksError
+from tasks.netaddr import machine_name
 from tasks.server import (ConnectionLimits, channel_server_from_settings, channel_token,
-                          machine_name, printable_url, served_channel)
+                          printable_url, served_channel)
 from tasks.settings import load_settings
 from tests.conftest import DODO, Workspace
 

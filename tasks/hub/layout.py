@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import HubworksError
+from ..netaddr import listens_everywhere, url_host
 from ..settings import Settings
 
 UNIT_NAME = "jupyterhub.service"
@@ -241,7 +242,7 @@ class HubLayout:
 
     @property
     def listens_everywhere(self) -> bool:
-        return self.hub.ip in ("", "0.0.0.0", "::")
+        return listens_everywhere(self.hub.ip)
 
     @property
     def https(self) -> str:
@@ -264,7 +265,7 @@ class HubLayout:
     @property
     def local_url(self) -> str:
         """The proxy as this machine reaches it."""
-        return f"{self.scheme}://{_url_host(self.local_host)}:{self.hub.port}/"
+        return f"{self.scheme}://{url_host(self.local_host)}:{self.hub.port}/"
 
     @property
     def health_url(self) -> str:
@@ -276,11 +277,7 @@ class HubLayout:
                                    else self.hub.ip)
         default_port = {"http": 80, "https": 443}[self.scheme]
         port = "" if self.hub.port == default_port else f":{self.hub.port}"
-        return f"{self.scheme}://{_url_host(host)}{port}/"
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{url_host(host)}{port}/"
 
 
 def systemd_is_running() -> bool:

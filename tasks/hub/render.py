@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..netaddr import url_host
 from .containers import docker_api, podman_service_command
 from .layout import PODMAN_UNIT_NAME, HubLayout
 from .sections import network_sections
@@ -38,7 +39,7 @@ def render_config(hub: HubLayout, node: Path) -> str:
                      "gateway (below), the proxy API on loopback")
     else:
         lines.append("# network: users reach the proxy; hub and proxy API stay on loopback")
-    set_("JupyterHub.bind_url", f"{hub.scheme}://{_host(s.ip)}:{s.port}/")
+    set_("JupyterHub.bind_url", f"{hub.scheme}://{url_host(s.ip)}:{s.port}/")
     if not docker:
         set_("JupyterHub.hub_ip", "127.0.0.1")
     set_("JupyterHub.hub_port", s.hub_port)
@@ -105,10 +106,6 @@ def _docker_spawner(hub: HubLayout) -> list[str]:
         f"c.JupyterHub.hub_ip = hubworks_spawner.hub_address({url!r}, {images!r})",
         "c.JupyterHub.hub_connect_ip = c.JupyterHub.hub_ip",
     ]
-
-
-def _host(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
 
 
 _PORT_LINES = {

@@ -333,6 +333,7 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
 
 
 def _host_only(host: str) -> str:
+    # netaddr.host_of's twin, brackets kept (a URL host): this file runs alone, stdlib only
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
