@@ -59,7 +59,8 @@ from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync
                      sync_files)
 from .package_files import conda_zip_opens, read_package
 from .settings import Settings
-from .workspace import RUN, current_settings
+from .run_scope import RUN
+from .workspace import current_settings
 
 STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)

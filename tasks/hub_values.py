@@ -17,7 +17,8 @@ import io
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_bytes
 from .settings import Settings
-from .workspace import current_settings, print_line
+from .reporter import print_line
+from .workspace import current_settings
 
 HEADER = ("# zero-to-jupyterhub values written by `doit hub_values` (hubworks) from images/\n"
           "# and the registry; re-run it rather than editing. Use with:\n"

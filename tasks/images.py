@@ -50,8 +50,10 @@ from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_json, folder_files, read_json, tree_digest
 from .recipes import package_makers, spec_name
 from .settings import Settings
-from .workspace import (RUN, build_environment, current_settings, log_path, log_tail, print_line,
-                        run_logged)
+from .commands import build_environment, log_path, log_tail, run_logged
+from .reporter import print_line
+from .run_scope import RUN
+from .workspace import current_settings
 
 if TYPE_CHECKING:
     from .engines import Engine
@@ -548,7 +550,7 @@ def build_image(image: Image) -> None:
         env["BUILDAH_ISOLATION"] = settings.images.isolation
     returncode = run_logged(command, log, cwd=scratch, env=env,
                             title=f"{engine.name} build of images/{image.name} ({engine.reason})",
-                            hide=hidden_tokens)
+                            hide=hidden_tokens).returncode
     if returncode != 0 or not engine.image_exists(tag):
         seconds = time.monotonic() - started
         print_line(f"   image {image.name}: failed ({seconds:.1f} s)")

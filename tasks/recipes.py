@@ -39,7 +39,8 @@ from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, folder_files,
                      is_package, link_or_copy, publish_new_file, read_json, sha256_file)
 from .settings import Settings
-from .workspace import current_settings, log_path, log_tail, run_logged
+from .commands import log_path, log_tail, run_logged
+from .workspace import current_settings
 
 RECIPE_FILES = ("recipe.yaml", "meta.yaml")
 REPUBLISH_CHOICES = ("bump", "error")
@@ -572,7 +573,7 @@ def _build(settings: Settings, recipe: Recipe, scratch: Path, channels: list[str
     log = log_path(settings, "recipes", f"{recipe.name}.log")
     title = f"{recipe.backend} build of {recipe.spec}" + (
         f" as build {build_number}" if build_number is not None else "")
-    returncode = run_logged(command, log, title=title, cwd=settings.root)
+    returncode = run_logged(command, log, title=title, cwd=settings.root).returncode
     built = _built_packages(recipe, out, result) if returncode == 0 else []
     if not built:
         why = "produced no package" if returncode == 0 else f"exited with status {returncode}"

@@ -26,7 +26,8 @@ from pathlib import Path
 from .errors import HubworksError, reports_errors
 from .netaddr import host_of, is_loopback
 from .settings import Settings
-from .workspace import current_settings, print_line
+from .reporter import print_line
+from .workspace import current_settings
 
 CHECK_SECONDS = 20
 MANIFEST_TYPES = ", ".join([

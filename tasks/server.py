@@ -49,7 +49,9 @@ from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, op
 from .errors import HubworksError, reports_errors
 from .netaddr import ip_address, is_loopback, listens_everywhere, machine_name, url_host
 from .settings import TOKEN_PATTERN, Settings
-from .workspace import current_settings, log_path, print_line
+from .commands import log_path
+from .reporter import print_line
+from .workspace import current_settings
 
 NO_CACHE = "no-cache"
 IMMUTABLE = "public, max-age=31536000, immutable"

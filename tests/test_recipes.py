@@ -511,10 +511,10 @@ def test_build_commands_get_no_hubworks_settings_such_as_the_channel_token(tmp_p
                                                                           monkeypatch):
     """rattler-build already runs scripts in an environment of its own; conda-build and
     repo2docker pass more through, so every build command starts without HUBWORKS_*."""
-    from tasks.workspace import run_logged
+    from tasks.commands import run_logged
 
     monkeypatch.setenv("HUBWORKS_CHANNEL_TOKEN", "a-fixed-token-of-the-office-0123")
     log = tmp_path / "build.log"
-    assert run_logged(["env"], log, title="a build", cwd=tmp_path) == 0
+    assert run_logged(["env"], log, title="a build", cwd=tmp_path).returncode == 0
     text = log.read_text()
     assert "PATH=" in text and "HUBWORKS_" not in text

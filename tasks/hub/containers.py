@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..commands import log_tail
 from ..engines import select_engine
 from ..errors import HubworksError
 from .layout import HubLayout
-from .system import is_alive, process_cmdline, read_pid, replace_file, tail, wait_gone
+from .system import is_alive, process_cmdline, read_pid, replace_file, wait_gone
 
 PODMAN_VARIABLES = ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF")
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
@@ -155,7 +156,7 @@ def start_podman_process(socket: Path, env: dict[str, str], log: Path) -> subpro
         if process.poll() is not None:
             raise HubworksError(
                 f"podman's API service exited at start (exit {process.returncode}); the end "
-                f"of {log}:\n{tail(log, 15)}",
+                f"of {log}:\n{log_tail(log, 15)}",
                 fix="fix what the log names (`podman info` shows podman's own view), then "
                     "run doit install_hub again")
         if socket.exists():
@@ -166,7 +167,7 @@ def start_podman_process(socket: Path, env: dict[str, str], log: Path) -> subpro
     process.terminate()
     raise HubworksError(f"podman's API service did not answer at {url} within "
                         f"{SERVICE_START_SECONDS} s ({problem}); the end of {log}:\n"
-                        f"{tail(log, 15)}", fix="fix what the log names, then run doit "
+                        f"{log_tail(log, 15)}", fix="fix what the log names, then run doit "
                                                 "install_hub again")
 
 

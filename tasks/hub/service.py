@@ -15,13 +15,13 @@ import time
 import urllib.error
 import urllib.request
 
+from ..commands import log_path, log_tail
 from ..errors import HubworksError
-from ..workspace import log_path
 from .containers import docker_api, start_podman_service, stop_podman_service
 from .layout import PODMAN_UNIT_NAME, UNIT_NAME, HubLayout
 from .render import hub_search_path, ports_in_config
 from .system import (descendants, is_alive, port_is_free, process_cmdline, read_pid,
-                     require_root, run, signal_all, tail, wait_gone)
+                     require_root, run, signal_all, wait_gone)
 
 START_SECONDS = 90
 STOP_SECONDS = 60
@@ -142,7 +142,7 @@ def _wait_healthy(hub: HubLayout, process: subprocess.Popen | None) -> int:
         if process is not None and process.poll() is not None:
             raise HubworksError(
                 f"the hub exited at start (exit {process.returncode}); the end of "
-                f"{hub.log_file}:\n{tail(hub.log_file, 20)}",
+                f"{hub.log_file}:\n{log_tail(hub.log_file, 20)}",
                 fix="fix what the log names, then run doit install_hub again")
         pid = running_hub_pid(hub)
         if pid and answers_health(hub, timeout=1.0):
@@ -150,7 +150,7 @@ def _wait_healthy(hub: HubLayout, process: subprocess.Popen | None) -> int:
         time.sleep(0.3)
     raise HubworksError(
         f"{hub.health_url} did not answer 200 within {START_SECONDS} s; the end of "
-        f"{hub.log_file}:\n{tail(hub.log_file, 20)}",
+        f"{hub.log_file}:\n{log_tail(hub.log_file, 20)}",
         fix="fix what the log names, then run doit install_hub again")
 
 

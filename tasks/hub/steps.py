@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..commands import log_path
 from ..errors import HubworksError
-from ..workspace import log_path
 from .checks import Check, checks_first
 from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
                          running_podman_pid, start_podman_service, stop_podman_service,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..commands import log_tail, run_logged
 from ..errors import HubworksError
 
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -287,40 +288,18 @@ def install_packages(names: Iterable[str], log: Path) -> None:
 
 def run(cmd: Sequence[str | os.PathLike], *, log: Path, cwd: Path | None = None,
         env: dict[str, str] | None = None, capture: bool = False) -> str:
-    """Run ``cmd`` with umask 022 (files every user can read), output appended to ``log``.
-
-    With ``capture`` its standard output is returned instead (stderr still goes to the log).
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as handle:
-        handle.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
-        handle.flush()
-        try:
-            done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env,
-                                  stdout=subprocess.PIPE if capture else handle,
-                                  stderr=handle if capture else subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, preexec_fn=_public_umask)
-        except OSError as exc:
-            raise HubworksError(f"{cmd[0]} could not start: {exc.strerror}.",
-                                fix=f"check that {cmd[0]} is installed") from None
+    """Run an install command: what it writes readable by every user, its output added to
+    ``log``, a failure an error with the log's tail. With ``capture`` its standard output is
+    returned instead of logged."""
+    program = Path(str(cmd[0])).name
+    done = run_logged(cmd, log, cwd=cwd, env=env, append=True, capture=capture,
+                      public_files=True)
     if done.returncode != 0:
         raise HubworksError(
-            f"{Path(str(cmd[0])).name} {' '.join(map(str, cmd[1:3]))} ... failed "
-            f"(exit {done.returncode}):\n{tail(log, 15)}",
+            f"{program} {' '.join(map(str, cmd[1:3]))} ... failed "
+            f"(exit {done.returncode}):\n{log_tail(log, 15)}",
             fix=f"read {log}; fix what it names and run the step again")
     return done.stdout.decode() if capture else ""
-
-
-def _public_umask() -> None:
-    os.umask(0o022)
-
-
-def tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 # ---- ports -------------------------------------------------------------------------------

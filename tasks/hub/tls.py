@@ -23,8 +23,8 @@ import ssl
 import stat
 from pathlib import Path
 
+from ..commands import log_path
 from ..errors import HubworksError
-from ..workspace import log_path
 from . import tls_service
 from .checks import Check, checks_first
 from .layout import SYSTEMD_UNIT_DIR, HubLayout, systemd_is_running
