@@ -10,7 +10,7 @@
 from tasks.recipes import task_build_recipes
 from tasks.channel_index import task_index_channel
 from tasks.server import task_serve_channel
-from tasks.images import task_build_images
+from tasks.images.task import task_build_images
 from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
 from tasks.hub import task_hub_status
 from tasks.workspace import doit_config, task_settings

@@ -4,9 +4,9 @@
 an ``Engine``: the CLI to call for image housekeeping (exists, id, tag, push, remove) and the
 name of the repo2docker engine that builds with it.
 
-``PodmanEngine`` (in ``podman_engine``, loaded from here on first use) is the repo2docker
-engine for podman, registered as ``hubworks-podman`` under the ``repo2docker.engines`` entry
-point as ``tasks.engines:PodmanEngine``.
+``tasks.podman_engine.PodmanEngine`` is the repo2docker engine for podman, registered as
+``hubworks-podman`` under the ``repo2docker.engines`` entry point; only repo2docker loads it
+(importing repo2docker takes a fifth of a second, which a no-op build never spends).
 
 Podman stores short names under ``localhost/`` (``hubworks/foo:1`` is
 ``localhost/hubworks/foo:1``); podman resolves the short form itself, so both forms work.
@@ -54,11 +54,6 @@ def output_line(text: str, index: int = 0) -> str:
     """One line of a command's output: the first names the problem, or the last for pushes."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[index] if lines else "no output"
-
-
-def forget_engines() -> None:
-    """Drop remembered probes (tests that install or remove an engine)."""
-    _probes.clear()
 
 
 def docker_problem() -> str:
@@ -164,11 +159,3 @@ def select_engine(choice: str = "auto") -> Engine:
     raise HubworksError(f"No container engine can build images here: tried Docker ({docker}) "
                         f"and podman ({podman}).",
                         fix=f"{PODMAN_FIX}, or start Docker with the buildx plugin; {CHOICE_FIX}")
-
-
-def __getattr__(name: str):
-    # repo2docker takes a fifth of a second to import; a no-op build never needs it
-    if name == "PodmanEngine":
-        from .podman_engine import PodmanEngine
-        return PodmanEngine
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,7 +32,7 @@ def _describe(tag: str, packages: list[dict]) -> str:
 
 def hub_values(settings: Settings) -> dict:
     """The values: a profile per image, the default one marked and set as the image."""
-    from .images import discover_images
+    from .images.discovery import discover_images
     from .registry import image_status
 
     images = discover_images(settings.images_dir)

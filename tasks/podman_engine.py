@@ -3,7 +3,8 @@
 repo2docker's own engine checks ``<cli> buildx version``, which podman 4.x does not have
 although it builds fine. This one runs ``podman build`` with the flags podman 4.x accepts,
 plus the same ``DockerEngine.extra_buildx_build_args`` option, so ``--network=host``
-configured once serves both engines. The entry point names it ``tasks.engines:PodmanEngine``.
+configured once serves both engines. The entry point names it
+``tasks.podman_engine:PodmanEngine``.
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ class PodmanEngine(DockerEngine):
 
     @property
     def container_cli(self):
-        if self._container_cli is None:
-            problem = podman_problem()
-            if problem:
-                raise ContainerEngineException(
-                    f"podman cannot build images here: {problem}. Fix: {PODMAN_FIX}.")
-            self._container_cli = "podman"
-        return self._container_cli
+        # repo2docker's public seam: the property its build, inspect and login call. Its own
+        # checks `<cli> buildx version` and caches in a private attribute; podman_problem()
+        # is asked once per process, so this needs no cache of its own.
+        if problem := podman_problem():
+            raise ContainerEngineException(
+                f"podman cannot build images here: {problem}. Fix: {PODMAN_FIX}.")
+        return "podman"
 
     def build(self, *, push=False, load=False, buildargs=None, cache_from=None,
               container_limits=None, tag="", custom_context=False, dockerfile="",

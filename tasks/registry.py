@@ -227,7 +227,8 @@ class ImageStatus:
 def expected_tag(settings: Settings, image) -> tuple[str, list[dict]]:
     """The content-hash tag ``image`` gets from the channel now, and its internal packages."""
     from .channel_source import preflight_channel_url
-    from .images import image_hash, resolve_internal, tags_for
+    from .images.hashing import image_hash, tags_for
+    from .images.solve import resolve_internal
 
     if image.problem:
         raise HubworksError(image.problem)
@@ -261,7 +262,7 @@ def image_in_registry(settings: Settings, image) -> bool:
 
 def images_to_build(settings: Settings) -> list[str]:
     """Names of the images whose content-hash tags the registry (or engine) lacks."""
-    from .images import discover_images
+    from .images.discovery import discover_images
 
     wanted = []
     for name, image in discover_images(settings.images_dir).items():

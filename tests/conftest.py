@@ -113,3 +113,12 @@ def port_refuses(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(2)
         return sock.connect_ex((host, port)) != 0
+
+
+def interrupted_output(doit: subprocess.Popen) -> str:
+    """The output of a doit run stopped by a signal, checked to end as a user should see it:
+    exit status 130 and no traceback."""
+    output = doit.communicate(timeout=60)[0]
+    assert doit.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    return output

@@ -567,7 +567,9 @@ def test_environment_images_get_the_hubs_singleuser_through_repo2dockers_appendi
 
 
 def test_the_hubs_jupyterhub_release_is_part_of_environment_images_hashes_only(tmp_path):
-    from tasks.images import Resolution, image_hash, read_image
+    from tasks.images.discovery import read_image
+    from tasks.images.hashing import image_hash
+    from tasks.images.solve import Resolution
     from tasks.settings import load_settings
 
     for name, filename, text in (("env", "environment.yml", "dependencies: [python]\n"),

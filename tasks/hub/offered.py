@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import HubworksError
 from ..fsutil import atomic_write_json, read_json
-from ..images import image_records_dir
+from ..images.records import image_records_dir
 from ..singleuser import probe_image, verdict
 from .containers import docker_api, docker_client
 from .layout import HubLayout

@@ -1,0 +1,68 @@
+"""The internal package specs an image names, which the internal channel is to provide.
+
+Which ones: the dependencies of every environment.yml in the image that lists the channel
+alias (all of them when the alias is its only channel, ``internal::name`` always); for a
+Dockerfile, also every internal package name its text mentions.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ..errors import HubworksError
+from ..fsutil import folder_files
+from ..recipes import spec_name
+from .discovery import ENVIRONMENT_FILE, Image
+
+
+def _load_yaml(path: Path):
+    from ruamel.yaml import YAML
+
+    try:
+        return YAML(typ="safe").load(path.read_text()) or {}
+    except Exception as exc:
+        raise HubworksError(f"{path} is not valid YAML: {' '.join(str(exc).split())}",
+                            fix="correct the file") from None
+
+
+def _checked_spec(image: Image, env_file: Path, entry: str, spec: str) -> str:
+    """``spec`` as the solver will read it; an invalid one is named with its file."""
+    import rattler
+
+    try:
+        rattler.MatchSpec(spec)
+    except Exception as exc:  # rattler's InvalidMatchSpecError
+        where = env_file.relative_to(image.folder.parent.parent)  # images/<name>/...
+        raise HubworksError(
+            f"image '{image.name}': {where} lists {entry!r} under dependencies, which is not "
+            f"a valid conda package spec ({' '.join(str(exc).split())}).",
+            fix="write it as a name with an optional version, e.g. 'tool', 'tool >=1.2', "
+                "'tool 1.2.*' or 'internal::tool =1.2'") from None
+    return spec
+
+
+def internal_specs(image: Image, alias: str, internal_names: set[str]) -> list[str]:
+    """The image's requirements that the internal channel is to provide."""
+    specs: list[str] = []
+    env_files = [p for p in folder_files(image.folder) if p.name == ENVIRONMENT_FILE]
+    for env_file in env_files:
+        data = _load_yaml(env_file)
+        channels = [str(c) for c in data.get("channels") or []]
+        for entry in data.get("dependencies") or []:
+            if not isinstance(entry, str):
+                continue  # a pip: section
+            channel, _, spec = entry.rpartition("::")
+            if spec_name(spec) is None:
+                continue  # not a package spec; the build's own solver will say so
+            if channel == alias or (alias in channels and (
+                    spec_name(spec) in internal_names or channels == [alias]
+                    or set(channels) == {alias, "nodefaults"})):
+                specs.append(_checked_spec(image, env_file, entry, spec.strip()))
+    if image.dockerfile:
+        text = image.dockerfile.read_text()
+        for name in sorted(internal_names):
+            # The name as a word, or as the start of a package file name (name-1.2-h0_0).
+            if re.search(rf"(?<![\w.-]){re.escape(name)}(?=$|[^\w.-]|-\d)", text):
+                specs.append(name)
+    return sorted(set(specs))
