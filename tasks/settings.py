@@ -248,9 +248,6 @@ class Settings:
         for section, items in sections.items():
             setattr(self, section, Section(section, items))
 
-    def get(self, section: str, key: str) -> Any:
-        return self.values[(section, key)]
-
     # The folders every module needs, resolved once.
     @property
     def state_dir(self) -> Path:
