@@ -671,136 +671,196 @@ def index_channel(settings: Settings) -> IndexReport:
     the old ones in the staged index, which is then published. A subdir whose staged index
     cannot be trusted is indexed whole.
     """
-    channel_dir = settings.channel_dir
-    staging = settings.state("index", "staging")
-    work = settings.state("index", "work")
-    rows_path = settings.state("index", "page-rows.json")
+    run = IndexPass(settings)
     with exclusive_lock(settings.state("index", "lock"), "the channel index"), \
             ExitStack() as cleanup, _no_cycle_collection():
-        _ensure_folder(channel_dir / "noarch")
-        listing = channel_listing(channel_dir)
+        _ensure_folder(run.channel_dir / "noarch")
+        run.read_channel_and_state()
+        early = run.start_early_index(cleanup)
+        run.read_changed_packages(early)
+        readable_before = run.find_touched_names()
+        run.check_staged_indexes(readable_before)
+        run.index_touched_names(early)
+        run.drop_stale_staging()
+        run.publish_subdirs()
+        run.write_page()
+        # Last, once the index it describes is on disk: the state says what is indexed.
+        run.write_state()
+    return run.report
+
+
+class IndexPass:
+    """One pass of index_channel, a method per step: what the channel holds, what the
+    last pass knew of it, and which package names of which subdirs change."""
+
+    def __init__(self, settings: Settings):
+        self.channel_dir = settings.channel_dir
+        self.staging = settings.state("index", "staging")
+        self.work = settings.state("index", "work")
+        self.rows_path = settings.state("index", "page-rows.json")
+        self.state_path = state_path(settings)
+        self.indexed_path = _indexed_path(settings)
+        self.report = IndexReport()
+        self.touched: dict[str, set[str]] = {}  # subdir -> package names whose records change
+        self.bad_changed = False  # an unreadable file came, changed or went: the page lists them
+        self.staged_before: dict[str, StagedIndex] = {}
+
+    def read_channel_and_state(self) -> None:
+        """The channel's files, the last pass's state, and what it says of unchanged files."""
+        self.listing = channel_listing(self.channel_dir)
         # Packages in other folders are refused one by one; only subdirs are indexed.
-        subdirs = [subdir for subdir in listing if is_subdir_name(subdir)]
-        state = read_state(state_path(settings))
-        if not state:
-            shutil.rmtree(staging, ignore_errors=True)
-        known: dict[str, dict] = state.get("packages", {})
-        report = IndexReport()
-
+        self.subdirs = [subdir for subdir in self.listing if is_subdir_name(subdir)]
+        self.state = read_state(self.state_path)
+        if not self.state:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.known: dict[str, dict] = self.state.get("packages", {})
         try:
-            scan = _scan(listing, known)
+            scan = _scan(self.listing, self.known)
         except (KeyError, TypeError, AttributeError):  # a state of another shape: index anew
-            state, known = {}, {}
-            shutil.rmtree(staging, ignore_errors=True)
-            scan = _scan(listing, known)
-        current, to_check, good, by_name, report.bad = scan
-        early = None
-        if not state and sum(len(listing[subdir]) for subdir in subdirs) >= EARLY_INDEX_MIN:
-            early = cleanup.enter_context(_EarlyIndex(
-                work, channel_dir, {subdir: set(listing[subdir]) for subdir in subdirs}))
-        # Beside an early index, which keeps every core busy, one reader is quickest.
-        check_packages(channel_dir, to_check, 1 if early else READ_PROCESSES)
-        report.read = len(to_check)
-        for check in to_check:
-            key = f"{check.subdir}/{check.filename}"
-            current[key] = {"size": check.size, "mtime_ns": check.mtime_ns, "meta": check.meta,
-                            "error": check.error}
-            if check.error:
-                report.bad[key] = check.error
-            else:
-                good[check.subdir].add(check.filename)
-                by_name.setdefault(check.meta["name"], []).append(key)
+            self.state, self.known = {}, {}
+            shutil.rmtree(self.staging, ignore_errors=True)
+            scan = _scan(self.listing, self.known)
+        self.current, self.to_check, self.good, self.by_name, self.report.bad = scan
 
-        # Package names whose records change, per subdir: new, changed, removed, gone bad.
-        # Without a state every subdir is indexed whole. What the last pass left readable
-        # is what is readable now, with the changes undone.
-        touched: dict[str, set[str]] = {} if state else {subdir: set() for subdir in subdirs}
-        changed = [f"{c.subdir}/{c.filename}" for c in to_check] + list(known.keys() - current.keys())
-        good_known = {subdir: set(files) for subdir, files in good.items()}
+    def start_early_index(self, cleanup: ExitStack) -> _EarlyIndex | None:
+        """Without a state, a large channel goes to rattler whole while its files are read."""
+        if self.state or sum(len(self.listing[s]) for s in self.subdirs) < EARLY_INDEX_MIN:
+            return None
+        return cleanup.enter_context(_EarlyIndex(
+            self.work, self.channel_dir,
+            {subdir: set(self.listing[subdir]) for subdir in self.subdirs}))
+
+    def read_changed_packages(self, early: _EarlyIndex | None) -> None:
+        """Read every new or changed file whole, and enter what it is (or why not)."""
+        # Beside an early index, which keeps every core busy, one reader is quickest.
+        check_packages(self.channel_dir, self.to_check, 1 if early else READ_PROCESSES)
+        self.report.read = len(self.to_check)
+        for check in self.to_check:
+            key = f"{check.subdir}/{check.filename}"
+            self.current[key] = {"size": check.size, "mtime_ns": check.mtime_ns,
+                                 "meta": check.meta, "error": check.error}
+            if check.error:
+                self.report.bad[key] = check.error
+            else:
+                self.good[check.subdir].add(check.filename)
+                self.by_name.setdefault(check.meta["name"], []).append(key)
+
+    def find_touched_names(self) -> dict[str, set[str]]:
+        """Package names whose records change, per subdir: new, changed, removed, gone bad.
+        Without a state every subdir is indexed whole. Returns what the last pass left
+        readable: what is readable now, with the changes undone."""
+        if not self.state:
+            self.touched = {subdir: set() for subdir in self.subdirs}
+        changed = ([f"{c.subdir}/{c.filename}" for c in self.to_check]
+                   + list(self.known.keys() - self.current.keys()))
+        readable_before = {subdir: set(files) for subdir, files in self.good.items()}
         for key in changed:
             subdir, _, filename = key.partition("/")
-            for name in (_name(known.get(key)), _name(current.get(key))):
+            for name in (_name(self.known.get(key)), _name(self.current.get(key))):
                 if name:
-                    touched.setdefault(subdir, set()).add(name)
-            good_known.setdefault(subdir, set()).discard(filename)
-            if _name(known.get(key)):
-                good_known[subdir].add(filename)
-        bad_changed = any(entry and entry["error"] for key in changed
-                          for entry in (known.get(key), current.get(key)))
+                    self.touched.setdefault(subdir, set()).add(name)
+            readable_before.setdefault(subdir, set()).discard(filename)
+            if _name(self.known.get(key)):
+                readable_before[subdir].add(filename)
+        self.bad_changed = any(entry and entry["error"] for key in changed
+                               for entry in (self.known.get(key), self.current.get(key)))
+        return readable_before
 
-        # The staged index of every subdir about to be published must hold exactly what the
-        # state says; one that is missing, unreadable or different is rebuilt from the
-        # packages on disk (never read as empty, which would drop the rest).
-        staged_before: dict[str, StagedIndex] = {}
-        stamps = state.get("staged", {})
-        for subdir in subdirs:
-            if subdir not in touched and (channel_dir / subdir / "repodata.json").is_file():
+    def check_staged_indexes(self, readable_before: dict[str, set[str]]) -> None:
+        """The staged index of every subdir about to be published must hold exactly what
+        the state says; one that is missing, unreadable or different is rebuilt from the
+        packages on disk (never read as empty, which would drop the rest)."""
+        stamps = self.state.get("staged", {})
+        for subdir in self.subdirs:
+            if subdir not in self.touched and self._published_repodata(subdir).is_file():
                 continue
-            staged = _read_staged(staging / subdir, good_known.get(subdir, set()),
-                                  channel_dir / subdir, stamps.get(subdir))
+            staged = _read_staged(self.staging / subdir, readable_before.get(subdir, set()),
+                                  self.channel_dir / subdir, stamps.get(subdir))
             if staged is None:
-                shutil.rmtree(staging / subdir, ignore_errors=True)
-                touched.setdefault(subdir, set()).update(
-                    _name(current[f"{subdir}/{f}"]) for f in good.get(subdir, ()))
+                shutil.rmtree(self.staging / subdir, ignore_errors=True)
+                self.touched.setdefault(subdir, set()).update(
+                    _name(self.current[f"{subdir}/{f}"]) for f in self.good.get(subdir, ()))
             else:
-                staged_before[subdir] = staged
+                self.staged_before[subdir] = staged
 
-        if touched:
-            wanted: dict[str, set[str]] = {subdir: set() for subdir in touched}
-            for subdir, names in touched.items():
-                for name in names:
-                    for key in by_name.get(name, ()):
-                        if key.partition("/")[0] == subdir:
-                            wanted[subdir].add(key.partition("/")[2])
-            _index_exactly(work, channel_dir, wanted, early)
-            for subdir, names in touched.items():
-                staged = _update_subdir(work / subdir, staging / subdir, names,
-                                        staged_before.get(subdir))
-                stamps[subdir] = staged.stamps
-                # Every readable package ends up indexed, or is named as not indexed.
-                for filename in wanted[subdir] - staged.files:
-                    key = f"{subdir}/{filename}"
-                    current[key] = dict(current[key], error="rattler's indexer left it out "
-                                                            "of the repodata")
-                    good[subdir].discard(filename)
-                    report.bad[key] = current[key]["error"]
-                    bad_changed = True
-            shutil.rmtree(work, ignore_errors=True)
-        for stale in staging.iterdir() if staging.is_dir() else ():
-            if stale.is_dir() and stale.name not in subdirs:
+    def index_touched_names(self, early: _EarlyIndex | None) -> None:
+        """rattler on the files of the touched names; its records replace theirs in the
+        staged index. Every readable package ends up indexed, or is named as not indexed."""
+        self.stamps = self.state.get("staged", {})
+        if not self.touched:
+            return
+        wanted = self._files_of_touched_names()
+        _index_exactly(self.work, self.channel_dir, wanted, early)
+        for subdir, names in self.touched.items():
+            staged = _update_subdir(self.work / subdir, self.staging / subdir, names,
+                                    self.staged_before.get(subdir))
+            self.stamps[subdir] = staged.stamps
+            for filename in wanted[subdir] - staged.files:
+                self._left_out(subdir, filename, "rattler's indexer left it out of the repodata")
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def _files_of_touched_names(self) -> dict[str, set[str]]:
+        wanted: dict[str, set[str]] = {subdir: set() for subdir in self.touched}
+        for subdir, names in self.touched.items():
+            for name in names:
+                for key in self.by_name.get(name, ()):
+                    if key.partition("/")[0] == subdir:
+                        wanted[subdir].add(key.partition("/")[2])
+        return wanted
+
+    def _left_out(self, subdir: str, filename: str, why: str) -> None:
+        key = f"{subdir}/{filename}"
+        self.current[key] = dict(self.current[key], error=why)
+        self.good[subdir].discard(filename)
+        self.report.bad[key] = why
+        self.bad_changed = True
+
+    def drop_stale_staging(self) -> None:
+        """Staged indexes of subdirs the channel no longer has."""
+        for stale in self.staging.iterdir() if self.staging.is_dir() else ():
+            if stale.is_dir() and stale.name not in self.subdirs:
                 shutil.rmtree(stale)
 
-        shards = state.get("shards", {})
-        for subdir in subdirs:
-            published = channel_dir / subdir / "repodata.json"
-            if subdir in touched or not published.is_file():
-                shards[subdir] = sorted(_publish_subdir(
-                    staging / subdir, channel_dir / subdir, set(shards.get(subdir, []))))
-        report.packages = len(current) - len(report.bad)
-        page = state.get("page", "")
-        if touched or bad_changed or not (channel_dir / "index.html").exists():
-            page = _write_page(
-                channel_dir, current, set().union(*touched.values()), by_name, state, rows_path,
-                PageFacts(report.packages, report.bad,
-                          {subdir for subdir, files in good.items() if files}))
-        # Last, once the index it describes is on disk: the state says what is indexed.
-        path = state_path(settings)
-        atomic_write_bytes(path, orjson.dumps({
+    def publish_subdirs(self) -> None:
+        """Publish the staged index of every touched subdir, and of any not yet served."""
+        self.shards = self.state.get("shards", {})
+        for subdir in self.subdirs:
+            if subdir in self.touched or not self._published_repodata(subdir).is_file():
+                self.shards[subdir] = sorted(_publish_subdir(
+                    self.staging / subdir, self.channel_dir / subdir,
+                    set(self.shards.get(subdir, []))))
+
+    def write_page(self) -> None:
+        """index.html again when a name's rows or the files left out changed."""
+        self.report.packages = len(self.current) - len(self.report.bad)
+        self.page = self.state.get("page", "")
+        if self.touched or self.bad_changed or not (self.channel_dir / "index.html").exists():
+            self.page = _write_page(
+                self.channel_dir, self.current, set().union(*self.touched.values()),
+                self.by_name, self.state, self.rows_path,
+                PageFacts(self.report.packages, self.report.bad,
+                          {subdir for subdir, files in self.good.items() if files}))
+
+    def write_state(self) -> None:
+        """The state of this pass, then the summary channel_is_indexed reads."""
+        atomic_write_bytes(self.state_path, orjson.dumps({
             "version": STATE_VERSION,
-            "packages": current,
-            "shards": {k: v for k, v in shards.items() if k in subdirs},
-            "staged": {k: v for k, v in stamps.items() if k in subdirs},
-            "page": page,
+            "packages": self.current,
+            "shards": {k: v for k, v in self.shards.items() if k in self.subdirs},
+            "staged": {k: v for k, v in self.stamps.items() if k in self.subdirs},
+            "page": self.page,
         }))
-        written = path.stat()
-        atomic_write_bytes(_indexed_path(settings), orjson.dumps({
+        written = self.state_path.stat()
+        atomic_write_bytes(self.indexed_path, orjson.dumps({
             "version": STATE_VERSION,
             "state": [written.st_size, written.st_mtime_ns],
             # A channel with unreadable files is never recorded as indexed: the error repeats.
-            "signature": listing_signature(listing) if not report.bad else "",
-            "subdirs": subdirs,
+            "signature": listing_signature(self.listing) if not self.report.bad else "",
+            "subdirs": self.subdirs,
         }))
-    return report
+
+    def _published_repodata(self, subdir: str) -> Path:
+        return self.channel_dir / subdir / "repodata.json"
 
 
 # ---------------------------------------------------------------- the index page
@@ -917,8 +977,8 @@ def index_and_report(settings: Settings) -> IndexReport:
 
 
 @reports_errors
-def run_index_channel() -> None:
-    index_and_report(current_settings())
+def run_index_channel(settings: Settings) -> None:
+    index_and_report(settings)
 
 
 def task_index_channel():
@@ -927,8 +987,8 @@ def task_index_channel():
     # No task_dep on build_recipes: each recipe build indexes what it publishes, so the
     # index never lags the packages, and a failed recipe never keeps the rest unindexed.
     return {
-        "actions": [run_index_channel],
-        "uptodate": [lambda task, values: channel_is_indexed(settings)],
+        "actions": [(run_index_channel, [settings])],
+        "uptodate": [(channel_is_indexed, [settings])],
         "verbosity": 2,
         "meta": {"what": "the channel index",
                  "interrupted": "index files are replaced whole: clients see the previous "

@@ -13,12 +13,16 @@ a missing one fails the task by name instead of offering users an image that can
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_bytes
 from .settings import Settings
 from .reporter import print_line
 from .workspace import current_settings
+
+if TYPE_CHECKING:
+    from .registry import ImageStatus
 
 HEADER = ("# zero-to-jupyterhub values written by `doit hub_values` (hubworks) from images/\n"
           "# and the registry; re-run it rather than editing. Use with:\n"
@@ -36,6 +40,19 @@ def hub_values(settings: Settings) -> dict:
     from .registry import image_status
 
     images = discover_images(settings.images_dir)
+    default = _default_image(settings, images)
+    statuses = [image_status(settings, image) for image in images.values()]
+    _require_present(settings, statuses)
+    repository, _, tag = next(s.tag for s in statuses if s.name == default).rpartition(":")
+    return {"singleuser": {
+        "image": {"name": repository, "tag": tag},
+        "uid": settings.images.user_id,
+        "profileList": [_profile(status, default) for status in statuses],
+    }}
+
+
+def _default_image(settings: Settings, images: dict) -> str:
+    """hub.default_image, else the first image; refused when it is not an image."""
     if not images:
         raise HubworksError(f"{settings.images_dir} holds no images to offer.",
                             fix="add an image folder to images/ and build it")
@@ -44,7 +61,11 @@ def hub_values(settings: Settings) -> dict:
         raise HubworksError(
             f"hub.default_image is {default!r}, which is not an image in "
             f"{settings.images_dir}.", fix=f"use one of: {', '.join(images)}")
-    statuses = [image_status(settings, image) for image in images.values()]
+    return default
+
+
+def _require_present(settings: Settings, statuses: list[ImageStatus]) -> None:
+    """Every current tag exists where users' servers pull it from."""
     missing = [s for s in statuses if not s.present]
     if missing:
         where = "the registry" if settings.images.push else "the local engine"
@@ -53,20 +74,16 @@ def hub_values(settings: Settings) -> dict:
             + ", ".join(f"{s.name} ({s.tag})" for s in missing) + ".",
             fix="build and push them first (doit build_images; in CI, doit image_matrix lists "
                 "them), then run hub_values again")
-    profiles = []
-    for status in statuses:
-        profile = {"display_name": status.name, "slug": status.name,
-                   "description": _describe(status.tag, status.packages),
-                   "kubespawner_override": {"image": status.tag}}
-        if status.name == default:
-            profile["default"] = True
-        profiles.append(profile)
-    repository, _, tag = next(s.tag for s in statuses if s.name == default).rpartition(":")
-    return {"singleuser": {
-        "image": {"name": repository, "tag": tag},
-        "uid": settings.images.user_id,
-        "profileList": profiles,
-    }}
+
+
+def _profile(status: ImageStatus, default: str) -> dict:
+    """KubeSpawner's profile of one image."""
+    profile = {"display_name": status.name, "slug": status.name,
+               "description": _describe(status.tag, status.packages),
+               "kubespawner_override": {"image": status.tag}}
+    if status.name == default:
+        profile["default"] = True
+    return profile
 
 
 def render_values(values: dict) -> str:
@@ -81,8 +98,7 @@ def render_values(values: dict) -> str:
 
 
 @reports_errors
-def write_hub_values() -> None:
-    settings = current_settings()
+def write_hub_values(settings: Settings) -> None:
     values = hub_values(settings)
     target = settings.hub.values_file
     text = render_values(values)
@@ -97,4 +113,5 @@ def write_hub_values() -> None:
 
 def task_hub_values():
     """Write hub.values_file: zero-to-jupyterhub values offering every pushed image."""
-    return {"actions": [write_hub_values], "uptodate": [False], "verbosity": 2}
+    settings = current_settings()
+    return {"actions": [(write_hub_values, [settings])], "uptodate": [False], "verbosity": 2}

@@ -419,38 +419,64 @@ def publish_channel(settings: Settings) -> str:
     target = open_target(settings)
     local = local_packages(settings.channel_dir)
     plan = plan_publish(local, target)
-    copied: list[str] = []
-    raced = False
-    failed: dict[str, str] = {}
-    for package in plan.missing:
+    copies = _copy_missing(target, plan.missing)
+    if copies.copied or plan.unindexed or copies.raced:
+        _index_until_listed(target, set(copies.copied) | set(plan.unindexed))
+    # Another publisher wrote a name meanwhile: compare again.
+    kept = sorted(set(plan_publish(local, target).conflicts if copies.raced else plan.conflicts))
+    _report_kept(settings, target, local, kept)
+    if copies.failed:
+        raise _copy_failure(target, copies.failed)
+    if not copies.copied and not plan.unindexed:
+        return f"{target.url} is up to date: it holds all {len(local)} packages"
+    return (f"published {len(copies.copied)} package(s) to {target.url} "
+            f"({len(local) - len(copies.copied)} already there); indexed. Conda clients read "
+            f"it at {target.reader_url()}")
+
+
+@dataclass
+class Copies:
+    """What copying the missing packages did."""
+
+    copied: list[str] = field(default_factory=list)
+    raced: bool = False  # another publisher wrote one of the names first
+    failed: dict[str, str] = field(default_factory=dict)  # key -> why
+
+
+def _copy_missing(target: Target, missing: list[LocalPackage]) -> Copies:
+    """Write each package under a free name; one that fails leaves the others to go on."""
+    copies = Copies()
+    for package in missing:
         try:
             if target.put_new(package):
-                copied.append(package.key)
+                copies.copied.append(package.key)
                 print_line(f"   published {package.key}")
             else:
-                raced = True  # another publisher wrote that name meanwhile: compared below
+                copies.raced = True
         except HubworksError as exc:
-            failed[package.key] = exc.message  # the others are still published and indexed
-    if copied or plan.unindexed or raced:
-        _index_until_listed(target, set(copied) | set(plan.unindexed))
-    kept = sorted(set(plan_publish(local, target).conflicts if raced else plan.conflicts))
+            copies.failed[package.key] = exc.message  # the others are still published and indexed
+    return copies
+
+
+def _report_kept(settings: Settings, target: Target, local: dict[str, LocalPackage],
+                 kept: list[str]) -> None:
+    """Say which local rebuilds the target keeps its own copy of, and remember them, so that
+    publish_is_current holds once they were reported."""
     if kept:
         # hubworks rebuilds dependents under the same file name; a published file stays.
         print_line(f"   kept the copies {target.url} has of {len(kept)} package(s) rebuilt "
                    f"here under the same name (published packages never change; bump the "
                    f"recipe's build.number to publish new contents): {', '.join(kept)}")
     atomic_write_json(_kept_record(settings, target), _kept_signature(local, kept))
-    if failed:
-        lines = "\n".join(f"    {key}: {message}" for key, message in sorted(failed.items()))
-        raise HubworksError(
-            f"{len(failed)} package(s) could not be published to {target.url} and are in "
-            f"no index there:\n{lines}",
-            fix="fix what the message names (credentials that may put those keys, space on "
-                "the share), then run publish_channel again: it copies only what is missing")
-    if not copied and not plan.unindexed:
-        return f"{target.url} is up to date: it holds all {len(local)} packages"
-    return (f"published {len(copied)} package(s) to {target.url} ({len(local) - len(copied)} "
-            f"already there); indexed. Conda clients read it at {target.reader_url()}")
+
+
+def _copy_failure(target: Target, failed: dict[str, str]) -> HubworksError:
+    lines = "\n".join(f"    {key}: {message}" for key, message in sorted(failed.items()))
+    return HubworksError(
+        f"{len(failed)} package(s) could not be published to {target.url} and are in "
+        f"no index there:\n{lines}",
+        fix="fix what the message names (credentials that may put those keys, space on "
+            "the share), then run publish_channel again: it copies only what is missing")
 
 
 def _index_until_listed(target: Target, wanted: set[str]) -> None:
@@ -468,16 +494,16 @@ def _index_until_listed(target: Target, wanted: set[str]) -> None:
 
 
 @reports_errors
-def run_publish_channel() -> None:
-    print_line(f"   {publish_channel(current_settings())}")
+def run_publish_channel(settings: Settings) -> None:
+    print_line(f"   {publish_channel(settings)}")
 
 
 def task_publish_channel():
     """Copy the packages publish.url lacks there (S3 or a folder) and index it there."""
     settings = current_settings()
     return {
-        "actions": [run_publish_channel],
+        "actions": [(run_publish_channel, [settings])],
         "task_dep": ["build_recipes", "index_channel"],  # publishes what the recipes make
-        "uptodate": [lambda task, values: publish_is_current(settings)],
+        "uptodate": [(publish_is_current, [settings])],
         "verbosity": 2,
     }

@@ -43,6 +43,7 @@ from .commands import log_path, log_tail, run_logged
 from .workspace import current_settings
 
 RECIPE_FILES = ("recipe.yaml", "meta.yaml")
+RENDERED_FORMAT = 2  # 2: a problem is kept as [message, fix]
 REPUBLISH_CHOICES = ("bump", "error")
 _NAME_RE = re.compile(r"^\s*([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
 _SHELL_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -58,7 +59,7 @@ class Recipe:
     outputs: set[str] = field(default_factory=set)
     requires: set[str] = field(default_factory=set)
     summary: str = ""
-    problem: str = ""  # why it cannot be built; reported when its task runs
+    problem: HubworksError | None = None  # why it cannot be built; raised when its task runs
 
     @property
     def backend(self) -> str:
@@ -106,6 +107,8 @@ def _read_meta_yaml(recipe: Recipe) -> None:
     from ruamel.yaml import YAML
 
     class Anything(jinja2.Undefined):
+        # Needed: meta.yaml reads attributes of names only conda-build defines
+        # ({{ data.get('version') }}), which jinja2.Undefined turns into an error.
         def __getattr__(self, _):
             return Anything()
 
@@ -141,11 +144,21 @@ def _renderer_stamp(backend: str) -> str:
 
 
 def _render_key(recipe: Recipe) -> str:
-    """What reading the recipe depends on: its file's bytes, the renderer, the platform."""
+    """What reading the recipe depends on: its file's bytes, the renderer, the platform,
+    and the form in which what it rendered to is kept (RENDERED_FORMAT)."""
     digest = hashlib.sha256(recipe.spec.read_bytes())
     digest.update(f"|{recipe.backend}|{_renderer_stamp(recipe.backend)}|{sys.platform}|"
-                  f"{platform.machine()}".encode())
+                  f"{platform.machine()}|{RENDERED_FORMAT}".encode())
     return digest.hexdigest()
+
+
+def _kept_problem(problem: HubworksError | None) -> list[str] | None:
+    """A recipe's problem as the rendered file keeps it: [message, fix]."""
+    return [problem.message, problem.fix] if problem else None
+
+
+def _problem_from_kept(kept: list[str] | None) -> HubworksError | None:
+    return HubworksError(kept[0], fix=kept[1]) if kept else None
 
 
 def read_recipe(folder: Path, rendered: dict | None = None) -> Recipe:
@@ -154,14 +167,15 @@ def read_recipe(folder: Path, rendered: dict | None = None) -> Recipe:
     recipe = Recipe(name=folder.name, folder=folder)
     recipe.spec = next((folder / f for f in RECIPE_FILES if (folder / f).is_file()), None)
     if recipe.spec is None:
-        recipe.problem = (f"recipe '{folder.name}' has no recipe.yaml or meta.yaml "
-                          f"in {folder}.\n  fix: add a recipe.yaml, or remove the folder")
+        recipe.problem = HubworksError(
+            f"recipe '{folder.name}' has no recipe.yaml or meta.yaml in {folder}.",
+            fix="add a recipe.yaml, or remove the folder")
         return recipe
     key = _render_key(recipe)
     known = (rendered or {}).get(folder.name)
     if isinstance(known, dict) and known.get("key") == key:
         recipe.outputs, recipe.requires = set(known["outputs"]), set(known["requires"])
-        recipe.summary, recipe.problem = known["summary"], known["problem"]
+        recipe.summary, recipe.problem = known["summary"], _problem_from_kept(known["problem"])
         return recipe
     try:
         if recipe.backend == "rattler-build":
@@ -169,13 +183,15 @@ def read_recipe(folder: Path, rendered: dict | None = None) -> Recipe:
         else:
             _read_meta_yaml(recipe)
     except Exception as exc:  # any parse error: report it against this recipe only
-        recipe.problem = (f"recipe '{recipe.name}' cannot be read: {recipe.spec}: "
-                          f"{str(exc).strip()}\n  fix: correct the recipe file")
+        recipe.problem = HubworksError(
+            f"recipe '{recipe.name}' cannot be read: {recipe.spec}: {str(exc).strip()}",
+            fix="correct the recipe file")
     recipe.requires -= recipe.outputs
     if rendered is not None:
         rendered[folder.name] = {"key": key, "outputs": sorted(recipe.outputs),
                                  "requires": sorted(recipe.requires),
-                                 "summary": recipe.summary, "problem": recipe.problem}
+                                 "summary": recipe.summary,
+                                 "problem": _kept_problem(recipe.problem)}
     return recipe
 
 
@@ -205,9 +221,9 @@ def internal_dependencies(recipes: dict[str, Recipe]) -> dict[str, set[str]]:
         for output in sorted(recipe.outputs):
             other = maker.setdefault(output, recipe.name)
             if other != recipe.name:
-                recipe.problem = recipe.problem or (
-                    f"recipes '{other}' and '{recipe.name}' both make package '{output}'.\n"
-                    f"  fix: rename the package in one of them, or remove one recipe")
+                recipe.problem = recipe.problem or HubworksError(
+                    f"recipes '{other}' and '{recipe.name}' both make package '{output}'.",
+                    fix="rename the package in one of them, or remove one recipe")
     return {name: {maker[req] for req in recipe.requires if req in maker} - {name}
             for name, recipe in recipes.items()}
 
@@ -264,9 +280,9 @@ def analyse(recipes: dict[str, Recipe]) -> dict[str, set[str]]:
     for cycle in find_cycles(graph):
         text = " -> ".join(cycle + [cycle[0]])
         for name in cycle:
-            recipes[name].problem = recipes[name].problem or (
-                f"recipes depend on each other in a cycle: {text}.\n"
-                f"  fix: remove one of these requirements so the recipes can build in order")
+            recipes[name].problem = recipes[name].problem or HubworksError(
+                f"recipes depend on each other in a cycle: {text}.",
+                fix="remove one of these requirements so the recipes can build in order")
     return graph
 
 
@@ -287,13 +303,13 @@ def scratch_dir(settings: Settings, name: str) -> Path:
     return settings.state("recipes", scratch_name(name))
 
 
-def record_path(settings: Settings, name: str) -> Path:
+def recipe_record_path(settings: Settings, name: str) -> Path:
     """What the last successful build of a recipe put into the channel (a doit target)."""
     return scratch_dir(settings, name) / "record.json"
 
 
 def recipe_packages(settings: Settings, name: str) -> list[dict]:
-    record = read_json(record_path(settings, name), {})
+    record = read_json(recipe_record_path(settings, name), {})
     packages = record.get("packages") if isinstance(record, dict) else None
     # An unreadable record reads as "not built": the recipe builds again.
     if not isinstance(packages, list) or not all(
@@ -542,10 +558,10 @@ def _clash_error(recipe: Recipe, settings: Settings, clashes: list[Placement], w
 # ---------------------------------------------------------------- the action
 
 @reports_errors
-def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) -> None:
-    settings = current_settings()
+def build_recipe(settings: Settings, recipe: Recipe, dependencies: list[str],
+                 needs_upstream: bool) -> None:
     if recipe.problem:
-        raise HubworksError(recipe.problem)
+        raise recipe.problem
     scratch = scratch_dir(settings, recipe.name)
     # Another doit process building this recipe would share the scratch folder: take turns.
     with exclusive_lock(scratch / "lock", f"recipe '{recipe.name}'"):
@@ -560,14 +576,37 @@ def build_recipe(recipe: Recipe, dependencies: list[str], needs_upstream: bool) 
     index_and_report(settings)
 
 
+def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[str],
+                       needs_upstream: bool, scratch: Path) -> list[dict]:
+    """Build the recipe, put what it made into the channel, and record it."""
+    policy = _republish_policy(settings)
+    channels = _build_channels(settings, recipe, dependencies, needs_upstream, scratch)
+    placements = _placements(settings, _build(settings, recipe, scratch, channels))
+    if any(placement.clash for placement in placements):
+        placements = _rebuild_as_next_number(settings, recipe, scratch, channels, placements,
+                                             policy)
+    packages = [_land(settings, recipe, placement) for placement in placements]
+    _write_record(settings, recipe, packages)
+    shutil.rmtree(scratch / "out", ignore_errors=True)
+    return packages
+
+
+def _build_channels(settings: Settings, recipe: Recipe, dependencies: list[str],
+                    needs_upstream: bool, scratch: Path) -> list[str]:
+    """The channels a build reads: the private one of its internal dependencies, then the
+    upstream ones only when it needs something external."""
+    channels = []
+    if dependencies:
+        channels.append(_private_channel(settings, recipe, dependencies, scratch).as_uri())
+    if needs_upstream:
+        channels += settings.recipes.channels
+    return channels
+
+
 def _build(settings: Settings, recipe: Recipe, scratch: Path, channels: list[str],
            build_number: int | None = None) -> list[Path]:
     """Build the recipe in its scratch space; the package files it made."""
-    out = scratch / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    result = scratch / "result.json"
-    result.unlink(missing_ok=True)
+    out, result = _fresh_outputs(scratch)
     spec = _stage_recipe(recipe, scratch / "recipe", build_number)
     command = _build_command(settings, recipe, spec, out, channels, result)
     log = log_path(settings, "recipes", f"{recipe.name}.log")
@@ -576,61 +615,72 @@ def _build(settings: Settings, recipe: Recipe, scratch: Path, channels: list[str
     returncode = run_logged(command, log, title=title, cwd=settings.root).returncode
     built = _built_packages(recipe, out, result) if returncode == 0 else []
     if not built:
-        why = "produced no package" if returncode == 0 else f"exited with status {returncode}"
-        raise HubworksError(
-            f"recipe '{recipe.name}' failed to build ({recipe.spec}): {recipe.backend} {why}.\n"
-            f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
-            f"  full log: {log}",
-            fix="correct the recipe (the log says where it stopped), then run build_recipes again")
+        raise _build_failure(settings, recipe, returncode, log)
     return built
 
 
-def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[str],
-                       needs_upstream: bool, scratch: Path) -> list[dict]:
-    policy = _republish_policy(settings)
-    channels = []
-    if dependencies:
-        channels.append(_private_channel(settings, recipe, dependencies, scratch).as_uri())
-    if needs_upstream:
-        channels += settings.recipes.channels
+def _fresh_outputs(scratch: Path) -> tuple[Path, Path]:
+    """An empty output folder and no result file: what a build leaves is this build's."""
+    out = scratch / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    result = scratch / "result.json"
+    result.unlink(missing_ok=True)
+    return out, result
 
-    placements = _placements(settings, _build(settings, recipe, scratch, channels))
+
+def _build_failure(settings: Settings, recipe: Recipe, returncode: int,
+                   log: Path) -> HubworksError:
+    why = "produced no package" if returncode == 0 else f"exited with status {returncode}"
+    return HubworksError(
+        f"recipe '{recipe.name}' failed to build ({recipe.spec}): {recipe.backend} {why}.\n"
+        f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
+        f"  full log: {log}",
+        fix="correct the recipe (the log says where it stopped), then run build_recipes again")
+
+
+def _rebuild_as_next_number(settings: Settings, recipe: Recipe, scratch: Path,
+                            channels: list[str], placements: list[Placement],
+                            policy: str) -> list[Placement]:
+    """Build again as the next free build number, which gives every package a new file
+    name, or say why that cannot be done."""
     clashes = [p for p in placements if p.clash]
-    if clashes:
-        if policy == "error":
-            raise _clash_error(recipe, settings, clashes, 'recipes.republish is "error"',
-                               '; or set recipes.republish = "bump" to have hubworks build '
-                               'it as the next free build number')
-        if recipe.backend != "rattler-build":
-            raise _clash_error(recipe, settings, clashes,
-                               "hubworks sets build numbers for recipe.yaml recipes only")
-        if any(_variant_prefix(p.build, p.number) is None for p in clashes):
-            raise _clash_error(recipe, settings, clashes,
-                               "its build string does not end in the build number, so a new "
-                               "build number would not give it a new file name")
-        number = max(max(p.newest, p.number) for p in placements) + 1
-        placements = _placements(settings, _build(settings, recipe, scratch, channels, number))
-        for clash in clashes:
-            print(f"   {clash.name}: {clash.clash}; built as build {number}")
+    if policy == "error":
+        raise _clash_error(recipe, settings, clashes, 'recipes.republish is "error"',
+                           '; or set recipes.republish = "bump" to have hubworks build '
+                           'it as the next free build number')
+    if recipe.backend != "rattler-build":
+        raise _clash_error(recipe, settings, clashes,
+                           "hubworks sets build numbers for recipe.yaml recipes only")
+    if any(_variant_prefix(p.build, p.number) is None for p in clashes):
+        raise _clash_error(recipe, settings, clashes,
+                           "its build string does not end in the build number, so a new "
+                           "build number would not give it a new file name")
+    number = max(max(p.newest, p.number) for p in placements) + 1
+    rebuilt = _placements(settings, _build(settings, recipe, scratch, channels, number))
+    for clash in clashes:
+        print(f"   {clash.name}: {clash.clash}; built as build {number}")
+    return rebuilt
 
-    packages = []
-    for placement in placements:
-        if placement.keeps_published:
-            print(f"   {placement.name}: {placement.published.name} is already published "
-                  f"with the same contents; kept it")
-            packages.append(_published_record(placement.published, settings.channel_dir))
-        elif placement.clash:  # cannot happen after the bump, unless the channel moved
-            raise _clash_error(recipe, settings, [placement], "even after a new build number")
-        else:
-            packages.append(_publish(settings, placement.built))
-    atomic_write_json(record_path(settings, recipe.name), {
+
+def _land(settings: Settings, recipe: Recipe, placement: Placement) -> dict:
+    """Publish a built package, or keep the published file it is identical to; its record."""
+    if placement.keeps_published:
+        print(f"   {placement.name}: {placement.published.name} is already published "
+              f"with the same contents; kept it")
+        return _published_record(placement.published, settings.channel_dir)
+    if placement.clash:  # cannot happen after the bump, unless the channel moved
+        raise _clash_error(recipe, settings, [placement], "even after a new build number")
+    return _publish(settings, placement.built)
+
+
+def _write_record(settings: Settings, recipe: Recipe, packages: list[dict]) -> None:
+    atomic_write_json(recipe_record_path(settings, recipe.name), {
         "recipe": recipe.name,
         "outputs": sorted(recipe.outputs),
         "packages": packages,
         "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
-    shutil.rmtree(scratch / "out", ignore_errors=True)
-    return packages
 
 
 # ---------------------------------------------------------------- the doit task
@@ -653,7 +703,7 @@ def package_makers(settings: Settings) -> dict[str, str]:
     recipes, _ = workspace_recipes(settings)
     makers: dict[str, str] = {}
     for name, recipe in recipes.items():
-        outputs = recipe.outputs or (read_json(record_path(settings, name), {}) or {}).get(
+        outputs = recipe.outputs or (read_json(recipe_record_path(settings, name), {}) or {}).get(
             "outputs", [])
         for output in outputs:
             makers.setdefault(output, name)
@@ -678,20 +728,20 @@ def task_build_recipes():
         yield {
             "name": name,
             "doc": recipe.summary or f"build recipes/{name}",
-            "actions": [(build_recipe, [recipe, closure, needs_upstream])],
+            "actions": [(build_recipe, [settings, recipe, closure, needs_upstream])],
             "file_dep": [str(p) for p in folder_files(recipe.folder)]
-                        + [str(record_path(settings, dep)) for dep in closure],
+                        + [str(recipe_record_path(settings, dep)) for dep in closure],
             "task_dep": [f"build_recipes:{dep}" for dep in uses],
-            "targets": [str(record_path(settings, name))],
+            "targets": [str(recipe_record_path(settings, name))],
             "uptodate": [
                 config_changed({
                     "format": settings.recipes.package_format,
                     "channels": settings.recipes.channels,
                     "backend": recipe.backend,
                     "uses": closure,
-                    "problem": recipe.problem,
+                    "problem": str(recipe.problem or ""),  # text: config_changed takes JSON values
                 }),
-                lambda task, values, name=name: _packages_still_in_channel(settings, name),
+                (_packages_still_in_channel, [settings, name]),
             ],
             "clean": True,
             "meta": {"what": f"recipe '{name}'",

@@ -279,8 +279,7 @@ def images_to_build(settings: Settings) -> list[str]:
 
 
 @reports_errors
-def print_image_matrix(output: str) -> None:
-    settings = current_settings()
+def print_image_matrix(settings: Settings, output: str) -> None:
     matrix = json.dumps(images_to_build(settings))
     if output:
         path = Path(output) if os.path.isabs(output) else settings.root / output
@@ -291,8 +290,9 @@ def print_image_matrix(output: str) -> None:
 
 def task_image_matrix():
     """Print, as JSON for a CI matrix, the images whose tags the registry lacks."""
+    settings = current_settings()
     return {
-        "actions": [print_image_matrix],
+        "actions": [(print_image_matrix, [settings])],
         "params": [{"name": "output", "long": "output", "default": "",
                     "help": "also write the JSON list to this file"}],
         "uptodate": [False],

@@ -321,14 +321,27 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             path = "/" + path.lstrip("/")
         self.command, self.path, self.request_version = command, path, version
         self.close_connection = version == "HTTP/1.0"
-        self.headers = headers = RequestHeaders()
+        headers = self.read_headers()
+        if headers is None:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
+            return False
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        return True
+
+    def read_headers(self) -> RequestHeaders | None:
+        """The header lines of the request, up to the blank line; None past 100 of them."""
+        headers = RequestHeaders()
         name = ""
         for count, line in enumerate(self.rfile):
             if line in (b"\r\n", b"\n"):
                 break
             if count >= 100:
-                self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
-                return False
+                return None
             text = str(line, "iso-8859-1")
             if text[0] in " \t" and name:  # an obsolete folded line continues the last one
                 headers.add(name, text.strip())
@@ -336,12 +349,7 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             name, colon, value = text.partition(":")
             if colon:
                 headers.add(name.strip(), value.strip())
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        return True
+        return headers
 
     def finish(self) -> None:
         pass  # the connection outlives the handler: the server closes it or waits for more
@@ -745,37 +753,59 @@ def served_channel(channel_dir: Path, *, host: str = "127.0.0.1", port: int = 80
     ``local_clients_without_token``: clients on this machine (loopback, or the address the
     server binds) need no token; everyone else does.
     """
+    root = _channel_root(channel_dir)
+    _check_token(token)
+    with ExitStack() as stack:
+        log = _open_access_log(stack, access_log, token)
+        server = _bind(host, port, root, token, log, limits, local_clients_without_token)
+        served = _describe(server, host, root, token)
+        served.local_clients_without_token = local_clients_without_token
+        _serve_on_thread(stack, server, served)
+        yield served
+
+
+def _channel_root(channel_dir: Path) -> Path:
     root = Path(channel_dir).resolve()
     if not root.is_dir():
         raise HubworksError(f"Channel directory {root} does not exist.",
                             fix="run `doit index_channel`, or point [channel] dir "
                                 "(HUBWORKS_CHANNEL_DIR) at the channel")
+    return root
+
+
+def _check_token(token: str | None) -> None:
     if token is not None and not TOKEN_PATTERN.fullmatch(token):
         raise HubworksError(f"Channel token {token!r} cannot stand in a URL path.",
                             fix="use letters, digits and . _ ~ - only, or token = \"auto\"")
-    with ExitStack() as stack:
-        log = None
-        if access_log is not None:
-            stream = access_log
-            if isinstance(access_log, (str, Path)):
-                stream = stack.enter_context(open(access_log, "a", encoding="utf-8"))
-            log = AccessLog(stream, token)
-            stack.callback(log.close)
-        server = _bind(host, port, root, token, log, limits, local_clients_without_token)
-        served = _describe(server, host, root, token)
-        served.local_clients_without_token = local_clients_without_token
-        # Start and stop lines let a reader of the log see each server's lifetime.
-        stack.callback(lambda: server.write_log(
-            f"stopped serving {served.url} after {served.requests_served} requests"))
-        stack.callback(server.server_close)
-        # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
-                                  name=f"channel-server-{server.server_port}", daemon=True)
-        thread.start()
-        stack.callback(thread.join)
-        stack.callback(server.shutdown)
-        server.write_log(f"serving {root} at {served.url}")
-        yield served
+
+
+def _open_access_log(stack: ExitStack, access_log: Path | TextIO | None,
+                     token: str | None) -> AccessLog | None:
+    """The access log on a stream, or appended to a file, closed when ``stack`` closes."""
+    if access_log is None:
+        return None
+    stream = access_log
+    if isinstance(access_log, (str, Path)):
+        stream = stack.enter_context(open(access_log, "a", encoding="utf-8"))
+    log = AccessLog(stream, token)
+    stack.callback(log.close)
+    return log
+
+
+def _serve_on_thread(stack: ExitStack, server: ChannelServer, served: ServedChannel) -> None:
+    """Run ``server`` on a thread until ``stack`` closes: then stop it, close the port and
+    every connection, and write the last log line, in that order."""
+    # Start and stop lines let a reader of the log see each server's lifetime.
+    stack.callback(lambda: server.write_log(
+        f"stopped serving {served.url} after {served.requests_served} requests"))
+    stack.callback(server.server_close)
+    # shutdown() waits up to one poll interval: 20 ms keeps stopping quick and idle cheap.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02},
+                              name=f"channel-server-{server.server_port}", daemon=True)
+    thread.start()
+    stack.callback(thread.join)
+    stack.callback(server.shutdown)
+    server.write_log(f"serving {served.channel_dir} at {served.url}")
 
 
 def _bind(host: str, port: int, root: Path, token: str | None, log: AccessLog | None,
@@ -871,8 +901,7 @@ def printable_url(settings: Settings, channel: ServedChannel) -> str:
 
 
 @reports_errors
-def serve_until_interrupted() -> None:
-    settings = current_settings()
+def serve_until_interrupted(settings: Settings) -> None:
     log = sys.__stderr__ or sys.stderr  # past doit's capture: one line per request, live
     with channel_server_from_settings(settings, access_log=log) as channel:
         print_line(f"Serving {channel.channel_dir} at {printable_url(settings, channel)}")
@@ -889,8 +918,9 @@ def serve_until_interrupted() -> None:
 
 def task_serve_channel():
     """Serve the channel over HTTP until Ctrl-C (prints its URL; access log on stderr)."""
+    settings = current_settings()
     return {
-        "actions": [serve_until_interrupted],
+        "actions": [(serve_until_interrupted, [settings])],
         "task_dep": ["index_channel"],
         "uptodate": [False],
         "verbosity": 2,

@@ -248,9 +248,6 @@ class Settings:
         for section, items in sections.items():
             setattr(self, section, Section(section, items))
 
-    def get(self, section: str, key: str) -> Any:
-        return self.values[(section, key)]
-
     # The folders every module needs, resolved once.
     @property
     def state_dir(self) -> Path:
@@ -274,32 +271,13 @@ class Settings:
 
 
 def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
+    """The setting's value from ``raw`` (text from a variable, or a TOML value), checked."""
     want = setting.type
     problem = f"{setting.section}.{setting.key} from {origin}"
     if isinstance(raw, str) and want is not str:
-        text = raw.strip()
-        if want is bool:
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise HubworksError(f"{problem} is {raw!r}, not a boolean.",
-                                fix="use true or false")
-        if want is int:
-            try:
-                raw = int(text)
-            except ValueError:
-                raise HubworksError(f"{problem} is {raw!r}, not a whole number.",
-                                    fix="use digits only, e.g. 8000") from None
-        if want is float:
-            try:
-                raw = float(text)
-            except ValueError:
-                raise HubworksError(f"{problem} is {raw!r}, not a number.",
-                                    fix="use digits with an optional decimal point, e.g. 1.5"
-                                    ) from None
-        if want is list:
-            raw = [item.strip() for item in text.split(",") if item.strip()]
+        raw = _from_text(want, raw, problem)
+        if want is bool:  # true or false: nothing more to check
+            return raw
     as_default = f"write it as in the default: {setting.key} = {_toml_literal(setting.default)}"
     if want is list and isinstance(raw, list):
         if not all(isinstance(i, str) for i in raw):
@@ -320,6 +298,33 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
     if setting.kind == "path" and value != "":
         value = (root / os.path.expanduser(value)).resolve()
     return value
+
+
+def _from_text(want: type, raw: str, problem: str) -> Any:
+    """A value of type ``want`` written as text (environment variables are text)."""
+    text = raw.strip()
+    if want is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise HubworksError(f"{problem} is {raw!r}, not a boolean.", fix="use true or false")
+    if want is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise HubworksError(f"{problem} is {raw!r}, not a whole number.",
+                                fix="use digits only, e.g. 8000") from None
+    if want is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise HubworksError(f"{problem} is {raw!r}, not a number.",
+                                fix="use digits with an optional decimal point, e.g. 1.5"
+                                ) from None
+    if want is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return raw
 
 
 def _check(setting: Setting, value: Any, problem: str) -> None:
@@ -374,9 +379,15 @@ def _toml_literal(value: Any) -> str:
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    """hubworks.toml's tables ({} without the file), every key a known setting."""
     if not path.is_file():
         return {}
-    raw = path.read_bytes()
+    data = _parse_toml(path, _utf8_text(path, path.read_bytes()))
+    _check_known_keys(path, data)
+    return data
+
+
+def _utf8_text(path: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -387,6 +398,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             f"cannot be read.\n  line {line}: {shown}",
             fix="save the file as UTF-8 (TOML files are UTF-8), or write the character "
                 "as an escape such as \\u00e9 inside the quotes") from None
+    return text
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -397,6 +412,10 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise HubworksError(f"{path} is not valid TOML: {exc}.{shown}",
                             fix="correct that line (TOML: [section] headers, key = value, "
                                 "strings in quotes)") from None
+    return data
+
+
+def _check_known_keys(path: Path, data: dict[str, Any]) -> None:
     for section, items in data.items():
         if not isinstance(items, dict):
             raise HubworksError(f"{path}: '{section}' must be a [section] table.",
@@ -406,7 +425,6 @@ def _read_config_file(path: Path) -> dict[str, Any]:
                 known = ", ".join(sorted(k for s, k in _BY_NAME if s == section)) or "none"
                 raise HubworksError(f"{path}: unknown setting {section}.{key}.",
                                     fix=f"known keys of [{section}]: {known}")
-    return data
 
 
 def load_settings(root: Path | str | None = None, environ: dict[str, str] | None = None

@@ -23,8 +23,9 @@ from ruamel.yaml import YAML
 from tests.conftest import DODO, Workspace
 from tests.podman_fixtures import (_READ_FROM_MOUNT, BUSYBOX_IMAGE, PATH_IN_IMAGE,
                                    busybox_rootfs, free_port, registry_server, registry_tags)
-from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
 from tests.test_images import FETCH_DOCKERFILE
+
+pytest_plugins = ["tests.s3_fixtures"]  # the moto_endpoint and s3_store fixtures
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,10 @@ import pytest
 
 from tests.conftest import DODO, Workspace
 from tests.podman_fixtures import free_port
-from tests.s3_fixtures import moto_endpoint, s3_store  # noqa: F401  (fixtures)
 from tests.test_conda_client import install
+
+pytest_plugins = ["tests.s3_fixtures"]  # the moto_endpoint and s3_store fixtures
+
 
 def published_names(store, bucket: str, prefix: str = "conda") -> list[str]:
     data = store.repodata(bucket, f"{prefix}/noarch/repodata.json")
