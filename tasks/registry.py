@@ -231,7 +231,7 @@ def expected_tag(settings: Settings, image) -> tuple[str, list[dict]]:
     from .images.solve import resolve_internal
 
     if image.problem:
-        raise HubworksError(image.problem)
+        raise image.problem
     resolution = resolve_internal(settings, image, preflight_channel_url(settings))
     return tags_for(settings, image, image_hash(settings, image, resolution))[0], \
         resolution.packages

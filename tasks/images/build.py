@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..channel_source import published_channel_url
 from ..engines import Engine, select_engine
-from ..errors import HubworksError, reports_errors
+from ..errors import reports_errors
 from ..settings import Settings
 from ..singleuser import singleuser_appendix
 from ..commands import log_path, run_logged
@@ -40,7 +40,7 @@ def build_image(settings: Settings, image: Image) -> None:
     """Build ``image`` with repo2docker against the internal channel; tag, push, record it."""
     started = time.monotonic()
     if image.problem:
-        raise HubworksError(image.problem)
+        raise image.problem
     channel = build_channel(settings)
     resolution = resolve_internal(settings, image, channel.preflight_url)
     engine = select_engine(settings.images.engine)  # after preflight: spec errors need none

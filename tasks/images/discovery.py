@@ -23,7 +23,7 @@ class Image:
     config_dir: Path | None = None    # where repo2docker looks: binder/, .binder/ or the root
     env_file: Path | None = None
     dockerfile: Path | None = None
-    problem: str = ""  # why it cannot be built: a HubworksError's text, message and fix
+    problem: HubworksError | None = None  # why it cannot be built
 
     @property
     def kind(self) -> str:
@@ -39,10 +39,10 @@ def read_image(folder: Path) -> Image:
     found = [f for f in REPO2DOCKER_FILES if (image.config_dir / f).is_file()]
     if not found:
         where = Path(folder.parent.name, image.config_dir.relative_to(folder.parent))
-        image.problem = str(HubworksError(
+        image.problem = HubworksError(
             f"image '{image.name}': {where}/ has nothing repo2docker can build from.",
             fix=f"add an environment.yml (conda packages), a requirements.txt, or a "
-                f"Dockerfile to {where}/"))
+                f"Dockerfile to {where}/")
     if "Dockerfile" in found:
         image.dockerfile = image.config_dir / "Dockerfile"
     if ENVIRONMENT_FILE in found:
