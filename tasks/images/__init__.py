@@ -4,7 +4,7 @@ Each folder of images/ is a repo2docker repository; ``build_images:<name>`` buil
 For every image that is out of date:
 
 1. the channel server starts (once per doit run, shared by all image builds, stopped when
-   the run ends: see ``workspace.RUN``);
+   the run ends: see ``run_scope.RUN``);
 2. preflight: the image's internal packages are resolved against the served channel with
    rattler's solver, so a missing package or version fails in seconds, by name;
 3. a staged copy of the folder is made in which the channel alias (``internal``) in every
