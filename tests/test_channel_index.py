@@ -22,7 +22,7 @@ import zstandard
 
 from tasks.channel_index import STATE_VERSION, index_channel
 from tasks.settings import load_settings
-from tests.conftest import DODO
+from tests.conftest import DODO, interrupted_output
 
 
 def repodata(ws, subdir: str = "noarch") -> dict:
@@ -278,9 +278,7 @@ def test_ctrl_c_during_index_channel_says_what_is_left_and_exits_130(workspace):
             assert line, seen
             seen += line
         os.killpg(doit.pid, signal.SIGINT)   # Ctrl-C in a terminal
-        output = seen + doit.communicate(timeout=60)[0]
-    assert doit.returncode == 130, output
-    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+        output = seen + interrupted_output(doit)
     assert "interrupted: index_channel (index files are replaced whole: clients see the " \
         "previous index or the new one; the next run indexes again)" in output
     assert (noarch / "repodata.json").read_bytes() == before
