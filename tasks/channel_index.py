@@ -58,8 +58,8 @@ from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync
                      link_or_copy, read_json, replace_with_link, sha256_file,
                      sync_files)
 from .package_files import conda_zip_opens, read_package
-from .settings import Settings
 from .run_scope import RUN
+from .settings import Settings
 from .workspace import current_settings
 
 STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again

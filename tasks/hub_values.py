@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_bytes
-from .settings import Settings
 from .reporter import print_line
+from .settings import Settings
 from .workspace import current_settings
 
 if TYPE_CHECKING:

@@ -39,8 +39,8 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import HubworksError, reports_errors
 from .fsutil import atomic_write_json, exclusive_lock, is_package, read_json
-from .settings import Settings
 from .reporter import print_line
+from .settings import Settings
 from .workspace import current_settings
 IMMUTABLE = "public, max-age=31536000, immutable"
 INDEX_ATTEMPTS = 3

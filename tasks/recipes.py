@@ -35,11 +35,11 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from .commands import log_path, log_tail, run_logged
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, folder_files,
                      is_package, link_or_copy, publish_new_file, read_json, sha256_file)
 from .settings import Settings
-from .commands import log_path, log_tail, run_logged
 from .workspace import current_settings
 
 RECIPE_FILES = ("recipe.yaml", "meta.yaml")

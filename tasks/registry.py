@@ -25,8 +25,8 @@ from pathlib import Path
 
 from .errors import HubworksError, reports_errors
 from .netaddr import host_of, is_loopback
-from .settings import Settings
 from .reporter import print_line
+from .settings import Settings
 from .workspace import current_settings
 
 CHECK_SECONDS = 20

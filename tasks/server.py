@@ -45,12 +45,12 @@ from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Iterator, TextIO
 from urllib.parse import unquote
 
+from .commands import log_path
 from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
 from .errors import HubworksError, reports_errors
 from .netaddr import ip_address, is_loopback, listens_everywhere, machine_name, url_host
-from .settings import TOKEN_PATTERN, Settings
-from .commands import log_path
 from .reporter import print_line
+from .settings import TOKEN_PATTERN, Settings
 from .workspace import current_settings
 
 NO_CACHE = "no-cache"

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..channel_source import published_channel_url
+from ..commands import log_path, run_logged
 from ..engines import Engine, select_engine
 from ..errors import reports_errors
-from ..settings import Settings
-from ..singleuser import singleuser_appendix
-from ..commands import log_path, run_logged
 from ..reporter import print_line
 from ..run_scope import RUN
+from ..settings import Settings
+from ..singleuser import singleuser_appendix
 from .diagnosis import build_failure
 from .discovery import Image
 from .hashing import image_hash, tags_for

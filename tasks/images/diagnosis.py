@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..commands import log_tail
 from ..errors import HubworksError
 from ..settings import Settings
-from ..commands import log_tail
 
 _UNREACHABLE = [
     re.compile(r"lookup ([A-Za-z0-9.-]+\.[A-Za-z]{2,})"),
