@@ -50,8 +50,8 @@ class DockerAPI:
 
 def docker_api(hub: HubLayout) -> DockerAPI:
     """The Docker API endpoint users' containers run through."""
-    if hub.hub.docker_url:
-        return DockerAPI(hub.hub.docker_url, "", False, "hub.docker_url")
+    if hub.hub_settings.docker_url:
+        return DockerAPI(hub.hub_settings.docker_url, "", False, "hub.docker_url")
     choice = hub.settings.images.engine
     if choice in ("docker", "podman"):
         name, reason = choice, f"images.engine is {choice}"

@@ -62,7 +62,7 @@ def label(record: dict) -> str:
 def offer(hub: HubLayout, records: list[dict]) -> dict:
     """The content of images.json from records whose facts are all cached."""
     cache = read_json(checks_file(hub), {}) or {}
-    hub_version = hub.hub.jupyterhub_version
+    hub_version = hub.hub_settings.jupyterhub_version
     offered, left_out = [], []
     for record in records:
         if not (hub.settings.images_dir / record["name"]).is_dir():
@@ -83,7 +83,7 @@ def offer(hub: HubLayout, records: list[dict]) -> dict:
             "home": facts.get("home") or "/home/" + (facts.get("user") or "jovyan"),
         })
     names = [image["name"] for image in offered]
-    wanted = hub.hub.default_image
+    wanted = hub.hub_settings.default_image
     default = wanted if wanted in names else (names[0] if names else "")
     return {"default": default, "offered": offered, "left_out": left_out}
 
@@ -143,7 +143,7 @@ def write_images_file(hub: HubLayout) -> str:
             checks_file(hub).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(checks_file(hub), cache)
     content = offer(hub, records)
-    wanted = hub.hub.default_image
+    wanted = hub.hub_settings.default_image
     if wanted and wanted not in {r["name"] for r in records}:
         raise HubworksError(
             f"hub.default_image is {wanted!r}, and build_images has built no image of that "

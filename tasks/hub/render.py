@@ -27,7 +27,7 @@ def hub_search_path(hub: HubLayout) -> str:
 
 def render_config(hub: HubLayout, node: Path) -> str:
     """jupyterhub_config.py for these settings; ``node`` runs configurable-http-proxy."""
-    s = hub.hub
+    s = hub.hub_settings
     lines = [HEADER, "c = get_config()  # noqa: F821", ""]
 
     def set_(name: str, value) -> None:
@@ -79,7 +79,7 @@ def render_config(hub: HubLayout, node: Path) -> str:
 def _docker_spawner(hub: HubLayout) -> list[str]:
     """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see docker_spawner.py)."""
     url = docker_api(hub).url
-    images, timeout = str(hub.images_file), hub.hub.spawn_timeout
+    images, timeout = str(hub.images_file), hub.hub_settings.spawn_timeout
     # a registry prefix (images.push) lets another machine pull; local builds are never pulled
     pull = "ifnotpresent" if hub.settings.images.push else "never"
     return [

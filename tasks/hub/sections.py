@@ -32,7 +32,7 @@ def _set(name: str, value) -> str:
 def tls_service_command(hub: HubLayout) -> list[str]:
     """hubworks_tls_service.py (written by install_hub:tls) on hub.http_port."""
     return [str(hub.venv_python), str(hub.tls_service_script), "serve", "--http-port",
-            str(hub.hub.http_port), str(hub.tls_service_conf)]
+            str(hub.hub_settings.http_port), str(hub.tls_service_conf)]
 
 
 def https_section(hub: HubLayout) -> list[str]:
@@ -49,8 +49,8 @@ def https_section(hub: HubLayout) -> list[str]:
                   "c.Spawner.environment.update(" + repr(
                       {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}) + ")"]
     if hub.redirects_http:
-        lines += [f"# plain HTTP on port {hub.hub.http_port} only redirects to HTTPS and answers "
-                  f"ACME challenges",
+        lines += [f"# plain HTTP on port {hub.hub_settings.http_port} only redirects to HTTPS "
+                  f"and answers ACME challenges",
                   "c.JupyterHub.services.append(" + repr(
                       {"name": "hubworks-http", "command": tls_service_command(hub)}) + ")"]
     return lines
@@ -58,14 +58,14 @@ def https_section(hub: HubLayout) -> list[str]:
 
 def activity_seconds(hub: HubLayout) -> int:
     """How often activity reaches the hub: a few times per culling period, at most 5 min."""
-    s = hub.hub
+    s = hub.hub_settings
     periods = [minutes * 60 for minutes in (s.cull_idle_minutes, s.cull_max_age_hours * 60)
                if minutes]
     return max(10, min([ACTIVITY_SECONDS] + [period // 4 for period in periods]))
 
 
 def culling_section(hub: HubLayout) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not (s.cull_idle_minutes or s.cull_max_age_hours):
         return []
     max_age = s.cull_max_age_hours * 3600
@@ -89,7 +89,7 @@ def culling_section(hub: HubLayout) -> list[str]:
 
 
 def limits_section(hub: HubLayout) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not (s.mem_limit or s.cpu_limit):
         return []
     lines = ["# per-user limits: every spawner reads these (and sets MEM_LIMIT, CPU_LIMIT)"]

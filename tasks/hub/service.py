@@ -55,7 +55,7 @@ def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
 
 
 def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:
-    s = hub.hub
+    s = hub.hub_settings
     owners = {"port": (s.ip, s.port), "hub_port": ("127.0.0.1", s.hub_port),
               "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
     if hub.redirects_http:

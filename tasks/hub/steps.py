@@ -121,7 +121,7 @@ def ensure_prefix(hub: HubLayout) -> str:
 # ---- Python ------------------------------------------------------------------------------
 
 def _named_python(hub: HubLayout) -> Path | None:
-    name = hub.hub.python
+    name = hub.hub_settings.python
     if not name:
         return None
     found = shutil.which(name) if os.sep not in name else name
@@ -290,7 +290,7 @@ def _save_proxy_cache(hub: HubLayout, cache: dict) -> None:
 
 
 def _pin_major(hub: HubLayout) -> str:
-    return hub.hub.proxy_version.split(".")[0]
+    return hub.hub_settings.proxy_version.split(".")[0]
 
 
 def _node_key(path: Path, version: tuple[int, ...]) -> str:
@@ -298,10 +298,10 @@ def _node_key(path: Path, version: tuple[int, ...]) -> str:
 
 
 def _nodes(hub: HubLayout) -> list[tuple[Path, tuple[int, ...]]]:
-    if hub.hub.node:
-        path = Path(shutil.which(hub.hub.node) or hub.hub.node)
+    if hub.hub_settings.node:
+        path = Path(shutil.which(hub.hub_settings.node) or hub.hub_settings.node)
         if not path.is_file():
-            raise HubworksError(f"hub.node names {hub.hub.node}, which does not exist.",
+            raise HubworksError(f"hub.node names {hub.hub_settings.node}, which does not exist.",
                                 fix="name an installed node, or leave hub.node empty")
         return [(path, node_version(path))]
     return [(path, node_version(path)) for path in node_candidates()]
@@ -314,7 +314,7 @@ def _older_releases(releases, pin: str) -> list[str]:
 
 def node_choice(hub: HubLayout) -> NodeChoice | None:
     """Which node runs which proxy release, from the cache and ``node --version`` only."""
-    pin = hub.hub.proxy_version
+    pin = hub.hub_settings.proxy_version
     cache = _proxy_cache(hub)
     nodes = _nodes(hub)
     for path, version in nodes:
@@ -347,7 +347,7 @@ def check_node(hub: HubLayout) -> Check:
     if choice:
         return Check(True, choice.says)
     return Check(False, f"not yet known which Node.js here runs configurable-http-proxy "
-                        f"{hub.hub.proxy_version} (asks npm)")
+                        f"{hub.hub_settings.proxy_version} (asks npm)")
 
 
 @checks_first(check_node)
@@ -356,12 +356,12 @@ def ensure_node(hub: HubLayout) -> str:
     if not nodes:
         _install_node(hub, "no Node.js found")
         nodes = _nodes(hub)
-    pin = hub.hub.proxy_version
+    pin = hub.hub_settings.proxy_version
     declared = _declared_releases(hub, nodes)
     why = [_runs(hub, path, version, pin, declared) for path, version in nodes]
     if "" in why:
         return node_choice(hub).says
-    if not hub.hub.node and package_manager():
+    if not hub.hub_settings.node and package_manager():
         needs = why[0].rsplit("node ", 1)[-1]  # "<package> needs node >=22.12.0"
         offered = package_candidate("nodejs")
         if offered and satisfies(offered, needs) and offered > max(v for _, v in nodes):
@@ -369,7 +369,7 @@ def ensure_node(hub: HubLayout) -> str:
             return ensure_node(hub)
         no_newer = f"{package_manager()} offers nodejs " + (
             show_version(offered) if offered else "in no version")
-    elif hub.hub.node:
+    elif hub.hub_settings.node:
         no_newer = "hub.node names it, so install_hub does not replace it"
     else:
         no_newer = "there is no package manager here to install a newer one"
@@ -378,7 +378,7 @@ def ensure_node(hub: HubLayout) -> str:
 
 def _declared_releases(hub: HubLayout, nodes) -> dict[str, str]:
     """Ask npm which node each release of the pinned major declares; cache it under etc/."""
-    pin = hub.hub.proxy_version
+    pin = hub.hub_settings.proxy_version
     cache = _proxy_cache(hub)
     known = cache.get("declared", {}).get(_pin_major(hub), {})
     if pin in known:
@@ -462,7 +462,7 @@ def _install_node(hub: HubLayout, why: str) -> None:
 
 
 def _choose_older_proxy(hub: HubLayout, nodes, declared: dict[str, str], no_newer: str) -> str:
-    pin = hub.hub.proxy_version
+    pin = hub.hub_settings.proxy_version
     for path, version in nodes:
         for release in _older_releases(declared, pin):
             if _runs(hub, path, version, release, declared) == "":
@@ -530,7 +530,7 @@ def _pip_env() -> dict[str, str]:
 
 
 def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
-    pin = getattr(hub.hub, f"{key}_version")
+    pin = getattr(hub.hub_settings, f"{key}_version")
     have = installed_version(hub, dist)
     if have == pin:
         return Check(True, f"{dist} {pin} in {hub.venv}")
@@ -539,7 +539,7 @@ def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
 
 
 def _install_package(hub: HubLayout, dist: str, key: str) -> str:
-    pin = getattr(hub.hub, f"{key}_version")
+    pin = getattr(hub.hub_settings, f"{key}_version")
     before = installed_version(hub, dist)
     # --compile: users cannot write __pycache__ into root's venv, so compile it now
     run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}"],
@@ -904,7 +904,7 @@ def ensure_health(hub: HubLayout) -> str:
 
 def _limits_by_systemd(hub: HubLayout) -> bool:
     return hub.choice("spawner") == "local" and hub.uses_systemd and \
-        bool(hub.hub.mem_limit or hub.hub.cpu_limit)
+        bool(hub.hub_settings.mem_limit or hub.hub_settings.cpu_limit)
 
 
 STEPS: list[Step] = [
@@ -932,7 +932,8 @@ STEPS: list[Step] = [
          wanted=lambda hub: hub.uses_docker),
     Step("idle_culler", "jupyterhub-idle-culler in the venv (culling on only).",
          check_idle_culler, ensure_idle_culler, after=("jupyterlab",),
-         wanted=lambda hub: bool(hub.hub.cull_idle_minutes or hub.hub.cull_max_age_hours)),
+         wanted=lambda hub: bool(hub.hub_settings.cull_idle_minutes
+                                 or hub.hub_settings.cull_max_age_hours)),
     Step("systemdspawner", "jupyterhub-systemdspawner (local servers with limits, systemd).",
          check_systemdspawner, ensure_systemdspawner, after=("jupyterlab",),
          wanted=_limits_by_systemd),

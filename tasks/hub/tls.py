@@ -39,7 +39,7 @@ TIMER_NAME = "hubworks-tls-renew"
 
 def service_conf(hub: HubLayout) -> dict:
     """What ``hubworks_tls_service.py`` needs, as written to ``etc/hubworks_tls.json``."""
-    s = hub.hub
+    s = hub.hub_settings
     conf = {
         "domain": s.domain, "listen_ip": s.ip, "https_port": s.port,
         "proxy_host": hub.local_host, "proxy_pid_file": str(hub.proxy_pid_file),
@@ -103,7 +103,7 @@ def _expiry_says(chain: bytes) -> str:
 
 
 def _files_sources(hub: HubLayout) -> tuple[Path, Path]:
-    s = hub.hub
+    s = hub.hub_settings
     if not s.tls_cert or not s.tls_key:
         raise HubworksError(
             "hub.https = files needs hub.tls_cert and hub.tls_key.",
@@ -145,7 +145,7 @@ def _check_letsencrypt(hub: HubLayout) -> Check:
     if tls_service.read_bytes(hub.tls_cert_file) != chain or \
             tls_service.read_bytes(hub.tls_key_file) != tls_service.read_bytes(key_file):
         return Check(False, f"the proxy's copy differs from certbot's {chain_file}")
-    return Check(True, f"the certificate for {hub.hub.domain} {_expiry_says(chain)} "
+    return Check(True, f"the certificate for {hub.hub_settings.domain} {_expiry_says(chain)} "
                        f"(renewed from {RENEW_DAYS} days before); key 600, root's")
 
 
@@ -205,7 +205,7 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
 
 
 def _ensure_letsencrypt(hub: HubLayout, conf: dict) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not s.domain:
         raise HubworksError("hub.https = letsencrypt needs hub.domain, the name the "
                             "certificate is for.", fix="set [hub] domain = \"hub.example.org\"")
@@ -235,8 +235,8 @@ def _run_certbot(hub: HubLayout, command: list[str], env: dict[str, str]) -> Non
 @contextlib.contextmanager
 def _challenge_answered(hub: HubLayout, conf: dict):
     """Port hub.http_port answers ACME challenges for the block: the hub's service, or ours."""
-    port = hub.hub.http_port
-    if port_is_free(hub.hub.ip, port):
+    port = hub.hub_settings.http_port
+    if port_is_free(hub.hub_settings.ip, port):
         with tls_service.http_listener(conf, port):
             yield
         return
