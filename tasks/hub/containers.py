@@ -27,8 +27,9 @@ from pathlib import Path
 
 from ..engines import select_engine
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from .layout import HubLayout
-from .system import is_alive, process_cmdline, read_pid, replace_file, tail, wait_gone
+from .system import is_alive, process_cmdline, read_pid, tail, wait_gone
 
 PODMAN_VARIABLES = ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF")
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
@@ -120,7 +121,7 @@ def recorded_podman_env(hub: HubLayout) -> dict[str, str] | None:
 
 
 def write_podman_env(hub: HubLayout, env: dict[str, str]) -> None:
-    replace_file(hub.podman_env_file, render_podman_env(env), 0o644)
+    atomic_write_bytes(hub.podman_env_file, render_podman_env(env).encode(), 0o644)
 
 
 def podman_binary() -> str:

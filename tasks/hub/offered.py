@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 from ..errors import HubworksError
-from ..fsutil import atomic_write_json, read_json
+from ..fsutil import atomic_write_bytes, atomic_write_json, read_json
 from ..images import image_records_dir
 from ..singleuser import probe_image, verdict
 from .containers import docker_api, docker_client
 from .layout import HubLayout
-from .system import replace_file
 
 
 def checks_file(hub: HubLayout) -> Path:
@@ -154,6 +153,6 @@ def write_images_file(hub: HubLayout) -> str:
         reasons = "; ".join(f"{i['name']}: {i['reason']}" for i in content["left_out"])
         raise HubworksError(f"no built image can serve users ({reasons}).",
                             fix="; ".join(dict.fromkeys(i["fix"] for i in content["left_out"])))
-    replace_file(hub.images_file, render_images_file(content), 0o644)
+    atomic_write_bytes(hub.images_file, render_images_file(content).encode(), 0o644)
     said = f"checked {', '.join(checked)}; " if checked else ""
     return said + describe(content, wanted)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from ..workspace import log_path
 from .checks import Check, checks_first
 from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
@@ -37,7 +38,7 @@ from .system import (Python, blocked_for_others, first_writable_by_others,
                      install_packages, make_readable_not_writable, node_candidates,
                      node_version, npm_for, package_candidate, package_manager,
                      parse_version, probe_python, python_candidates, python_on_disk,
-                     replace_file, require_root, run, satisfies, show_version, user_name,
+                     require_root, run, satisfies, show_version, user_name,
                      write_private_file)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
 
@@ -285,8 +286,8 @@ def _proxy_cache(hub: HubLayout) -> dict:
 
 
 def _save_proxy_cache(hub: HubLayout, cache: dict) -> None:
-    replace_file(hub.proxy_releases_file, json.dumps(cache, indent=1, sort_keys=True) + "\n",
-                 0o644)
+    text = json.dumps(cache, indent=1, sort_keys=True) + "\n"
+    atomic_write_bytes(hub.proxy_releases_file, text.encode(), 0o644)
 
 
 def _pin_major(hub: HubLayout) -> str:
@@ -685,7 +686,7 @@ def ensure_engine(hub: HubLayout) -> str:
     write_podman_env(hub, env)
     said = []
     if hub.uses_systemd:
-        replace_file(hub.podman_unit_file, render_podman_unit(hub), 0o644)
+        atomic_write_bytes(hub.podman_unit_file, render_podman_unit(hub).encode(), 0o644)
         log = _log(hub, "engine")
         if systemd_is_running():
             run(["systemctl", "daemon-reload"], log=log)
@@ -754,7 +755,7 @@ def ensure_config(hub: HubLayout) -> str:
     ensure_ports_free(hub, ours=ports_of_running_hub(hub))
     existed = hub.config_file.exists()
     for path, text in _written_files(hub, wanted).items():
-        replace_file(path, text, 0o644)
+        atomic_write_bytes(path, text.encode(), 0o644)
     return f"{'rewrote' if existed else 'wrote'} {hub.config_file}"
 
 
@@ -839,7 +840,7 @@ def check_service(hub: HubLayout) -> Check:
 @checks_first(check_service)
 def ensure_service(hub: HubLayout) -> str:
     require_root(f"writing the systemd unit {hub.unit_file}")
-    replace_file(hub.unit_file, render_unit(hub), 0o644)
+    atomic_write_bytes(hub.unit_file, render_unit(hub).encode(), 0o644)
     log = _log(hub, "service")
     if systemd_is_running():
         run(["systemctl", "daemon-reload"], log=log)

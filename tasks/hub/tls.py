@@ -24,13 +24,13 @@ import stat
 from pathlib import Path
 
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from ..workspace import log_path
 from . import tls_service
 from .checks import Check, checks_first
 from .layout import SYSTEMD_UNIT_DIR, HubLayout, systemd_is_running
 from .service import running_hub_pid
-from .system import (descendants, port_is_free, process_cmdline, replace_file, require_root,
-                     run)
+from .system import descendants, port_is_free, process_cmdline, require_root, run
 
 RENEW_DAYS = 30
 RENEW_EVERY_HOURS = 12
@@ -159,7 +159,7 @@ def ensure_tls(hub: HubLayout) -> str:
         os.chmod(path.parent, 0o755)  # users' servers read etc/jupyter
         # only a changed file is written: the health step restarts the hub for a new one
         if not path.exists() or path.read_text() != text:
-            replace_file(path, text, 0o644)
+            atomic_write_bytes(path, text.encode(), 0o644)
             said.append(f"wrote {path}")
         os.chmod(path, 0o644)
     hub.tls_dir.mkdir(mode=0o700, exist_ok=True)
@@ -325,7 +325,7 @@ def check_renewal_timer(hub: HubLayout) -> Check:
 def ensure_renewal_timer(hub: HubLayout) -> str:
     require_root(f"writing the systemd units {TIMER_NAME}.service and .timer")
     for path, text in renewal_units(hub).items():
-        replace_file(path, text, 0o644)
+        atomic_write_bytes(path, text.encode(), 0o644)
     log = log_path(hub.settings, "install_hub", "tls_renewal.log")
     if systemd_is_running():
         run(["systemctl", "daemon-reload"], log=log)
