@@ -16,8 +16,6 @@ import secrets
 import shutil
 import sqlite3
 import stat
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,16 +28,15 @@ from .containers import (api_problem, docker_api, podman_environment, recorded_p
                          running_podman_pid, start_podman_service, stop_podman_service,
                          write_podman_env)
 from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
+from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
 from .render import hub_search_path, render_config, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
-from .system import (Python, blocked_for_others, first_writable_by_others,
-                     install_packages, make_readable_not_writable, node_candidates,
-                     node_version, npm_for, package_candidate, package_manager,
-                     parse_version, probe_python, python_candidates, python_on_disk,
-                     require_root, run, satisfies, show_version, user_name,
-                     write_private_file)
+from .system import (Python, blocked_for_others, first_writable_by_others, install_packages,
+                     make_readable_not_writable, npm_for, package_candidate, package_manager,
+                     probe_python, python_candidates, python_on_disk, require_root, run,
+                     show_version, user_name, write_private_file)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
 
 MIN_PYTHON = (3, 10)
@@ -263,85 +260,7 @@ def _install_python(hub: HubLayout, skipped: list[str]) -> Python:
                         f"offers none.", fix=f"install {what}, or name one in hub.python")
 
 
-# ---- Node.js and the proxy release it can run --------------------------------------------
-#
-# etc/proxy-releases.json remembers what npm said: the node range each release of the pinned
-# major declares, and, per node binary and version, whether a release's whole dependency tree
-# installs under --engine-strict (5.3.0 declares node >= 20 but pulls commander 15, which needs
-# 22.12). Both answers are fixed for a given release and node, so checks read them from there.
-
-@dataclass(frozen=True)
-class NodeChoice:
-    node: Path
-    version: tuple[int, ...]
-    release: str  # the configurable-http-proxy release this node runs
-    says: str
-
-
-def _proxy_cache(hub: HubLayout) -> dict:
-    try:
-        return json.loads(hub.proxy_releases_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_proxy_cache(hub: HubLayout, cache: dict) -> None:
-    text = json.dumps(cache, indent=1, sort_keys=True) + "\n"
-    atomic_write_bytes(hub.proxy_releases_file, text.encode(), 0o644)
-
-
-def _pin_major(hub: HubLayout) -> str:
-    return hub.hub_settings.proxy_version.split(".")[0]
-
-
-def _node_key(path: Path, version: tuple[int, ...]) -> str:
-    return f"{path} v{show_version(version)}"
-
-
-def _nodes(hub: HubLayout) -> list[tuple[Path, tuple[int, ...]]]:
-    if hub.hub_settings.node:
-        path = Path(shutil.which(hub.hub_settings.node) or hub.hub_settings.node)
-        if not path.is_file():
-            raise HubworksError(f"hub.node names {hub.hub_settings.node}, which does not exist.",
-                                fix="name an installed node, or leave hub.node empty")
-        return [(path, node_version(path))]
-    return [(path, node_version(path)) for path in node_candidates()]
-
-
-def _older_releases(releases, pin: str) -> list[str]:
-    return sorted((r for r in releases if parse_version(r) < parse_version(pin)),
-                  key=parse_version, reverse=True)
-
-
-def node_choice(hub: HubLayout) -> NodeChoice | None:
-    """Which node runs which proxy release, from the cache and ``node --version`` only."""
-    pin = hub.hub_settings.proxy_version
-    cache = _proxy_cache(hub)
-    nodes = _nodes(hub)
-    for path, version in nodes:
-        if cache.get("runs", {}).get(_node_key(path, version), {}).get(pin) == "":
-            return NodeChoice(path, version, pin, f"Node.js v{show_version(version)} at {path} "
-                                                  f"runs configurable-http-proxy {pin}")
-    for path, version in nodes:
-        key = _node_key(path, version)
-        runs = cache.get("runs", {}).get(key, {})
-        no_newer = cache.get("no_newer_node", {}).get(key)
-        fits = [r for r in _older_releases(runs, pin) if runs[r] == ""]
-        if runs.get(pin) and no_newer and fits:
-            return NodeChoice(path, version, fits[0], (
-                f"Node.js v{show_version(version)} at {path} cannot run configurable-http-proxy "
-                f"{pin} ({runs[pin]}) and {no_newer}: configurable-http-proxy {fits[0]} "
-                f"instead"))
-    return None
-
-
-def chosen_node(hub: HubLayout) -> NodeChoice:
-    choice = node_choice(hub)
-    if choice is None:
-        raise HubworksError("no Node.js has been chosen for the proxy.",
-                            fix="run doit install_hub:node first; it says what is missing")
-    return choice
-
+# ---- Node.js and the proxy release it can run (chosen in node.py) ------------------------
 
 def check_node(hub: HubLayout) -> Check:
     choice = node_choice(hub)
@@ -353,131 +272,9 @@ def check_node(hub: HubLayout) -> Check:
 
 @checks_first(check_node)
 def ensure_node(hub: HubLayout) -> str:
-    nodes = _nodes(hub)
-    if not nodes:
-        _install_node(hub, "no Node.js found")
-        nodes = _nodes(hub)
-    pin = hub.hub_settings.proxy_version
-    declared = _declared_releases(hub, nodes)
-    why = [_runs(hub, path, version, pin, declared) for path, version in nodes]
-    if "" in why:
-        return node_choice(hub).says
-    if not hub.hub_settings.node and package_manager():
-        needs = why[0].rsplit("node ", 1)[-1]  # "<package> needs node >=22.12.0"
-        offered = package_candidate("nodejs")
-        if offered and satisfies(offered, needs) and offered > max(v for _, v in nodes):
-            _install_node(hub, f"configurable-http-proxy {pin} needs node {needs}")
-            return ensure_node(hub)
-        no_newer = f"{package_manager()} offers nodejs " + (
-            show_version(offered) if offered else "in no version")
-    elif hub.hub_settings.node:
-        no_newer = "hub.node names it, so install_hub does not replace it"
-    else:
-        no_newer = "there is no package manager here to install a newer one"
-    return _choose_older_proxy(hub, nodes, declared, no_newer)
-
-
-def _declared_releases(hub: HubLayout, nodes) -> dict[str, str]:
-    """Ask npm which node each release of the pinned major declares; cache it under etc/."""
-    pin = hub.hub_settings.proxy_version
-    cache = _proxy_cache(hub)
-    known = cache.get("declared", {}).get(_pin_major(hub), {})
-    if pin in known:
-        return known
-    npm = _npm([path for path, _ in nodes])
-    answer = json.loads(run(
-        [npm, "view", "--json", f"{PROXY_PACKAGE}@{_pin_major(hub)}", "version", "engines"],
-        log=_log(hub, "node"), env=_node_env(nodes[0][0]), capture=True))
-    entries = answer if isinstance(answer, list) else [answer]
-    known = {e["version"]: (e.get("engines") or {}).get("node", "*") for e in entries}
-    if pin not in known:
-        raise HubworksError(
-            f"configurable-http-proxy has no release {pin}.",
-            fix=f"set hub.proxy_version to one of {', '.join(known) or 'its releases'}")
-    cache.setdefault("declared", {})[_pin_major(hub)] = known
-    _save_proxy_cache(hub, cache)
-    return known
-
-
-def _npm(nodes: list[Path]) -> Path:
-    npm = next((npm_for(path) for path in nodes if npm_for(path)), None)
-    if npm is None:
-        raise HubworksError("npm is missing: it installs configurable-http-proxy.",
-                            fix="install npm (Debian: apt-get install npm) or a Node.js "
-                                "that ships it")
-    return npm
-
-
-def _runs(hub: HubLayout, node: Path, version, release: str, declared: dict[str, str]) -> str:
-    """'' when ``release`` installs on ``node`` with every engine range met; else why not."""
-    cache = _proxy_cache(hub)
-    runs = cache.setdefault("runs", {}).setdefault(_node_key(node, version), {})
-    if release in runs:
-        return runs[release]
-    if not satisfies(version, declared[release]):
-        runs[release] = f"it declares node {declared[release]}"
-    else:
-        runs[release] = _dry_run(hub, node, release)
-    _save_proxy_cache(hub, cache)
-    return runs[release]
-
-
-def _dry_run(hub: HubLayout, node: Path, release: str) -> str:
-    with tempfile.TemporaryDirectory() as scratch:
-        done = subprocess.run(
-            [str(_npm([node])), "install", "--dry-run", "--engine-strict",
-             "--no-audit", "--no-fund", "--prefix", scratch, f"{PROXY_PACKAGE}@{release}"],
-            capture_output=True, text=True, env=_node_env(node), cwd=scratch)
-    if done.returncode == 0:
-        return ""
-    culprit = re.search(r"Not compatible with your version of node/npm: (\S+)", done.stderr)
-    needs = _required_node(done.stderr)
-    if culprit and needs:
-        return f"{culprit.group(1)} needs node {needs}"
-    raise HubworksError(f"npm could not resolve configurable-http-proxy {release}:\n"
-                        f"{done.stderr.strip()[-800:]}",
-                        fix="check that the npm registry is reachable, then run again")
-
-
-def _required_node(npm_error: str) -> str | None:
-    match = re.search(r'Required:\s*\{"node":"([^"]+)"', npm_error)
-    return match.group(1) if match else None
-
-
-def _node_env(node: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{node.parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _install_node(hub: HubLayout, why: str) -> None:
-    if not package_manager():
-        raise HubworksError(f"{why} and no package manager here to install Node.js.",
-                            fix="install Node.js >= 20 and npm, or name a node in hub.node")
-    install_packages(["nodejs"], _log(hub, "node"))
-    # NodeSource's nodejs ships npm; Debian's needs its npm package (which conflicts with
-    # NodeSource's), so add it only when the installed node came without one
-    nodes = node_candidates()
-    if nodes and not npm_for(nodes[0]) and package_candidate("npm"):
-        install_packages(["npm"], _log(hub, "node"))
-
-
-def _choose_older_proxy(hub: HubLayout, nodes, declared: dict[str, str], no_newer: str) -> str:
-    pin = hub.hub_settings.proxy_version
-    for path, version in nodes:
-        for release in _older_releases(declared, pin):
-            if _runs(hub, path, version, release, declared) == "":
-                cache = _proxy_cache(hub)
-                cache.setdefault("no_newer_node", {})[_node_key(path, version)] = no_newer
-                _save_proxy_cache(hub, cache)
-                return node_choice(hub).says
-    path, version = nodes[0]
-    raise HubworksError(
-        f"Node.js v{show_version(version)} at {path} is too old for every "
-        f"configurable-http-proxy {_pin_major(hub)}.x release up to {pin} (they need node "
-        f"{' or '.join(sorted(set(declared.values())))}), and {no_newer}.",
-        fix="install Node.js >= 20 (distribution or NodeSource packages) and put it on PATH "
-            "or name it in hub.node; or set hub.proxy_version to a release of an older major")
+    says = choose_node(hub, _log(hub, "node"))
+    # None: a newer Node.js was installed; check again, as a first run would
+    return ensure_node(hub) if says is None else says
 
 
 # ---- the venv and what pip puts in it ----------------------------------------------------
@@ -601,7 +398,7 @@ def ensure_proxy(hub: HubLayout) -> str:
     npm = npm_for(choice.node)
     run([npm, "install", "--prefix", hub.prefix, "--save-exact", "--engine-strict",
          "--no-audit", "--no-fund", f"{PROXY_PACKAGE}@{choice.release}"],
-        log=_log(hub, "proxy"), env=_node_env(choice.node))
+        log=_log(hub, "proxy"), env=node_env(choice.node))
     make_readable_not_writable(hub.node_modules)
     for name in ("package.json", "package-lock.json"):
         if (hub.prefix / name).exists():
