@@ -24,9 +24,9 @@ from ..errors import HubworksError
 from ..fsutil import atomic_write_bytes
 from ..workspace import log_path
 from .checks import Check, checks_first
-from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
-                         running_podman_pid, start_podman_service, stop_podman_service,
-                         write_podman_env)
+from .containers import (DockerAPI, api_problem, docker_api, podman_environment,
+                         recorded_podman_env, running_podman_pid, start_podman_service,
+                         stop_podman_service, write_podman_env)
 from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
 from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
@@ -58,6 +58,12 @@ def _log(hub: HubLayout, step: str) -> Path:
 
 # ---- prefix ------------------------------------------------------------------------------
 
+def _prefix_folders(hub: HubLayout) -> dict[Path, int]:
+    """The folders the prefix step makes, with their modes: secrets and state are root's."""
+    return {hub.prefix: 0o755, hub.etc: 0o755, hub.config_d: 0o755,
+            hub.secrets: 0o700, hub.var: 0o700}
+
+
 def check_prefix(hub: HubLayout) -> Check:
     prefix = hub.prefix
     if not prefix.is_dir():
@@ -65,8 +71,8 @@ def check_prefix(hub: HubLayout) -> Check:
     blocked = blocked_for_others(prefix)
     if blocked:
         return Check(False, f"other users cannot enter {prefix}: {blocked}")
-    for folder, private in ((prefix, False), (hub.etc, False), (hub.config_d, False),
-                            (hub.secrets, True), (hub.var, True)):
+    for folder, wanted_mode in _prefix_folders(hub).items():
+        private = wanted_mode == 0o700
         try:
             st = os.stat(folder)
         except OSError:
@@ -84,7 +90,16 @@ def check_prefix(hub: HubLayout) -> Check:
 
 @checks_first(check_prefix)
 def ensure_prefix(hub: HubLayout) -> str:
-    prefix = hub.prefix
+    _require_writable_place(hub.prefix)
+    hub.prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _require_enterable(hub.prefix)
+    _make_prefix_folders(hub)
+    _close_to_writes_by_others(hub)
+    return f"{hub.prefix} ready: every user can enter it, secrets/ and var/ are private"
+
+
+def _require_writable_place(prefix: Path) -> None:
+    """The prefix, or the folder it would be created in, must be writable by this user."""
     existing = next(p for p in (prefix, *prefix.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == prefix else f"cannot be created: {existing} "
@@ -92,28 +107,34 @@ def ensure_prefix(hub: HubLayout) -> str:
             f"the hub prefix {prefix} {where}is not writable by {user_name()}.",
             fix="run as root (sudo doit install_hub), or set hub.prefix "
                 "(HUBWORKS_HUB_PREFIX) to a folder you can write")
-    prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _require_enterable(prefix: Path) -> None:
     blocked = blocked_for_others(prefix)
     if blocked:
         raise HubworksError(
             f"every user must be able to enter {prefix} (their servers run from its venv), "
             f"but {blocked}.",
             fix="set hub.prefix to a folder outside it, such as /opt/jupyterhub")
-    for folder, mode in ((prefix, 0o755), (hub.etc, 0o755), (hub.config_d, 0o755),
-                         (hub.secrets, 0o700), (hub.var, 0o700)):
+
+
+def _make_prefix_folders(hub: HubLayout) -> None:
+    for folder, mode in _prefix_folders(hub).items():
         folder.mkdir(mode=mode, exist_ok=True)
         if os.stat(folder).st_uid != os.geteuid():
             os.chown(folder, os.geteuid(), os.getegid())
         os.chmod(folder, mode)
+
+
+def _close_to_writes_by_others(hub: HubLayout) -> None:
+    """Nobody but root writes under the prefix; what users run from stays readable."""
     for public in (hub.venv, hub.node_modules, hub.etc):
         if public.exists():
             make_readable_not_writable(public)
     for private in (hub.secrets, hub.var):
         make_readable_not_writable(private, readable=False)
-    loose = first_writable_by_others(prefix)
-    if loose:
-        make_readable_not_writable(prefix, readable=False)
-    return f"{prefix} ready: every user can enter it, secrets/ and var/ are private"
+    if first_writable_by_others(hub.prefix):
+        make_readable_not_writable(hub.prefix, readable=False)
 
 
 # ---- Python ------------------------------------------------------------------------------
@@ -469,34 +490,44 @@ def check_engine(hub: HubLayout) -> Check:
 def ensure_engine(hub: HubLayout) -> str:
     api = docker_api(hub)
     if not api.managed:
-        problem = api_problem(api.url)
-        if api.engine == "docker":
-            fix = "start Docker (systemctl start docker) or set images.engine = \"podman\""
-        else:
-            fix = "start the engine behind it, or correct hub.docker_url (HUBWORKS_HUB_DOCKER_URL)"
-        raise HubworksError(f"users' servers run through the Docker API at {api.url} "
-                            f"({api.origin}), which does not answer: {problem}.",
-                            fix=f"{fix}; then run doit install_hub again")
+        raise _unanswered_api_error(api)
     require_root("running podman's API service for the hub")
     env = podman_environment()
     changed = recorded_podman_env(hub) != env
     write_podman_env(hub, env)
-    said = []
-    if hub.uses_systemd:
-        atomic_write_bytes(hub.podman_unit_file, render_podman_unit(hub).encode(), 0o644)
-        log = _log(hub, "engine")
-        if systemd_is_running():
-            run(["systemctl", "daemon-reload"], log=log)
-        run(["systemctl", "enable", PODMAN_UNIT_NAME], log=log)
-        if systemd_is_running():
-            run(["systemctl", "restart" if changed else "start", PODMAN_UNIT_NAME], log=log)
-        said.append(f"wrote and enabled {hub.podman_unit_file}")
-    else:
-        if changed:
-            said.append(stop_podman_service(hub))
-        said.append(start_podman_service(hub))
+    said = _podman_unit(hub, changed) if hub.uses_systemd else _podman_process(hub, changed)
     config = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "podman's own defaults"
     return "; ".join(part for part in said if part) + f"; its configuration: {config}"
+
+
+def _unanswered_api_error(api: DockerAPI) -> HubworksError:
+    """An engine install_hub does not run (Docker, or hub.docker_url) has to be started."""
+    problem = api_problem(api.url)
+    if api.engine == "docker":
+        fix = "start Docker (systemctl start docker) or set images.engine = \"podman\""
+    else:
+        fix = "start the engine behind it, or correct hub.docker_url (HUBWORKS_HUB_DOCKER_URL)"
+    return HubworksError(f"users' servers run through the Docker API at {api.url} "
+                         f"({api.origin}), which does not answer: {problem}.",
+                         fix=f"{fix}; then run doit install_hub again")
+
+
+def _podman_unit(hub: HubLayout, changed: bool) -> list[str]:
+    """With systemd: podman's API service as a unit, restarted when its configuration changed."""
+    atomic_write_bytes(hub.podman_unit_file, render_podman_unit(hub).encode(), 0o644)
+    log = _log(hub, "engine")
+    if systemd_is_running():
+        run(["systemctl", "daemon-reload"], log=log)
+    run(["systemctl", "enable", PODMAN_UNIT_NAME], log=log)
+    if systemd_is_running():
+        run(["systemctl", "restart" if changed else "start", PODMAN_UNIT_NAME], log=log)
+    return [f"wrote and enabled {hub.podman_unit_file}"]
+
+
+def _podman_process(hub: HubLayout, changed: bool) -> list[str]:
+    """Without systemd: podman's API service as a process of the hub's, restarted likewise."""
+    said = [stop_podman_service(hub)] if changed else []
+    return said + [start_podman_service(hub)]
 
 
 # ---- the images users can pick (spawner = docker) ----------------------------------------
