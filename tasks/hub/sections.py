@@ -25,7 +25,8 @@ def network_sections(hub: HubLayout) -> list[str]:
     return lines
 
 
-def _set(name: str, value) -> str:
+def config_line(name: str, value) -> str:
+    """One setting of jupyterhub_config.py: ``c.Name = value``."""
     return f"c.{name} = {value!r}"
 
 
@@ -40,10 +41,10 @@ def https_section(hub: HubLayout) -> list[str]:
         return []
     lines = [f"# HTTPS ({hub.https}): the proxy serves the certificate install_hub keeps under "
              f"secrets/tls",
-             _set("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
-             _set("JupyterHub.ssl_key", str(hub.tls_key_file)),
-             _set("JupyterHub.cookie_options", {"secure": True}),
-             _set("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
+             config_line("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
+             config_line("JupyterHub.ssl_key", str(hub.tls_key_file)),
+             config_line("JupyterHub.cookie_options", {"secure": True}),
+             config_line("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
     if hub.choice("spawner") == "local":
         lines += ["# local servers read jupyter_server_config.json there (secure _xsrf cookie)",
                   "c.Spawner.environment.update(" + repr(
@@ -84,7 +85,7 @@ def culling_section(hub: HubLayout) -> list[str]:
                 {"name": "idle-culler", "scopes": CULLER_SCOPES,
                  "services": ["idle-culler"]}) + ")",
             "# servers and the proxy report activity often enough for that",
-            _set("JupyterHub.last_activity_interval", every),
+            config_line("JupyterHub.last_activity_interval", every),
             f"c.Spawner.environment.update({{'JUPYTERHUB_ACTIVITY_INTERVAL': {str(every)!r}}})"]
 
 
@@ -94,14 +95,14 @@ def limits_section(hub: HubLayout) -> list[str]:
         return []
     lines = ["# per-user limits: every spawner reads these (and sets MEM_LIMIT, CPU_LIMIT)"]
     if s.mem_limit:
-        lines.append(_set("Spawner.mem_limit", s.mem_limit))
+        lines.append(config_line("Spawner.mem_limit", s.mem_limit))
     if s.cpu_limit:
-        lines.append(_set("Spawner.cpu_limit", s.cpu_limit))
+        lines.append(config_line("Spawner.cpu_limit", s.cpu_limit))
     if hub.choice("spawner") != "local":
         return lines  # containers get them as their cgroup limits
     if hub.uses_systemd:
         return lines + ["# local servers in systemd units: the limits are the unit's cgroup",
-                        _set("JupyterHub.spawner_class", "systemdspawner.SystemdSpawner")]
+                        config_line("JupyterHub.spawner_class", "systemdspawner.SystemdSpawner")]
     if s.mem_limit:
         lines += _address_space_spawner()
     return lines

@@ -171,6 +171,19 @@ def ensure_tls(hub: HubLayout) -> str:
 
 def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
     cert, key = _files_sources(hub)
+    _require_serving_pair(cert, key)
+    chain = cert.read_bytes()
+    left = _days_left_of(cert, chain)
+    said = [f"the proxy serves {cert}, which {_expiry_says(chain)}"]
+    if left < RENEW_DAYS:
+        said.append("ask the office's CA for a new one soon")
+    if tls_service.install_files(conf, chain, key.read_bytes()):
+        said.append(_reload(hub, conf))
+    return said
+
+
+def _require_serving_pair(cert: Path, key: Path) -> None:
+    """Both readable PEM files, and the key belongs to the certificate."""
     for path in (cert, key):
         if tls_service.read_bytes(path) is None:
             raise HubworksError(f"{path} (hub.tls_{'cert' if path == cert else 'key'}) cannot "
@@ -186,7 +199,10 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
             fix="name the certificate (PEM, leaf first, then its chain) and the unencrypted "
                 "key it was issued for (openssl pkey -in <key> -out <plain key> removes a "
                 "passphrase)") from None
-    chain = cert.read_bytes()
+
+
+def _days_left_of(cert: Path, chain: bytes) -> float:
+    """Days until the office's certificate expires; it must not have expired."""
     try:
         left = tls_service.days_left(chain)
     except ValueError as exc:
@@ -196,12 +212,7 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
         raise HubworksError(
             f"{cert} (hub.tls_cert) expired on {tls_service.certificate_expiry(chain):%Y-%m-%d}.",
             fix="get a new certificate from the office's CA, or set https = letsencrypt")
-    said = [f"the proxy serves {cert}, which {_expiry_says(chain)}"]
-    if left < RENEW_DAYS:
-        said.append("ask the office's CA for a new one soon")
-    if tls_service.install_files(conf, chain, key.read_bytes()):
-        said.append(_reload(hub, conf))
-    return said
+    return left
 
 
 def _ensure_letsencrypt(hub: HubLayout, conf: dict) -> list[str]:
