@@ -107,8 +107,7 @@ def _show_plan(hub: HubLayout) -> None:
 
 def task_install_hub_plan():
     """Show which install_hub steps are up to date and which would run; runs none."""
-    hub = HubLayout(current_settings())
-    return {"actions": [(_show_plan, [hub])], "uptodate": [False], "verbosity": 2}
+    return _every_time(_show_plan)
 
 
 @reports_errors
@@ -123,14 +122,12 @@ def _stop(hub: HubLayout) -> None:
 
 def task_hub_start():
     """Start the installed hub (detached, or via its systemd unit); waits for /hub/health."""
-    hub = HubLayout(current_settings())
-    return {"actions": [(_start, [hub])], "uptodate": [False], "verbosity": 2}
+    return _every_time(_start)
 
 
 def task_hub_stop():
     """Stop the hub and its proxy, and the users' servers or podman's API service (SIGTERM)."""
-    hub = HubLayout(current_settings())
-    return {"actions": [(_stop, [hub])], "uptodate": [False], "verbosity": 2}
+    return _every_time(_stop)
 
 
 @reports_errors
@@ -140,5 +137,10 @@ def _status(hub: HubLayout) -> None:
 
 def task_hub_status():
     """Show what runs: hub, proxy, services, each user's server (age, idle); the certificate."""
-    hub = HubLayout(current_settings())
-    return {"actions": [(_status, [hub])], "uptodate": [False], "verbosity": 2}
+    return _every_time(_status)
+
+
+def _every_time(action) -> dict:
+    """A task that runs ``action`` on this workspace's hub whenever it is asked for."""
+    return {"actions": [(action, [HubLayout(current_settings())])], "uptodate": [False],
+            "verbosity": 2}
