@@ -255,7 +255,7 @@ def test_a_fresh_server_gets_every_step_and_a_healthy_hub(site):
 def test_upgrading_jupyterhub_upgrades_it_and_its_database_only(site):
     run = site.runs["upgrade"]
     assert run.executed == {"jupyterhub", "database", "health"}, run.output
-    assert site.installed("jupyterhub") == site.layout.hub.jupyterhub_version
+    assert site.installed("jupyterhub") == site.layout.hub_settings.jupyterhub_version
     database = site.prefix / "var" / "jupyterhub.sqlite"
     with sqlite3.connect(database) as db:
         (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
@@ -322,7 +322,7 @@ def test_changing_the_jupyterlab_pin_reinstalls_only_jupyterlab(site):
     assert site.installed("jupyterlab") == OLDER_JUPYTERLAB
     back = site.install()
     assert back.executed == {"jupyterlab"}, back.output
-    assert site.installed("jupyterlab") == site.layout.hub.jupyterlab_version
+    assert site.installed("jupyterlab") == site.layout.hub_settings.jupyterlab_version
     assert site.hub_pid() == pid, "a JupyterLab change does not restart the hub"
 
 

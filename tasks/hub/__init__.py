@@ -24,8 +24,6 @@ has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` s
 
 from __future__ import annotations
 
-import functools
-
 from ..errors import HubworksError, reports_errors
 from ..workspace import current_settings
 from .layout import HubLayout
@@ -35,12 +33,6 @@ from .steps import STEPS, Check, Step
 
 __all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop",
            "task_hub_status"]
-
-_last_checks: dict[str, Check] = {}
-
-
-def current_hub() -> HubLayout:
-    return HubLayout(current_settings())
 
 
 def _wanted_steps(hub: HubLayout) -> list[Step]:
@@ -54,88 +46,101 @@ def _wanted(step: Step, hub: HubLayout) -> bool:
         return True  # the step itself reports the broken setting
 
 
-def _step_holds(step: Step) -> bool:
-    """doit's uptodate: read-only, and a broken setting only means 'run' (the step says why)."""
+def _read_check(step: Step, hub: HubLayout) -> Check:
+    """The step's check, read-only; a broken setting only means 'run' (the step says why)."""
     try:
-        check = step.check(current_hub())
+        return step.check(hub)
     except (HubworksError, OSError) as exc:
-        check = Check(False, str(exc).splitlines()[0])
-    _last_checks[f"install_hub:{step.name}"] = check
-    return check.ok
+        return Check(False, str(exc).splitlines()[0])
 
 
-def _title(task) -> str:
-    check = _last_checks.get(task.name)
-    if check is None:
-        return task.name
-    return f"{task.name}: {'up to date: ' if check.ok else ''}{check.says}"
+class StepCheck:
+    """One install_hub step's doit ``uptodate``, which keeps what it found for the task's
+    title: ``install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``."""
+
+    def __init__(self, step: Step, hub: HubLayout):
+        self.step = step
+        self.hub = hub
+        self.found: Check | None = None
+
+    def holds(self) -> bool:
+        self.found = _read_check(self.step, self.hub)
+        return self.found.ok
+
+    def title(self, task) -> str:
+        if self.found is None:
+            return task.name
+        return f"{task.name}: {'up to date: ' if self.found.ok else ''}{self.found.says}"
 
 
 @reports_errors
-def _run_step(step: Step) -> None:
-    print(f"install_hub:{step.name}: {step.ensure(current_hub())}")
+def _run_step(step: Step, hub: HubLayout) -> None:
+    print(f"install_hub:{step.name}: {step.ensure(hub)}")
 
 
 def task_install_hub():
     """Install JupyterHub on this server; every step checks first and skips what holds."""
-    hub = current_hub()
+    hub = HubLayout(current_settings())
     steps = _wanted_steps(hub)
     names = {step.name for step in steps}
     for step in steps:
+        check = StepCheck(step, hub)
         yield {
             "name": step.name,
             "doc": step.doc,
-            "actions": [(_run_step, [step])],
-            "uptodate": [functools.partial(_step_holds, step)],
+            "actions": [(_run_step, [step, hub])],
+            "uptodate": [check.holds],
             "task_dep": [f"install_hub:{dep}" for dep in step.after if dep in names],
-            "title": _title,
+            "title": check.title,
             "verbosity": 2,
         }
 
 
 @reports_errors
-def _show_plan() -> None:
-    hub = current_hub()
+def _show_plan(hub: HubLayout) -> None:
     print(f"install_hub plan for {hub.prefix}:")
     for step in _wanted_steps(hub):
-        try:
-            check = step.check(hub)
-        except (HubworksError, OSError) as exc:
-            check = Check(False, str(exc).splitlines()[0])
+        check = _read_check(step, hub)
         mark = "up to date" if check.ok else "would run "
         print(f"  {mark}  {step.name:<13} {check.says}")
 
 
 def task_install_hub_plan():
     """Show which install_hub steps are up to date and which would run; runs none."""
-    return {"actions": [_show_plan], "uptodate": [False], "verbosity": 2}
+    return _every_time(_show_plan)
 
 
 @reports_errors
-def _start() -> None:
-    print(start_hub(current_hub()))
+def _start(hub: HubLayout) -> None:
+    print(start_hub(hub))
 
 
 @reports_errors
-def _stop() -> None:
-    print(stop_hub(current_hub(), with_engine=True))
+def _stop(hub: HubLayout) -> None:
+    print(stop_hub(hub, with_engine=True))
 
 
 def task_hub_start():
     """Start the installed hub (detached, or via its systemd unit); waits for /hub/health."""
-    return {"actions": [_start], "uptodate": [False], "verbosity": 2}
+    return _every_time(_start)
 
 
 def task_hub_stop():
     """Stop the hub and its proxy, and the users' servers or podman's API service (SIGTERM)."""
-    return {"actions": [_stop], "uptodate": [False], "verbosity": 2}
+    return _every_time(_stop)
 
 
 @reports_errors
-def _status() -> None:
-    print(hub_status(current_hub()))
+def _status(hub: HubLayout) -> None:
+    print(hub_status(hub))
 
 
 def task_hub_status():
     """Show what runs: hub, proxy, services, each user's server (age, idle); the certificate."""
-    return {"actions": [_status], "uptodate": [False], "verbosity": 2}
+    return _every_time(_status)
+
+
+def _every_time(action) -> dict:
+    """A task that runs ``action`` on this workspace's hub whenever it is asked for."""
+    return {"actions": [(action, [HubLayout(current_settings())])], "uptodate": [False],
+            "verbosity": 2}

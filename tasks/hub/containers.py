@@ -28,8 +28,9 @@ from pathlib import Path
 from ..commands import log_tail
 from ..engines import select_engine
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from .layout import HubLayout
-from .system import is_alive, process_cmdline, read_pid, replace_file, wait_gone
+from .system import is_alive, process_cmdline, read_pid, wait_gone
 
 PODMAN_VARIABLES = ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF")
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
@@ -51,8 +52,8 @@ class DockerAPI:
 
 def docker_api(hub: HubLayout) -> DockerAPI:
     """The Docker API endpoint users' containers run through."""
-    if hub.hub.docker_url:
-        return DockerAPI(hub.hub.docker_url, "", False, "hub.docker_url")
+    if hub.hub_settings.docker_url:
+        return DockerAPI(hub.hub_settings.docker_url, "", False, "hub.docker_url")
     choice = hub.settings.images.engine
     if choice in ("docker", "podman"):
         name, reason = choice, f"images.engine is {choice}"
@@ -121,7 +122,7 @@ def recorded_podman_env(hub: HubLayout) -> dict[str, str] | None:
 
 
 def write_podman_env(hub: HubLayout, env: dict[str, str]) -> None:
-    replace_file(hub.podman_env_file, render_podman_env(env), 0o644)
+    atomic_write_bytes(hub.podman_env_file, render_podman_env(env).encode(), 0o644)
 
 
 def podman_binary() -> str:

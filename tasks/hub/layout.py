@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import HubworksError
 from ..netaddr import listens_everywhere, url_host
-from ..settings import Settings
+from ..settings import Section, Settings
 
 UNIT_NAME = "jupyterhub.service"
 PODMAN_UNIT_NAME = "jupyterhub-podman.service"
@@ -31,12 +31,13 @@ class HubLayout:
     settings: Settings
 
     @property
-    def hub(self):
+    def hub_settings(self) -> Section:
+        """The [hub] section of hubworks.toml: ``hub.hub_settings.port``."""
         return self.settings.hub
 
     @property
     def prefix(self) -> Path:
-        return self.hub.prefix
+        return self.hub_settings.prefix
 
     # venv: readable and executable by every user, their servers run from it
     @property
@@ -215,7 +216,7 @@ class HubLayout:
 
     # choices
     def choice(self, key: str) -> str:
-        value = getattr(self.hub, key)
+        value = getattr(self.hub_settings, key)
         if value not in _CHOICES[key]:
             raise HubworksError(
                 f"hub.{key} is {value!r}; it must be one of {', '.join(_CHOICES[key])}.",
@@ -238,11 +239,11 @@ class HubLayout:
         """PAM reads the password database; local servers start as their users; the engine's
         socket (Docker's, or podman's under var/) is root's unless hub.docker_url names another."""
         return (self.choice("authenticator") == "pam" or self.choice("spawner") == "local"
-                or not self.hub.docker_url)
+                or not self.hub_settings.docker_url)
 
     @property
     def listens_everywhere(self) -> bool:
-        return listens_everywhere(self.hub.ip)
+        return listens_everywhere(self.hub_settings.ip)
 
     @property
     def https(self) -> str:
@@ -255,17 +256,17 @@ class HubLayout:
     @property
     def redirects_http(self) -> bool:
         """With HTTPS, hub.http_port answers plain HTTP (redirects, ACME challenges)."""
-        return self.https != "off" and self.hub.http_port != 0
+        return self.https != "off" and self.hub_settings.http_port != 0
 
     @property
     def local_host(self) -> str:
         """Where this machine reaches the proxy."""
-        return "127.0.0.1" if self.listens_everywhere else self.hub.ip
+        return "127.0.0.1" if self.listens_everywhere else self.hub_settings.ip
 
     @property
     def local_url(self) -> str:
         """The proxy as this machine reaches it."""
-        return f"{self.scheme}://{url_host(self.local_host)}:{self.hub.port}/"
+        return f"{self.scheme}://{url_host(self.local_host)}:{self.hub_settings.port}/"
 
     @property
     def health_url(self) -> str:
@@ -273,10 +274,10 @@ class HubLayout:
 
     @property
     def public_url(self) -> str:
-        host = self.hub.domain or (os.uname().nodename if self.listens_everywhere
-                                   else self.hub.ip)
+        host = self.hub_settings.domain or (os.uname().nodename if self.listens_everywhere
+                                   else self.hub_settings.ip)
         default_port = {"http": 80, "https": 443}[self.scheme]
-        port = "" if self.hub.port == default_port else f":{self.hub.port}"
+        port = "" if self.hub_settings.port == default_port else f":{self.hub_settings.port}"
         return f"{self.scheme}://{url_host(host)}{port}/"
 
 

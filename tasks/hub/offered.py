@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 from ..errors import HubworksError
-from ..fsutil import atomic_write_json, read_json
+from ..fsutil import atomic_write_bytes, atomic_write_json, read_json
 from ..images.records import image_records_dir
 from ..singleuser import probe_image, verdict
 from .containers import docker_api, docker_client
 from .layout import HubLayout
-from .system import replace_file
 
 
 def checks_file(hub: HubLayout) -> Path:
@@ -62,7 +61,7 @@ def label(record: dict) -> str:
 def offer(hub: HubLayout, records: list[dict]) -> dict:
     """The content of images.json from records whose facts are all cached."""
     cache = read_json(checks_file(hub), {}) or {}
-    hub_version = hub.hub.jupyterhub_version
+    hub_version = hub.hub_settings.jupyterhub_version
     offered, left_out = [], []
     for record in records:
         if not (hub.settings.images_dir / record["name"]).is_dir():
@@ -83,7 +82,7 @@ def offer(hub: HubLayout, records: list[dict]) -> dict:
             "home": facts.get("home") or "/home/" + (facts.get("user") or "jovyan"),
         })
     names = [image["name"] for image in offered]
-    wanted = hub.hub.default_image
+    wanted = hub.hub_settings.default_image
     default = wanted if wanted in names else (names[0] if names else "")
     return {"default": default, "offered": offered, "left_out": left_out}
 
@@ -131,19 +130,33 @@ def write_images_file(hub: HubLayout) -> str:
         raise HubworksError(
             "hub.spawner is docker, and build_images has built no image to offer yet.",
             fix="run doit build_images in this workspace first, then doit install_hub")
-    waiting = unchecked(hub, records)
-    checked = []
-    if waiting:
-        client = docker_client(docker_api(hub).url, timeout=180)
-        cache = read_json(checks_file(hub), {}) or {}
-        for record in waiting:
-            cache[record["tag"]] = {"built": record.get("built"),
-                                    "facts": probe_image(client, record["tag"])}
-            checked.append(record["name"])
-            checks_file(hub).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(checks_file(hub), cache)
+    checked = _check_new_tags(hub, unchecked(hub, records))
     content = offer(hub, records)
-    wanted = hub.hub.default_image
+    wanted = hub.hub_settings.default_image
+    _require_offerable(content, records, wanted)
+    atomic_write_bytes(hub.images_file, render_images_file(content).encode(), 0o644)
+    said = f"checked {', '.join(checked)}; " if checked else ""
+    return said + describe(content, wanted)
+
+
+def _check_new_tags(hub: HubLayout, waiting: list[dict]) -> list[str]:
+    """Run the singleuser check on each image not checked yet; their names."""
+    if not waiting:
+        return []
+    client = docker_client(docker_api(hub).url, timeout=180)
+    cache = read_json(checks_file(hub), {}) or {}
+    checked = []
+    for record in waiting:
+        cache[record["tag"]] = {"built": record.get("built"),
+                                "facts": probe_image(client, record["tag"])}
+        checked.append(record["name"])
+        checks_file(hub).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(checks_file(hub), cache)
+    return checked
+
+
+def _require_offerable(content: dict, records: list[dict], wanted: str) -> None:
+    """hub.default_image names a built image, and at least one image can serve users."""
     if wanted and wanted not in {r["name"] for r in records}:
         raise HubworksError(
             f"hub.default_image is {wanted!r}, and build_images has built no image of that "
@@ -154,6 +167,3 @@ def write_images_file(hub: HubLayout) -> str:
         reasons = "; ".join(f"{i['name']}: {i['reason']}" for i in content["left_out"])
         raise HubworksError(f"no built image can serve users ({reasons}).",
                             fix="; ".join(dict.fromkeys(i["fix"] for i in content["left_out"])))
-    replace_file(hub.images_file, render_images_file(content), 0o644)
-    said = f"checked {', '.join(checked)}; " if checked else ""
-    return said + describe(content, wanted)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..netaddr import url_host
 from .containers import docker_api, podman_service_command
 from .layout import PODMAN_UNIT_NAME, HubLayout
-from .sections import network_sections
+from .sections import config_line, network_sections
 
 HEADER = ("# Written by `doit install_hub` from the [hub] settings (hubworks.toml);\n"
           "# change those and re-run rather than editing this file.\n")
@@ -27,59 +27,78 @@ def hub_search_path(hub: HubLayout) -> str:
 
 def render_config(hub: HubLayout, node: Path) -> str:
     """jupyterhub_config.py for these settings; ``node`` runs configurable-http-proxy."""
-    s = hub.hub
     lines = [HEADER, "c = get_config()  # noqa: F821", ""]
-
-    def set_(name: str, value) -> None:
-        lines.append(f"c.{name} = {value!r}")
-
-    docker = hub.uses_docker
-    if docker:
-        lines.append("# network: users reach the proxy; the hub listens on the container bridge's "
-                     "gateway (below), the proxy API on loopback")
-    else:
-        lines.append("# network: users reach the proxy; hub and proxy API stay on loopback")
-    set_("JupyterHub.bind_url", f"{hub.scheme}://{url_host(s.ip)}:{s.port}/")
-    if not docker:
-        set_("JupyterHub.hub_ip", "127.0.0.1")
-    set_("JupyterHub.hub_port", s.hub_port)
-    set_("ConfigurableHTTPProxy.api_url", f"http://127.0.0.1:{s.proxy_api_port}")
-    set_("ConfigurableHTTPProxy.command", [str(node), str(hub.proxy_script)])
-    set_("ConfigurableHTTPProxy.pid_file", str(hub.proxy_pid_file))
-    lines += ["", "# state and secrets: created once by install_hub, readable by root only"]
-    set_("JupyterHub.db_url", f"sqlite:///{hub.database}")
-    set_("JupyterHub.pid_file", str(hub.pid_file))
-    set_("JupyterHub.cookie_secret_file", str(hub.cookie_secret))
-    lines.append(f"with open({str(hub.proxy_token)!r}) as token_file:")
-    lines.append("    c.ConfigurableHTTPProxy.auth_token = token_file.read().strip()")
-
-    lines += ["", "# who may log in"]
-    set_("JupyterHub.authenticator_class", hub.choice("authenticator"))
-    # sorted lists, not sets: the text must not change between runs
-    set_("Authenticator.admin_users", sorted(set(s.admin_users)))
-    set_("Authenticator.allowed_users", sorted(set(s.allowed_users)))
-    if s.allowed_groups:
-        set_("LocalAuthenticator.allowed_groups", sorted(set(s.allowed_groups)))
-    # JupyterHub >= 5 lets nobody in without an allow rule; no list here means every account
-    set_("Authenticator.allow_all", not (s.allowed_users or s.allowed_groups))
-
-    lines += ["", "# single-user servers"]
-    set_("Spawner.default_url", "/lab")
-    if docker:
-        lines += _docker_spawner(hub)
-    else:
-        set_("JupyterHub.spawner_class", "localprocess")
-        # absolute: the server starts as the user, whose PATH may lack the hub venv
-        set_("Spawner.cmd", [str(hub.venv_bin / "jupyterhub-singleuser")])
-        set_("Spawner.environment", {"PATH": hub_search_path(hub)})
+    lines += _network_section(hub, node)
+    lines += ["", *_state_section(hub)]
+    lines += ["", *_login_section(hub)]
+    lines += ["", *_servers_section(hub)]
     lines += network_sections(hub)
     return "\n".join(lines) + "\n"
+
+
+def _network_section(hub: HubLayout, node: Path) -> list[str]:
+    s = hub.hub_settings
+    if hub.uses_docker:
+        lines = ["# network: users reach the proxy; the hub listens on the container bridge's "
+                 "gateway (below), the proxy API on loopback"]
+    else:
+        lines = ["# network: users reach the proxy; hub and proxy API stay on loopback"]
+    lines.append(config_line("JupyterHub.bind_url", f"{hub.scheme}://{url_host(s.ip)}:{s.port}/"))
+    if not hub.uses_docker:
+        lines.append(config_line("JupyterHub.hub_ip", "127.0.0.1"))
+    return lines + [
+        config_line("JupyterHub.hub_port", s.hub_port),
+        config_line("ConfigurableHTTPProxy.api_url", f"http://127.0.0.1:{s.proxy_api_port}"),
+        config_line("ConfigurableHTTPProxy.command", [str(node), str(hub.proxy_script)]),
+        config_line("ConfigurableHTTPProxy.pid_file", str(hub.proxy_pid_file)),
+    ]
+
+
+def _state_section(hub: HubLayout) -> list[str]:
+    return [
+        "# state and secrets: created once by install_hub, readable by root only",
+        config_line("JupyterHub.db_url", f"sqlite:///{hub.database}"),
+        config_line("JupyterHub.pid_file", str(hub.pid_file)),
+        config_line("JupyterHub.cookie_secret_file", str(hub.cookie_secret)),
+        f"with open({str(hub.proxy_token)!r}) as token_file:",
+        "    c.ConfigurableHTTPProxy.auth_token = token_file.read().strip()",
+    ]
+
+
+def _login_section(hub: HubLayout) -> list[str]:
+    s = hub.hub_settings
+    lines = [
+        "# who may log in",
+        config_line("JupyterHub.authenticator_class", hub.choice("authenticator")),
+        # sorted lists, not sets: the text must not change between runs
+        config_line("Authenticator.admin_users", sorted(set(s.admin_users))),
+        config_line("Authenticator.allowed_users", sorted(set(s.allowed_users))),
+    ]
+    if s.allowed_groups:
+        lines.append(config_line("LocalAuthenticator.allowed_groups",
+                                 sorted(set(s.allowed_groups))))
+    # JupyterHub >= 5 lets nobody in without an allow rule; no list here means every account
+    lines.append(config_line("Authenticator.allow_all",
+                             not (s.allowed_users or s.allowed_groups)))
+    return lines
+
+
+def _servers_section(hub: HubLayout) -> list[str]:
+    lines = ["# single-user servers", config_line("Spawner.default_url", "/lab")]
+    if hub.uses_docker:
+        return lines + _docker_spawner(hub)
+    return lines + [
+        config_line("JupyterHub.spawner_class", "localprocess"),
+        # absolute: the server starts as the user, whose PATH may lack the hub venv
+        config_line("Spawner.cmd", [str(hub.venv_bin / "jupyterhub-singleuser")]),
+        config_line("Spawner.environment", {"PATH": hub_search_path(hub)}),
+    ]
 
 
 def _docker_spawner(hub: HubLayout) -> list[str]:
     """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see docker_spawner.py)."""
     url = docker_api(hub).url
-    images, timeout = str(hub.images_file), hub.hub.spawn_timeout
+    images, timeout = str(hub.images_file), hub.hub_settings.spawn_timeout
     # a registry prefix (images.push) lets another machine pull; local builds are never pulled
     pull = "ifnotpresent" if hub.settings.images.push else "never"
     return [

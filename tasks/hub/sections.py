@@ -25,14 +25,15 @@ def network_sections(hub: HubLayout) -> list[str]:
     return lines
 
 
-def _set(name: str, value) -> str:
+def config_line(name: str, value) -> str:
+    """One setting of jupyterhub_config.py: ``c.Name = value``."""
     return f"c.{name} = {value!r}"
 
 
 def tls_service_command(hub: HubLayout) -> list[str]:
     """hubworks_tls_service.py (written by install_hub:tls) on hub.http_port."""
     return [str(hub.venv_python), str(hub.tls_service_script), "serve", "--http-port",
-            str(hub.hub.http_port), str(hub.tls_service_conf)]
+            str(hub.hub_settings.http_port), str(hub.tls_service_conf)]
 
 
 def https_section(hub: HubLayout) -> list[str]:
@@ -40,17 +41,17 @@ def https_section(hub: HubLayout) -> list[str]:
         return []
     lines = [f"# HTTPS ({hub.https}): the proxy serves the certificate install_hub keeps under "
              f"secrets/tls",
-             _set("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
-             _set("JupyterHub.ssl_key", str(hub.tls_key_file)),
-             _set("JupyterHub.cookie_options", {"secure": True}),
-             _set("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
+             config_line("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
+             config_line("JupyterHub.ssl_key", str(hub.tls_key_file)),
+             config_line("JupyterHub.cookie_options", {"secure": True}),
+             config_line("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
     if hub.choice("spawner") == "local":
         lines += ["# local servers read jupyter_server_config.json there (secure _xsrf cookie)",
                   "c.Spawner.environment.update(" + repr(
                       {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}) + ")"]
     if hub.redirects_http:
-        lines += [f"# plain HTTP on port {hub.hub.http_port} only redirects to HTTPS and answers "
-                  f"ACME challenges",
+        lines += [f"# plain HTTP on port {hub.hub_settings.http_port} only redirects to HTTPS "
+                  f"and answers ACME challenges",
                   "c.JupyterHub.services.append(" + repr(
                       {"name": "hubworks-http", "command": tls_service_command(hub)}) + ")"]
     return lines
@@ -58,14 +59,14 @@ def https_section(hub: HubLayout) -> list[str]:
 
 def activity_seconds(hub: HubLayout) -> int:
     """How often activity reaches the hub: a few times per culling period, at most 5 min."""
-    s = hub.hub
+    s = hub.hub_settings
     periods = [minutes * 60 for minutes in (s.cull_idle_minutes, s.cull_max_age_hours * 60)
                if minutes]
     return max(10, min([ACTIVITY_SECONDS] + [period // 4 for period in periods]))
 
 
 def culling_section(hub: HubLayout) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not (s.cull_idle_minutes or s.cull_max_age_hours):
         return []
     max_age = s.cull_max_age_hours * 3600
@@ -84,24 +85,24 @@ def culling_section(hub: HubLayout) -> list[str]:
                 {"name": "idle-culler", "scopes": CULLER_SCOPES,
                  "services": ["idle-culler"]}) + ")",
             "# servers and the proxy report activity often enough for that",
-            _set("JupyterHub.last_activity_interval", every),
+            config_line("JupyterHub.last_activity_interval", every),
             f"c.Spawner.environment.update({{'JUPYTERHUB_ACTIVITY_INTERVAL': {str(every)!r}}})"]
 
 
 def limits_section(hub: HubLayout) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not (s.mem_limit or s.cpu_limit):
         return []
     lines = ["# per-user limits: every spawner reads these (and sets MEM_LIMIT, CPU_LIMIT)"]
     if s.mem_limit:
-        lines.append(_set("Spawner.mem_limit", s.mem_limit))
+        lines.append(config_line("Spawner.mem_limit", s.mem_limit))
     if s.cpu_limit:
-        lines.append(_set("Spawner.cpu_limit", s.cpu_limit))
+        lines.append(config_line("Spawner.cpu_limit", s.cpu_limit))
     if hub.choice("spawner") != "local":
         return lines  # containers get them as their cgroup limits
     if hub.uses_systemd:
         return lines + ["# local servers in systemd units: the limits are the unit's cgroup",
-                        _set("JupyterHub.spawner_class", "systemdspawner.SystemdSpawner")]
+                        config_line("JupyterHub.spawner_class", "systemdspawner.SystemdSpawner")]
     if s.mem_limit:
         lines += _address_space_spawner()
     return lines

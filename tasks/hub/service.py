@@ -55,7 +55,7 @@ def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
 
 
 def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:
-    s = hub.hub
+    s = hub.hub_settings
     owners = {"port": (s.ip, s.port), "hub_port": ("127.0.0.1", s.hub_port),
               "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
     if hub.redirects_http:
@@ -108,7 +108,7 @@ def start_hub(hub: HubLayout) -> str:
     leftover = stop_hub(hub)
     ensure_ports_free(hub)
     if hub.uses_systemd:
-        run(["systemctl", "start", UNIT_NAME], log=log_path(hub.settings, "hub", "systemctl.log"))
+        _systemctl(hub, "start", UNIT_NAME)
         process = None
     else:
         process = _start_detached(hub)
@@ -116,6 +116,10 @@ def start_hub(hub: HubLayout) -> str:
     how = "systemd unit " + UNIT_NAME if hub.uses_systemd else f"log {hub.log_file}"
     before = "" if leftover == NOT_RUNNING else f"{leftover}; "
     return f"{engine}{before}the hub runs (pid {pid}, {how}): {hub.public_url}"
+
+
+def _systemctl(hub: HubLayout, *args: str) -> None:
+    run(["systemctl", *args], log=log_path(hub.settings, "hub", "systemctl.log"))
 
 
 def _start_detached(hub: HubLayout) -> subprocess.Popen:
@@ -163,8 +167,7 @@ def stop_hub(hub: HubLayout, *, with_engine: bool = False) -> str:
     said = _stop_hub_processes(hub)
     if with_engine and hub.uses_docker and docker_api(hub).managed:
         if hub.uses_systemd:
-            run(["systemctl", "stop", PODMAN_UNIT_NAME],
-                log=log_path(hub.settings, "hub", "systemctl.log"))
+            _systemctl(hub, "stop", PODMAN_UNIT_NAME)
             said += f"; stopped {PODMAN_UNIT_NAME}"
         else:
             stopped = stop_podman_service(hub)
@@ -174,22 +177,36 @@ def stop_hub(hub: HubLayout, *, with_engine: bool = False) -> str:
 
 def _stop_hub_processes(hub: HubLayout) -> str:
     pid = running_hub_pid(hub)
-    proxy = read_pid(hub.proxy_pid_file)
-    proxy = proxy if proxy and is_alive(proxy) and "proxy" in " ".join(
-        process_cmdline(proxy)) else None
+    proxy = _running_proxy_pid(hub)
     if pid is None and proxy is None:
         return NOT_RUNNING
     family = (descendants(pid) if pid else set()) | ({proxy} if proxy else set())
+    _signal_hub(hub, pid, family)
+    _wait_stopped(hub, pid, family)
+    return _stopped_says(hub, pid, proxy, family)
+
+
+def _running_proxy_pid(hub: HubLayout) -> int | None:
+    """The proxy of this prefix, also one left behind by a hub that died."""
+    proxy = read_pid(hub.proxy_pid_file)
+    return proxy if proxy and is_alive(proxy) and "proxy" in " ".join(
+        process_cmdline(proxy)) else None
+
+
+def _signal_hub(hub: HubLayout, pid: int | None, family: set[int]) -> None:
+    """SIGTERM the hub (through systemd when it runs the hub), or its leftovers without it."""
     try:
         if hub.uses_systemd and pid:
-            run(["systemctl", "stop", UNIT_NAME],
-                log=log_path(hub.settings, "hub", "systemctl.log"))
+            _systemctl(hub, "stop", UNIT_NAME)
         elif pid:
             os.kill(pid, signal.SIGTERM)
         else:
             signal_all(family)
     except PermissionError:
         require_root("stopping the hub")
+
+
+def _wait_stopped(hub: HubLayout, pid: int | None, family: set[int]) -> None:
     if pid and wait_gone([pid], STOP_SECONDS):
         raise HubworksError(f"the hub (pid {pid}) did not stop within {STOP_SECONDS} s.",
                             fix=f"look at {hub.log_file}; then kill -9 {pid}")
@@ -203,6 +220,9 @@ def _stop_hub_processes(hub: HubLayout) -> str:
             f"processes of the hub are still running after SIGTERM: "
             f"{', '.join(map(str, sorted(left)))}.",
             fix=f"kill -9 {' '.join(map(str, sorted(left)))}")
+
+
+def _stopped_says(hub: HubLayout, pid: int | None, proxy: int | None, family: set[int]) -> str:
     if pid is None:
         return f"stopped a proxy (pid {proxy}) left from an earlier hub"
     proxy_part = f"its proxy (pid {proxy})" if proxy else "no proxy"

@@ -100,7 +100,7 @@ def _certificate(hub: HubLayout) -> list[str]:
         return [f"certificate  {hub.tls_cert_file} is missing: run doit install_hub"]
     expiry, left = tls_service.certificate_expiry(chain), tls_service.days_left(chain)
     how = ("renewed when fewer than 30 days are left" if hub.https == "letsencrypt"
-           else f"from hub.tls_cert {hub.hub.tls_cert}")
+           else f"from hub.tls_cert {hub.hub_settings.tls_cert}")
     return [f"certificate  expires {expiry:%Y-%m-%d %H:%M} UTC ({left:.0f} days left), {how}"]
 
 

@@ -16,29 +16,27 @@ import secrets
 import shutil
 import sqlite3
 import stat
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..commands import log_path
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from .checks import Check, checks_first
-from .containers import (api_problem, docker_api, podman_environment, recorded_podman_env,
-                         running_podman_pid, start_podman_service, stop_podman_service,
-                         write_podman_env)
+from .containers import (DockerAPI, api_problem, docker_api, podman_environment,
+                         recorded_podman_env, running_podman_pid, start_podman_service,
+                         stop_podman_service, write_podman_env)
 from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
+from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
 from .render import hub_search_path, render_config, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
-from .system import (Python, blocked_for_others, first_writable_by_others,
-                     install_packages, make_readable_not_writable, node_candidates,
-                     node_version, npm_for, package_candidate, package_manager,
-                     parse_version, probe_python, python_candidates, python_on_disk,
-                     replace_file, require_root, run, satisfies, show_version, user_name,
-                     write_private_file)
+from .system import (Python, blocked_for_others, first_writable_by_others, install_packages,
+                     make_readable_not_writable, npm_for, package_candidate, package_manager,
+                     probe_python, python_candidates, python_on_disk, require_root, run,
+                     show_version, user_name, write_private_file)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
 
 MIN_PYTHON = (3, 10)
@@ -60,6 +58,12 @@ def _log(hub: HubLayout, step: str) -> Path:
 
 # ---- prefix ------------------------------------------------------------------------------
 
+def _prefix_folders(hub: HubLayout) -> dict[Path, int]:
+    """The folders the prefix step makes, with their modes: secrets and state are root's."""
+    return {hub.prefix: 0o755, hub.etc: 0o755, hub.config_d: 0o755,
+            hub.secrets: 0o700, hub.var: 0o700}
+
+
 def check_prefix(hub: HubLayout) -> Check:
     prefix = hub.prefix
     if not prefix.is_dir():
@@ -67,8 +71,8 @@ def check_prefix(hub: HubLayout) -> Check:
     blocked = blocked_for_others(prefix)
     if blocked:
         return Check(False, f"other users cannot enter {prefix}: {blocked}")
-    for folder, private in ((prefix, False), (hub.etc, False), (hub.config_d, False),
-                            (hub.secrets, True), (hub.var, True)):
+    for folder, wanted_mode in _prefix_folders(hub).items():
+        private = wanted_mode == 0o700
         try:
             st = os.stat(folder)
         except OSError:
@@ -86,7 +90,16 @@ def check_prefix(hub: HubLayout) -> Check:
 
 @checks_first(check_prefix)
 def ensure_prefix(hub: HubLayout) -> str:
-    prefix = hub.prefix
+    _require_writable_place(hub.prefix)
+    hub.prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _require_enterable(hub.prefix)
+    _make_prefix_folders(hub)
+    _close_to_writes_by_others(hub)
+    return f"{hub.prefix} ready: every user can enter it, secrets/ and var/ are private"
+
+
+def _require_writable_place(prefix: Path) -> None:
+    """The prefix, or the folder it would be created in, must be writable by this user."""
     existing = next(p for p in (prefix, *prefix.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         where = "" if existing == prefix else f"cannot be created: {existing} "
@@ -94,34 +107,40 @@ def ensure_prefix(hub: HubLayout) -> str:
             f"the hub prefix {prefix} {where}is not writable by {user_name()}.",
             fix="run as root (sudo doit install_hub), or set hub.prefix "
                 "(HUBWORKS_HUB_PREFIX) to a folder you can write")
-    prefix.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _require_enterable(prefix: Path) -> None:
     blocked = blocked_for_others(prefix)
     if blocked:
         raise HubworksError(
             f"every user must be able to enter {prefix} (their servers run from its venv), "
             f"but {blocked}.",
             fix="set hub.prefix to a folder outside it, such as /opt/jupyterhub")
-    for folder, mode in ((prefix, 0o755), (hub.etc, 0o755), (hub.config_d, 0o755),
-                         (hub.secrets, 0o700), (hub.var, 0o700)):
+
+
+def _make_prefix_folders(hub: HubLayout) -> None:
+    for folder, mode in _prefix_folders(hub).items():
         folder.mkdir(mode=mode, exist_ok=True)
         if os.stat(folder).st_uid != os.geteuid():
             os.chown(folder, os.geteuid(), os.getegid())
         os.chmod(folder, mode)
+
+
+def _close_to_writes_by_others(hub: HubLayout) -> None:
+    """Nobody but root writes under the prefix; what users run from stays readable."""
     for public in (hub.venv, hub.node_modules, hub.etc):
         if public.exists():
             make_readable_not_writable(public)
     for private in (hub.secrets, hub.var):
         make_readable_not_writable(private, readable=False)
-    loose = first_writable_by_others(prefix)
-    if loose:
-        make_readable_not_writable(prefix, readable=False)
-    return f"{prefix} ready: every user can enter it, secrets/ and var/ are private"
+    if first_writable_by_others(hub.prefix):
+        make_readable_not_writable(hub.prefix, readable=False)
 
 
 # ---- Python ------------------------------------------------------------------------------
 
 def _named_python(hub: HubLayout) -> Path | None:
-    name = hub.hub.python
+    name = hub.hub_settings.python
     if not name:
         return None
     found = shutil.which(name) if os.sep not in name else name
@@ -262,221 +281,21 @@ def _install_python(hub: HubLayout, skipped: list[str]) -> Python:
                         f"offers none.", fix=f"install {what}, or name one in hub.python")
 
 
-# ---- Node.js and the proxy release it can run --------------------------------------------
-#
-# etc/proxy-releases.json remembers what npm said: the node range each release of the pinned
-# major declares, and, per node binary and version, whether a release's whole dependency tree
-# installs under --engine-strict (5.3.0 declares node >= 20 but pulls commander 15, which needs
-# 22.12). Both answers are fixed for a given release and node, so checks read them from there.
-
-@dataclass(frozen=True)
-class NodeChoice:
-    node: Path
-    version: tuple[int, ...]
-    release: str  # the configurable-http-proxy release this node runs
-    says: str
-
-
-def _proxy_cache(hub: HubLayout) -> dict:
-    try:
-        return json.loads(hub.proxy_releases_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_proxy_cache(hub: HubLayout, cache: dict) -> None:
-    replace_file(hub.proxy_releases_file, json.dumps(cache, indent=1, sort_keys=True) + "\n",
-                 0o644)
-
-
-def _pin_major(hub: HubLayout) -> str:
-    return hub.hub.proxy_version.split(".")[0]
-
-
-def _node_key(path: Path, version: tuple[int, ...]) -> str:
-    return f"{path} v{show_version(version)}"
-
-
-def _nodes(hub: HubLayout) -> list[tuple[Path, tuple[int, ...]]]:
-    if hub.hub.node:
-        path = Path(shutil.which(hub.hub.node) or hub.hub.node)
-        if not path.is_file():
-            raise HubworksError(f"hub.node names {hub.hub.node}, which does not exist.",
-                                fix="name an installed node, or leave hub.node empty")
-        return [(path, node_version(path))]
-    return [(path, node_version(path)) for path in node_candidates()]
-
-
-def _older_releases(releases, pin: str) -> list[str]:
-    return sorted((r for r in releases if parse_version(r) < parse_version(pin)),
-                  key=parse_version, reverse=True)
-
-
-def node_choice(hub: HubLayout) -> NodeChoice | None:
-    """Which node runs which proxy release, from the cache and ``node --version`` only."""
-    pin = hub.hub.proxy_version
-    cache = _proxy_cache(hub)
-    nodes = _nodes(hub)
-    for path, version in nodes:
-        if cache.get("runs", {}).get(_node_key(path, version), {}).get(pin) == "":
-            return NodeChoice(path, version, pin, f"Node.js v{show_version(version)} at {path} "
-                                                  f"runs configurable-http-proxy {pin}")
-    for path, version in nodes:
-        key = _node_key(path, version)
-        runs = cache.get("runs", {}).get(key, {})
-        no_newer = cache.get("no_newer_node", {}).get(key)
-        fits = [r for r in _older_releases(runs, pin) if runs[r] == ""]
-        if runs.get(pin) and no_newer and fits:
-            return NodeChoice(path, version, fits[0], (
-                f"Node.js v{show_version(version)} at {path} cannot run configurable-http-proxy "
-                f"{pin} ({runs[pin]}) and {no_newer}: configurable-http-proxy {fits[0]} "
-                f"instead"))
-    return None
-
-
-def chosen_node(hub: HubLayout) -> NodeChoice:
-    choice = node_choice(hub)
-    if choice is None:
-        raise HubworksError("no Node.js has been chosen for the proxy.",
-                            fix="run doit install_hub:node first; it says what is missing")
-    return choice
-
+# ---- Node.js and the proxy release it can run (chosen in node.py) ------------------------
 
 def check_node(hub: HubLayout) -> Check:
     choice = node_choice(hub)
     if choice:
         return Check(True, choice.says)
     return Check(False, f"not yet known which Node.js here runs configurable-http-proxy "
-                        f"{hub.hub.proxy_version} (asks npm)")
+                        f"{hub.hub_settings.proxy_version} (asks npm)")
 
 
 @checks_first(check_node)
 def ensure_node(hub: HubLayout) -> str:
-    nodes = _nodes(hub)
-    if not nodes:
-        _install_node(hub, "no Node.js found")
-        nodes = _nodes(hub)
-    pin = hub.hub.proxy_version
-    declared = _declared_releases(hub, nodes)
-    why = [_runs(hub, path, version, pin, declared) for path, version in nodes]
-    if "" in why:
-        return node_choice(hub).says
-    if not hub.hub.node and package_manager():
-        needs = why[0].rsplit("node ", 1)[-1]  # "<package> needs node >=22.12.0"
-        offered = package_candidate("nodejs")
-        if offered and satisfies(offered, needs) and offered > max(v for _, v in nodes):
-            _install_node(hub, f"configurable-http-proxy {pin} needs node {needs}")
-            return ensure_node(hub)
-        no_newer = f"{package_manager()} offers nodejs " + (
-            show_version(offered) if offered else "in no version")
-    elif hub.hub.node:
-        no_newer = "hub.node names it, so install_hub does not replace it"
-    else:
-        no_newer = "there is no package manager here to install a newer one"
-    return _choose_older_proxy(hub, nodes, declared, no_newer)
-
-
-def _declared_releases(hub: HubLayout, nodes) -> dict[str, str]:
-    """Ask npm which node each release of the pinned major declares; cache it under etc/."""
-    pin = hub.hub.proxy_version
-    cache = _proxy_cache(hub)
-    known = cache.get("declared", {}).get(_pin_major(hub), {})
-    if pin in known:
-        return known
-    npm = _npm([path for path, _ in nodes])
-    answer = json.loads(run(
-        [npm, "view", "--json", f"{PROXY_PACKAGE}@{_pin_major(hub)}", "version", "engines"],
-        log=_log(hub, "node"), env=_node_env(nodes[0][0]), capture=True))
-    entries = answer if isinstance(answer, list) else [answer]
-    known = {e["version"]: (e.get("engines") or {}).get("node", "*") for e in entries}
-    if pin not in known:
-        raise HubworksError(
-            f"configurable-http-proxy has no release {pin}.",
-            fix=f"set hub.proxy_version to one of {', '.join(known) or 'its releases'}")
-    cache.setdefault("declared", {})[_pin_major(hub)] = known
-    _save_proxy_cache(hub, cache)
-    return known
-
-
-def _npm(nodes: list[Path]) -> Path:
-    npm = next((npm_for(path) for path in nodes if npm_for(path)), None)
-    if npm is None:
-        raise HubworksError("npm is missing: it installs configurable-http-proxy.",
-                            fix="install npm (Debian: apt-get install npm) or a Node.js "
-                                "that ships it")
-    return npm
-
-
-def _runs(hub: HubLayout, node: Path, version, release: str, declared: dict[str, str]) -> str:
-    """'' when ``release`` installs on ``node`` with every engine range met; else why not."""
-    cache = _proxy_cache(hub)
-    runs = cache.setdefault("runs", {}).setdefault(_node_key(node, version), {})
-    if release in runs:
-        return runs[release]
-    if not satisfies(version, declared[release]):
-        runs[release] = f"it declares node {declared[release]}"
-    else:
-        runs[release] = _dry_run(hub, node, release)
-    _save_proxy_cache(hub, cache)
-    return runs[release]
-
-
-def _dry_run(hub: HubLayout, node: Path, release: str) -> str:
-    with tempfile.TemporaryDirectory() as scratch:
-        done = subprocess.run(
-            [str(_npm([node])), "install", "--dry-run", "--engine-strict",
-             "--no-audit", "--no-fund", "--prefix", scratch, f"{PROXY_PACKAGE}@{release}"],
-            capture_output=True, text=True, env=_node_env(node), cwd=scratch)
-    if done.returncode == 0:
-        return ""
-    culprit = re.search(r"Not compatible with your version of node/npm: (\S+)", done.stderr)
-    needs = _required_node(done.stderr)
-    if culprit and needs:
-        return f"{culprit.group(1)} needs node {needs}"
-    raise HubworksError(f"npm could not resolve configurable-http-proxy {release}:\n"
-                        f"{done.stderr.strip()[-800:]}",
-                        fix="check that the npm registry is reachable, then run again")
-
-
-def _required_node(npm_error: str) -> str | None:
-    match = re.search(r'Required:\s*\{"node":"([^"]+)"', npm_error)
-    return match.group(1) if match else None
-
-
-def _node_env(node: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{node.parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _install_node(hub: HubLayout, why: str) -> None:
-    if not package_manager():
-        raise HubworksError(f"{why} and no package manager here to install Node.js.",
-                            fix="install Node.js >= 20 and npm, or name a node in hub.node")
-    install_packages(["nodejs"], _log(hub, "node"))
-    # NodeSource's nodejs ships npm; Debian's needs its npm package (which conflicts with
-    # NodeSource's), so add it only when the installed node came without one
-    nodes = node_candidates()
-    if nodes and not npm_for(nodes[0]) and package_candidate("npm"):
-        install_packages(["npm"], _log(hub, "node"))
-
-
-def _choose_older_proxy(hub: HubLayout, nodes, declared: dict[str, str], no_newer: str) -> str:
-    pin = hub.hub.proxy_version
-    for path, version in nodes:
-        for release in _older_releases(declared, pin):
-            if _runs(hub, path, version, release, declared) == "":
-                cache = _proxy_cache(hub)
-                cache.setdefault("no_newer_node", {})[_node_key(path, version)] = no_newer
-                _save_proxy_cache(hub, cache)
-                return node_choice(hub).says
-    path, version = nodes[0]
-    raise HubworksError(
-        f"Node.js v{show_version(version)} at {path} is too old for every "
-        f"configurable-http-proxy {_pin_major(hub)}.x release up to {pin} (they need node "
-        f"{' or '.join(sorted(set(declared.values())))}), and {no_newer}.",
-        fix="install Node.js >= 20 (distribution or NodeSource packages) and put it on PATH "
-            "or name it in hub.node; or set hub.proxy_version to a release of an older major")
+    says = choose_node(hub, _log(hub, "node"))
+    # None: a newer Node.js was installed; check again, as a first run would
+    return ensure_node(hub) if says is None else says
 
 
 # ---- the venv and what pip puts in it ----------------------------------------------------
@@ -530,7 +349,7 @@ def _pip_env() -> dict[str, str]:
 
 
 def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
-    pin = getattr(hub.hub, f"{key}_version")
+    pin = getattr(hub.hub_settings, f"{key}_version")
     have = installed_version(hub, dist)
     if have == pin:
         return Check(True, f"{dist} {pin} in {hub.venv}")
@@ -539,7 +358,7 @@ def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
 
 
 def _install_package(hub: HubLayout, dist: str, key: str) -> str:
-    pin = getattr(hub.hub, f"{key}_version")
+    pin = getattr(hub.hub_settings, f"{key}_version")
     before = installed_version(hub, dist)
     # --compile: users cannot write __pycache__ into root's venv, so compile it now
     run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}"],
@@ -600,7 +419,7 @@ def ensure_proxy(hub: HubLayout) -> str:
     npm = npm_for(choice.node)
     run([npm, "install", "--prefix", hub.prefix, "--save-exact", "--engine-strict",
          "--no-audit", "--no-fund", f"{PROXY_PACKAGE}@{choice.release}"],
-        log=_log(hub, "proxy"), env=_node_env(choice.node))
+        log=_log(hub, "proxy"), env=node_env(choice.node))
     make_readable_not_writable(hub.node_modules)
     for name in ("package.json", "package-lock.json"):
         if (hub.prefix / name).exists():
@@ -671,34 +490,44 @@ def check_engine(hub: HubLayout) -> Check:
 def ensure_engine(hub: HubLayout) -> str:
     api = docker_api(hub)
     if not api.managed:
-        problem = api_problem(api.url)
-        if api.engine == "docker":
-            fix = "start Docker (systemctl start docker) or set images.engine = \"podman\""
-        else:
-            fix = "start the engine behind it, or correct hub.docker_url (HUBWORKS_HUB_DOCKER_URL)"
-        raise HubworksError(f"users' servers run through the Docker API at {api.url} "
-                            f"({api.origin}), which does not answer: {problem}.",
-                            fix=f"{fix}; then run doit install_hub again")
+        raise _unanswered_api_error(api)
     require_root("running podman's API service for the hub")
     env = podman_environment()
     changed = recorded_podman_env(hub) != env
     write_podman_env(hub, env)
-    said = []
-    if hub.uses_systemd:
-        replace_file(hub.podman_unit_file, render_podman_unit(hub), 0o644)
-        log = _log(hub, "engine")
-        if systemd_is_running():
-            run(["systemctl", "daemon-reload"], log=log)
-        run(["systemctl", "enable", PODMAN_UNIT_NAME], log=log)
-        if systemd_is_running():
-            run(["systemctl", "restart" if changed else "start", PODMAN_UNIT_NAME], log=log)
-        said.append(f"wrote and enabled {hub.podman_unit_file}")
-    else:
-        if changed:
-            said.append(stop_podman_service(hub))
-        said.append(start_podman_service(hub))
+    said = _podman_unit(hub, changed) if hub.uses_systemd else _podman_process(hub, changed)
     config = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "podman's own defaults"
     return "; ".join(part for part in said if part) + f"; its configuration: {config}"
+
+
+def _unanswered_api_error(api: DockerAPI) -> HubworksError:
+    """An engine install_hub does not run (Docker, or hub.docker_url) has to be started."""
+    problem = api_problem(api.url)
+    if api.engine == "docker":
+        fix = "start Docker (systemctl start docker) or set images.engine = \"podman\""
+    else:
+        fix = "start the engine behind it, or correct hub.docker_url (HUBWORKS_HUB_DOCKER_URL)"
+    return HubworksError(f"users' servers run through the Docker API at {api.url} "
+                         f"({api.origin}), which does not answer: {problem}.",
+                         fix=f"{fix}; then run doit install_hub again")
+
+
+def _podman_unit(hub: HubLayout, changed: bool) -> list[str]:
+    """With systemd: podman's API service as a unit, restarted when its configuration changed."""
+    atomic_write_bytes(hub.podman_unit_file, render_podman_unit(hub).encode(), 0o644)
+    log = _log(hub, "engine")
+    if systemd_is_running():
+        run(["systemctl", "daemon-reload"], log=log)
+    run(["systemctl", "enable", PODMAN_UNIT_NAME], log=log)
+    if systemd_is_running():
+        run(["systemctl", "restart" if changed else "start", PODMAN_UNIT_NAME], log=log)
+    return [f"wrote and enabled {hub.podman_unit_file}"]
+
+
+def _podman_process(hub: HubLayout, changed: bool) -> list[str]:
+    """Without systemd: podman's API service as a process of the hub's, restarted likewise."""
+    said = [stop_podman_service(hub)] if changed else []
+    return said + [start_podman_service(hub)]
 
 
 # ---- the images users can pick (spawner = docker) ----------------------------------------
@@ -754,7 +583,7 @@ def ensure_config(hub: HubLayout) -> str:
     ensure_ports_free(hub, ours=ports_of_running_hub(hub))
     existed = hub.config_file.exists()
     for path, text in _written_files(hub, wanted).items():
-        replace_file(path, text, 0o644)
+        atomic_write_bytes(path, text.encode(), 0o644)
     return f"{'rewrote' if existed else 'wrote'} {hub.config_file}"
 
 
@@ -839,7 +668,7 @@ def check_service(hub: HubLayout) -> Check:
 @checks_first(check_service)
 def ensure_service(hub: HubLayout) -> str:
     require_root(f"writing the systemd unit {hub.unit_file}")
-    replace_file(hub.unit_file, render_unit(hub), 0o644)
+    atomic_write_bytes(hub.unit_file, render_unit(hub).encode(), 0o644)
     log = _log(hub, "service")
     if systemd_is_running():
         run(["systemctl", "daemon-reload"], log=log)
@@ -904,7 +733,7 @@ def ensure_health(hub: HubLayout) -> str:
 
 def _limits_by_systemd(hub: HubLayout) -> bool:
     return hub.choice("spawner") == "local" and hub.uses_systemd and \
-        bool(hub.hub.mem_limit or hub.hub.cpu_limit)
+        bool(hub.hub_settings.mem_limit or hub.hub_settings.cpu_limit)
 
 
 STEPS: list[Step] = [
@@ -932,7 +761,8 @@ STEPS: list[Step] = [
          wanted=lambda hub: hub.uses_docker),
     Step("idle_culler", "jupyterhub-idle-culler in the venv (culling on only).",
          check_idle_culler, ensure_idle_culler, after=("jupyterlab",),
-         wanted=lambda hub: bool(hub.hub.cull_idle_minutes or hub.hub.cull_max_age_hours)),
+         wanted=lambda hub: bool(hub.hub_settings.cull_idle_minutes
+                                 or hub.hub_settings.cull_max_age_hours)),
     Step("systemdspawner", "jupyterhub-systemdspawner (local servers with limits, systemd).",
          check_systemdspawner, ensure_systemdspawner, after=("jupyterlab",),
          wanted=_limits_by_systemd),

@@ -92,15 +92,6 @@ def write_private_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         handle.write(data)
 
 
-def replace_file(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` atomically with ``mode``."""
-    temporary = path.with_name(f".{path.name}.new")
-    temporary.unlink(missing_ok=True)
-    write_private_file(temporary, text.encode(), mode)
-    os.chmod(temporary, mode)  # the umask may have taken bits away
-    os.replace(temporary, path)
-
-
 def user_name(uid: int | None = None) -> str:
     import pwd
     uid = os.geteuid() if uid is None else uid

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from ..commands import log_path
 from ..errors import HubworksError
+from ..fsutil import atomic_write_bytes
 from . import tls_service
 from .checks import Check, checks_first
 from .layout import SYSTEMD_UNIT_DIR, HubLayout, systemd_is_running
 from .service import running_hub_pid
-from .system import (descendants, port_is_free, process_cmdline, replace_file, require_root,
-                     run)
+from .system import descendants, port_is_free, process_cmdline, require_root, run
 
 RENEW_DAYS = 30
 RENEW_EVERY_HOURS = 12
@@ -39,7 +39,7 @@ TIMER_NAME = "hubworks-tls-renew"
 
 def service_conf(hub: HubLayout) -> dict:
     """What ``hubworks_tls_service.py`` needs, as written to ``etc/hubworks_tls.json``."""
-    s = hub.hub
+    s = hub.hub_settings
     conf = {
         "domain": s.domain, "listen_ip": s.ip, "https_port": s.port,
         "proxy_host": hub.local_host, "proxy_pid_file": str(hub.proxy_pid_file),
@@ -103,7 +103,7 @@ def _expiry_says(chain: bytes) -> str:
 
 
 def _files_sources(hub: HubLayout) -> tuple[Path, Path]:
-    s = hub.hub
+    s = hub.hub_settings
     if not s.tls_cert or not s.tls_key:
         raise HubworksError(
             "hub.https = files needs hub.tls_cert and hub.tls_key.",
@@ -145,7 +145,7 @@ def _check_letsencrypt(hub: HubLayout) -> Check:
     if tls_service.read_bytes(hub.tls_cert_file) != chain or \
             tls_service.read_bytes(hub.tls_key_file) != tls_service.read_bytes(key_file):
         return Check(False, f"the proxy's copy differs from certbot's {chain_file}")
-    return Check(True, f"the certificate for {hub.hub.domain} {_expiry_says(chain)} "
+    return Check(True, f"the certificate for {hub.hub_settings.domain} {_expiry_says(chain)} "
                        f"(renewed from {RENEW_DAYS} days before); key 600, root's")
 
 
@@ -159,7 +159,7 @@ def ensure_tls(hub: HubLayout) -> str:
         os.chmod(path.parent, 0o755)  # users' servers read etc/jupyter
         # only a changed file is written: the health step restarts the hub for a new one
         if not path.exists() or path.read_text() != text:
-            replace_file(path, text, 0o644)
+            atomic_write_bytes(path, text.encode(), 0o644)
             said.append(f"wrote {path}")
         os.chmod(path, 0o644)
     hub.tls_dir.mkdir(mode=0o700, exist_ok=True)
@@ -171,6 +171,19 @@ def ensure_tls(hub: HubLayout) -> str:
 
 def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
     cert, key = _files_sources(hub)
+    _require_serving_pair(cert, key)
+    chain = cert.read_bytes()
+    left = _days_left_of(cert, chain)
+    said = [f"the proxy serves {cert}, which {_expiry_says(chain)}"]
+    if left < RENEW_DAYS:
+        said.append("ask the office's CA for a new one soon")
+    if tls_service.install_files(conf, chain, key.read_bytes()):
+        said.append(_reload(hub, conf))
+    return said
+
+
+def _require_serving_pair(cert: Path, key: Path) -> None:
+    """Both readable PEM files, and the key belongs to the certificate."""
     for path in (cert, key):
         if tls_service.read_bytes(path) is None:
             raise HubworksError(f"{path} (hub.tls_{'cert' if path == cert else 'key'}) cannot "
@@ -186,7 +199,10 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
             fix="name the certificate (PEM, leaf first, then its chain) and the unencrypted "
                 "key it was issued for (openssl pkey -in <key> -out <plain key> removes a "
                 "passphrase)") from None
-    chain = cert.read_bytes()
+
+
+def _days_left_of(cert: Path, chain: bytes) -> float:
+    """Days until the office's certificate expires; it must not have expired."""
     try:
         left = tls_service.days_left(chain)
     except ValueError as exc:
@@ -196,16 +212,11 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
         raise HubworksError(
             f"{cert} (hub.tls_cert) expired on {tls_service.certificate_expiry(chain):%Y-%m-%d}.",
             fix="get a new certificate from the office's CA, or set https = letsencrypt")
-    said = [f"the proxy serves {cert}, which {_expiry_says(chain)}"]
-    if left < RENEW_DAYS:
-        said.append("ask the office's CA for a new one soon")
-    if tls_service.install_files(conf, chain, key.read_bytes()):
-        said.append(_reload(hub, conf))
-    return said
+    return left
 
 
 def _ensure_letsencrypt(hub: HubLayout, conf: dict) -> list[str]:
-    s = hub.hub
+    s = hub.hub_settings
     if not s.domain:
         raise HubworksError("hub.https = letsencrypt needs hub.domain, the name the "
                             "certificate is for.", fix="set [hub] domain = \"hub.example.org\"")
@@ -235,8 +246,8 @@ def _run_certbot(hub: HubLayout, command: list[str], env: dict[str, str]) -> Non
 @contextlib.contextmanager
 def _challenge_answered(hub: HubLayout, conf: dict):
     """Port hub.http_port answers ACME challenges for the block: the hub's service, or ours."""
-    port = hub.hub.http_port
-    if port_is_free(hub.hub.ip, port):
+    port = hub.hub_settings.http_port
+    if port_is_free(hub.hub_settings.ip, port):
         with tls_service.http_listener(conf, port):
             yield
         return
@@ -325,7 +336,7 @@ def check_renewal_timer(hub: HubLayout) -> Check:
 def ensure_renewal_timer(hub: HubLayout) -> str:
     require_root(f"writing the systemd units {TIMER_NAME}.service and .timer")
     for path, text in renewal_units(hub).items():
-        replace_file(path, text, 0o644)
+        atomic_write_bytes(path, text.encode(), 0o644)
     log = log_path(hub.settings, "install_hub", "tls_renewal.log")
     if systemd_is_running():
         run(["systemctl", "daemon-reload"], log=log)
