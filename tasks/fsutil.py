@@ -1,4 +1,4 @@
-"""Small file helpers shared by the channel tasks: atomic writes and package file names."""
+"""Small file helpers shared by every task: atomic writes, locks, links and package file names."""
 
 from __future__ import annotations
 
