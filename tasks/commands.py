@@ -69,11 +69,14 @@ def run_logged(command: Sequence[str | os.PathLike], log: Path, *, title: str = 
         except OSError as exc:
             raise HubworksError(f"{command[0]} could not start: {exc.strerror}.",
                                 fix=f"check that {command[0]} is installed") from None
+        output = None
         with RUN.process(process):
-            output = process.stdout.read() if capture else None
-            for line in process.stdout if hidden and not capture else ():
-                handle.write(cleaned(line))
-                handle.flush()
+            if capture:
+                output = process.stdout.read()
+            elif hidden:
+                for line in process.stdout:
+                    handle.write(cleaned(line))
+                    handle.flush()
             return subprocess.CompletedProcess(command, process.wait(), output)
 
 
@@ -84,3 +87,8 @@ def log_tail(log: Path, lines: int) -> str:
     except OSError:
         return ""
     return "\n".join("    " + line for line in text[-lines:])
+
+
+def failed_build_log(log: Path, lines: int) -> str:
+    """What a failed build's error shows of its log: the last lines, and where the rest is."""
+    return f"  last lines of its log:\n{log_tail(log, lines)}\n  full log: {log}"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
-from .commands import log_path, log_tail, run_logged
+from .commands import failed_build_log, log_path, run_logged
 from .errors import HubworksError, reports_errors
 from .fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, folder_files,
                      is_package, link_or_copy, publish_new_file, read_json, sha256_file)
@@ -634,8 +634,7 @@ def _build_failure(settings: Settings, recipe: Recipe, returncode: int,
     why = "produced no package" if returncode == 0 else f"exited with status {returncode}"
     return HubworksError(
         f"recipe '{recipe.name}' failed to build ({recipe.spec}): {recipe.backend} {why}.\n"
-        f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
-        f"  full log: {log}",
+        + failed_build_log(log, settings.recipes.log_tail),
         fix="correct the recipe (the log says where it stopped), then run build_recipes again")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..commands import log_tail
+from ..commands import failed_build_log
 from ..errors import HubworksError
 from ..settings import Settings
 
@@ -52,13 +52,10 @@ def diagnose(log_text: str) -> tuple[str, str]:
     return "", "fix the cause the log names, then run build_images again"
 
 
-
 def build_failure(settings: Settings, image_name: str, returncode: int, log: Path
                   ) -> HubworksError:
     """The error of a failed build: what its log says, its last lines, and where it is."""
     notes, fix = diagnose(log.read_text(errors="replace"))
     return HubworksError(
         f"image '{image_name}' failed to build (repo2docker exited with status "
-        f"{returncode}).{notes}\n"
-        f"  last lines of its log:\n{log_tail(log, settings.recipes.log_tail)}\n"
-        f"  full log: {log}", fix=fix)
+        f"{returncode}).{notes}\n" + failed_build_log(log, settings.recipes.log_tail), fix=fix)
