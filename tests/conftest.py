@@ -109,10 +109,30 @@ def example_workspace(tmp_path) -> Workspace:
     return ws
 
 
+def free_ports(count: int) -> list[int]:
+    """Loopback ports nothing listens on (the OS just handed them out, all different)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
 def port_refuses(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(2)
-        return sock.connect_ex((host, port)) != 0
+    """True when nothing listens on ``port``, False when something accepts; anything else
+    (a timeout) is an error, not an answer."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def interrupted_output(doit: subprocess.Popen) -> str:

@@ -36,6 +36,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.conftest import free_port
+
 REGISTRY = "/usr/bin/docker-registry"  # Debian's docker-registry: a registry without containers
 BUSYBOX = "/bin/busybox"  # Debian's busybox-static: one static binary with every applet
 BUSYBOX_IMAGE = "localhost/hubworks-test/busybox:latest"
@@ -161,13 +163,6 @@ def image_metadata(ref: str) -> str:
     history = subprocess.run(["podman", "history", "--no-trunc", "--format", "json", ref],
                              capture_output=True, text=True, check=True).stdout
     return inspect + history
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (the OS just handed it out)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.podman_fixtures import free_port
+from tests.conftest import free_port
 
 ACCESS_KEY = "hubworks-test"
 SECRET_KEY = "hubworks-test-secret"

@@ -19,7 +19,8 @@ import pytest
 
 from tasks.engines import select_engine
 from tasks.errors import HubworksError
-from tests.podman_fixtures import free_port, image_file, registry_tags
+from tests.conftest import free_port
+from tests.podman_fixtures import image_file, registry_tags
 
 DOCKERFILE = """\
 FROM {base}

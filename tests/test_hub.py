@@ -38,6 +38,7 @@ from tasks.hub.layout import HubLayout
 from tasks.hub.render import render_config, render_podman_unit, render_unit
 from tasks.hub.steps import schema_head
 from tasks.settings import load_settings
+from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 DODO = REPO / "dodo.py"
@@ -115,17 +116,6 @@ def missing(what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"this test needs {what}")
     pytest.skip(f"needs {what}")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def public_tempdir(prefix: str) -> Path:

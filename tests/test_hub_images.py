@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DoitRun, Workspace
-from tests.test_hub import PREVIOUS_JUPYTERHUB, add_user, free_ports, missing, public_tempdir
+from tests.conftest import DoitRun, Workspace, free_ports
+from tests.test_hub import PREVIOUS_JUPYTERHUB, add_user, missing, public_tempdir
 
 pytestmark = pytest.mark.slow
 

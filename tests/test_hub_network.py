@@ -43,8 +43,9 @@ from tasks.hub.render import render_config
 from tasks.hub.steps import STEPS
 from tasks.hub.tls import renewal_units
 from tasks.settings import load_settings
-from tests.test_hub import (HubSite, add_user, free_ports, log_in_and_open_lab, missing,
-                            processes_of, processes_under, public_tempdir, single_user_servers)
+from tests.conftest import free_ports
+from tests.test_hub import (HubSite, add_user, log_in_and_open_lab, missing, processes_of,
+                            processes_under, public_tempdir, single_user_servers)
 
 MEM_LIMIT = "2G"
 MEM_LIMIT_BYTES = 2 * 1024 ** 3

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from tests.conftest import DODO, DoitRun, interrupted_output, port_refuses
-from tests.podman_fixtures import (files_in_image_containing, free_port, image_file,
-                                   image_metadata, registry_tags)
+from tests.conftest import DODO, DoitRun, free_port, interrupted_output, port_refuses
+from tests.podman_fixtures import (files_in_image_containing, image_file, image_metadata,
+                                   registry_tags)
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import DODO, Workspace
-from tests.podman_fixtures import free_port
+from tests.conftest import DODO, Workspace, free_port
 from tests.test_conda_client import install
 
 pytest_plugins = ["tests.s3_fixtures"]  # the moto_endpoint and s3_store fixtures

@@ -37,7 +37,7 @@ from tasks.netaddr import machine_name
 from tasks.server import (ConnectionLimits, channel_server_from_settings, channel_token,
                           printable_url, served_channel)
 from tasks.settings import load_settings
-from tests.conftest import DODO, Workspace
+from tests.conftest import DODO, Workspace, port_refuses
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 
@@ -113,14 +113,6 @@ def read_to_end(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 # What conda clients need ------------------------------------------------------------------
@@ -625,7 +617,7 @@ def test_port_closes_when_the_block_ends_however_it_ends(channel, ending):
             idle.getresponse().read()
             if ending:
                 raise ending("stop")
-    assert refuses_connections(port)
+    assert port_refuses(port)
     assert time.monotonic() - started < 3
     idle.close()
 
@@ -698,7 +690,7 @@ def test_doit_serve_channel_indexes_first_prints_the_url_and_stops_on_ctrl_c(
     assert serving.process.returncode == 0, out + err
     assert "Stopping the channel server" in out
     assert "GET /noarch/repodata.json 200" in err
-    assert refuses_connections(serving.port)
+    assert port_refuses(serving.port)
 
 
 def test_an_unreadable_package_does_not_stop_serving_and_is_named_at_the_end(
