@@ -14,6 +14,12 @@ def listens_everywhere(host: str) -> bool:
     return host in EVERY_INTERFACE
 
 
+def local_address(host: str) -> str:
+    """Where this machine reaches a listener bound to ``host``: loopback for every interface,
+    so that it does not depend on the machine's name resolving."""
+    return "127.0.0.1" if listens_everywhere(host) else host
+
+
 def url_host(host: str) -> str:
     """``host`` as the host part of a URL: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host

@@ -48,7 +48,8 @@ from urllib.parse import unquote
 from .commands import log_path
 from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
 from .errors import HubworksError, reports_errors
-from .netaddr import ip_address, is_loopback, listens_everywhere, machine_name, url_host
+from .netaddr import (ip_address, is_loopback, listens_everywhere, local_address, machine_name,
+                      url_host)
 from .reporter import print_line
 from .settings import TOKEN_PATTERN, Settings
 from .workspace import current_settings
@@ -733,11 +734,10 @@ class ServedChannel:
         """The URL for clients on this machine: loopback when bound to every address, so
         it does not depend on the machine's name resolving; without the token when the
         server lets local clients in without it."""
-        path = f"t/{self.token}/" if self.token else ""
-        base = self.url.removesuffix(path)
-        if listens_everywhere(self.host):
-            base = f"http://127.0.0.1:{self.port}/"
-        return base if self.local_clients_without_token else base + path
+        base = f"http://{url_host(local_address(self.host))}:{self.port}/"
+        if self.local_clients_without_token or not self.token:
+            return base
+        return f"{base}t/{self.token}/"
 
     def describe(self) -> str:
         return f"{self.url} ({self.note})" if self.note else self.url

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import HubworksError
-from ..netaddr import listens_everywhere, url_host
+from ..netaddr import listens_everywhere, local_address, url_host
 from ..settings import Section, Settings
 
 UNIT_NAME = "jupyterhub.service"
@@ -261,7 +261,7 @@ class HubLayout:
     @property
     def local_host(self) -> str:
         """Where this machine reaches the proxy."""
-        return "127.0.0.1" if self.listens_everywhere else self.hub_settings.ip
+        return local_address(self.hub_settings.ip)
 
     @property
     def local_url(self) -> str:
