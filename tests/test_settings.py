@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.errors import HubworksError
 from tasks.settings import SETTINGS, load_settings, settings_table
+from tests.conftest import DODO
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -146,3 +149,23 @@ def test_an_invalid_package_spec_in_an_image_is_named_with_its_file(workspace):
     assert ("image 'analysis': images/analysis/environment.yml lists 'internal::tool >>=1' "
             "under dependencies, which is not a valid conda package spec") in run.output
     assert "fix: write it as a name with an optional version" in run.output
+
+
+def test_loading_the_graph_installs_no_signal_handler_and_writes_only_doits_database(
+        workspace):
+    """`doit list` only reads: the stop-signal handling starts with a run, and the one folder
+    made is the one doit opens its database in (with the recipes' render cache)."""
+    probe = (
+        "import os, runpy, signal, sys\n"
+        f"os.chdir({str(workspace.root)!r})\n"
+        f"runpy.run_path({str(DODO)!r})\n"
+        "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.set_wakeup_fd(-1))\n")
+    loaded = subprocess.run([sys.executable, "-c", probe], env=workspace.env, text=True,
+                            capture_output=True, check=True)
+    assert loaded.stdout.split() == ["True", "-1"], loaded.stdout + loaded.stderr
+
+    workspace.add_recipe("tool")
+    workspace.doit("list")
+    state = workspace.root / ".hubworks"
+    made = sorted(str(p.relative_to(state)) for p in state.rglob("*"))
+    assert made == ["doit.sqlite3", "recipes-rendered.json"], made
