@@ -7,15 +7,15 @@
 """
 
 # ruff: noqa: F401  (doit finds the task creators by name in this module)
-from tasks.recipes import task_build_recipes
-from tasks.channel_index import task_index_channel
-from tasks.server import task_serve_channel
+from tasks.recipes.task import task_build_recipes
+from tasks.channel.index import task_index_channel
+from tasks.channel.server import task_serve_channel
 from tasks.images.task import task_build_images
 from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
 from tasks.hub import task_hub_status
-from tasks.workspace import doit_config, task_settings
-from tasks.publish import task_publish_channel
-from tasks.registry import task_image_matrix
-from tasks.hub_values import task_hub_values
+from tasks.core.workspace import doit_config, task_settings
+from tasks.channel.publish import task_publish_channel
+from tasks.images.registry import task_image_matrix
+from tasks.hub.values import task_hub_values
 
 DOIT_CONFIG = doit_config()

@@ -42,8 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.channel_index import index_channel  # noqa: E402
-from tasks.settings import load_settings  # noqa: E402
+from tasks.channel.index import index_channel  # noqa: E402
+from tasks.core.settings import load_settings  # noqa: E402
 
 
 def make_package(folder: Path, name: str, version: str) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from tasks.hub.layout import HubLayout  # noqa: E402
 from tasks.hub.steps import STEPS  # noqa: E402
-from tasks.settings import load_settings  # noqa: E402
+from tasks.core.settings import load_settings  # noqa: E402
 
 TARGET_SECONDS = 3.0
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tasks.server import served_channel  # noqa: E402
+from tasks.channel.server import served_channel  # noqa: E402
 from tests.podman_fixtures import busybox_rootfs  # noqa: E402
 
 BASE = "localhost/hubworks-bench/busybox:latest"

@@ -102,7 +102,7 @@ def free_port() -> int:
 def serve_ours(channel: str, port: str, log: str) -> None:
     """Entry point of the child process that runs our server."""
     sys.path.insert(0, str(ROOT))
-    from tasks.server import served_channel
+    from tasks.channel.server import served_channel
 
     with served_channel(Path(channel), port=int(port), access_log=Path(log)):
         threading.Event().wait()

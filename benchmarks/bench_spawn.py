@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tasks.hub.containers import docker_client  # noqa: E402
-from tasks.settings import SETTINGS  # noqa: E402
+from tasks.core.settings import SETTINGS  # noqa: E402
 from tests.podman_fixtures import (make_hub_base_image, make_podman_runtime,  # noqa: E402
                                    remove_podman_runtime)
 

@@ -1,16 +1,23 @@
 """hubworks: the doit graph that builds the internal channel, the images and the hub.
 
-One module per job; ``dodo.py`` imports the task creators.
+One package per stage, in the order the graph runs them; ``dodo.py`` imports the task
+creators. A module imports from its own stage and the stages before it, never after:
 
-- The stages: ``recipes`` (build_recipes, with ``rattler_build_runner``), ``channel_index``
-  (index_channel, with ``package_files``), ``server`` (serve_channel, with ``connections``),
-  ``images/`` (build_images, one module per step), ``hub/`` (install_hub and the running hub),
-  ``publish``, ``registry``, ``hub_values`` (beyond one machine).
-- Around them: ``engines`` and ``podman_engine`` (container engines), ``singleuser``,
-  ``channel_source`` (which channel builds use).
-- Shared by all: ``settings``, ``workspace`` (settings read once, DOIT_CONFIG), ``run_scope``
-  (what one run shares, how it ends), ``reporter`` (doit's output), ``commands`` (the one
-  command runner), ``errors``, ``fsutil``, ``netaddr``.
+- ``core``: what every stage shares: ``settings`` (every setting, declared once),
+  ``workspace`` (settings read once, DOIT_CONFIG), ``run_scope`` (what one run shares, how it
+  ends), ``reporter`` (doit's output), ``commands`` (the one command runner), ``errors``,
+  ``fsutil`` (atomic writes, locks, digests), ``netaddr`` (host and address rules).
+- ``channel``: the conda channel: ``index`` (index_channel), ``package_files``, ``server`` and
+  ``connections`` (serve_channel), ``publish`` (publish_channel), ``source`` (which channel
+  image builds use).
+- ``recipes``: recipes into packages: ``recipe`` (reading, dependency order), ``build``,
+  ``rattler_build_runner`` (a build's subprocess), ``task`` (build_recipes).
+- ``images``: images from ``images/``: discovery, specs, solving, hashing, the build, the
+  container ``engines`` (and the repo2docker ``podman_engine``), ``singleuser`` (can the hub
+  start it), ``registry`` (image_matrix).
+- ``hub``: install_hub and the running hub: ``steps`` (one check/ensure pair per state),
+  ``render`` (the hub's configuration), ``values`` (hub_values for Kubernetes), and
+  ``payload/``, the files copied into the installed hub and run by its own Python.
 
 Values flow one way: a task creator reads the settings once and passes them to its actions.
 """

@@ -343,7 +343,7 @@ def hub_base_image(podman_runtime, tmp_path_factory) -> str:
     """Debian + venv with the pinned JupyterHub and JupyterLab + user jovyan (uid 1000)."""
     if not os.path.exists(MMDEBSTRAP):
         _missing(MMDEBSTRAP, "mmdebstrap")
-    from tasks.settings import SETTINGS
+    from tasks.core.settings import SETTINGS
 
     pins = {s.key: s.default for s in SETTINGS if s.section == "hub"}
     jupyterhub, jupyterlab = pins["jupyterhub_version"], pins["jupyterlab_version"]

@@ -20,8 +20,8 @@ import msgpack
 import pytest
 import zstandard
 
-from tasks.channel_index import STATE_VERSION, index_channel
-from tasks.settings import load_settings
+from tasks.channel.index import STATE_VERSION, index_channel
+from tasks.core.settings import load_settings
 from tests.conftest import DODO, interrupted_output
 
 

@@ -13,7 +13,7 @@ import subprocess
 
 import rattler
 
-from tasks.server import served_channel
+from tasks.channel.server import served_channel
 
 PLATFORMS = [str(rattler.Subdir.current()), "noarch"]
 

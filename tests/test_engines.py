@@ -17,8 +17,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tasks.engines import select_engine
-from tasks.errors import HubworksError
+from tasks.core.errors import HubworksError
+from tasks.images.engines import select_engine
 from tests.conftest import free_port
 from tests.podman_fixtures import image_file, registry_tags
 

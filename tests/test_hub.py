@@ -34,10 +34,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from tasks.core.settings import load_settings
 from tasks.hub.layout import HubLayout
 from tasks.hub.render import render_config, render_podman_unit, render_unit
 from tasks.hub.steps import schema_head
-from tasks.settings import load_settings
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -407,7 +407,7 @@ def as_nobody(site):
     shutil.copytree(REPO / "tasks", kit / "tasks",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (kit / "dodo.py").write_text(
-        "from tasks.workspace import doit_config\n"
+        "from tasks.core.workspace import doit_config\n"
         "from tasks.hub import task_install_hub, task_hub_start, task_hub_stop  # noqa\n"
         "DOIT_CONFIG = doit_config()\n")
     subprocess.run(["chmod", "-R", "a+rX", str(kit)], check=True)

@@ -570,7 +570,7 @@ def test_the_hubs_jupyterhub_release_is_part_of_environment_images_hashes_only(t
     from tasks.images.discovery import read_image
     from tasks.images.hashing import image_hash
     from tasks.images.solve import Resolution
-    from tasks.settings import load_settings
+    from tasks.core.settings import load_settings
 
     for name, filename, text in (("env", "environment.yml", "dependencies: [python]\n"),
                                  ("docker", "Dockerfile", "FROM scratch\n")):

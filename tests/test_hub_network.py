@@ -37,12 +37,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks.hub import tls_service
+from tasks.core.settings import load_settings
 from tasks.hub.layout import HubLayout
+from tasks.hub.payload import tls_service
 from tasks.hub.render import render_config
 from tasks.hub.steps import STEPS
 from tasks.hub.tls import renewal_units
-from tasks.settings import load_settings
 from tests.conftest import free_ports
 from tests.test_hub import (HubSite, add_user, log_in_and_open_lab, missing, processes_of,
                             processes_under, public_tempdir, single_user_servers)
@@ -660,7 +660,7 @@ def test_the_expiry_read_from_the_certificate_is_the_one_openssl_reads(tmp_path)
     ('http_port = 70000\n', "which is not a port"),
 ])
 def test_network_settings_that_cannot_work_are_refused(tmp_path, toml, expected):
-    from tasks.errors import HubworksError
+    from tasks.core.errors import HubworksError
     with pytest.raises(HubworksError) as caught:
         layout(tmp_path, toml)
     assert expected in str(caught.value) and "fix:" in str(caught.value)

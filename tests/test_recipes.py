@@ -23,10 +23,10 @@ import pytest
 import rattler
 from rattler.package_streaming import PackageArchive
 
-from tasks.errors import HubworksError
-from tasks.fsutil import is_package
-from tasks.recipes import _publish, scratch_dir
-from tasks.settings import load_settings
+from tasks.core.errors import HubworksError
+from tasks.core.fsutil import is_package
+from tasks.core.settings import load_settings
+from tasks.recipes.build import _publish, scratch_dir
 from tests.conftest import DODO, interrupted_output
 
 
@@ -509,7 +509,7 @@ def test_build_commands_get_no_hubworks_settings_such_as_the_channel_token(tmp_p
                                                                           monkeypatch):
     """rattler-build already runs scripts in an environment of its own; conda-build and
     repo2docker pass more through, so every build command starts without HUBWORKS_*."""
-    from tasks.commands import run_logged
+    from tasks.core.commands import run_logged
 
     monkeypatch.setenv("HUBWORKS_CHANNEL_TOKEN", "a-fixed-token-of-the-office-0123")
     log = tmp_path / "build.log"

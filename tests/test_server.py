@@ -32,11 +32,11 @@ from rattler import Gateway, SourceConfig
 from rattler.index import index_fs
 from rattler_build import Stage0Recipe
 
-from tasks.errors import HubworksError
-from tasks.netaddr import machine_name
-from tasks.server import (ConnectionLimits, channel_server_from_settings, channel_token,
-                          printable_url, served_channel)
-from tasks.settings import load_settings
+from tasks.channel.server import (ConnectionLimits, channel_server_from_settings, channel_token,
+                                  printable_url, served_channel)
+from tasks.core.errors import HubworksError
+from tasks.core.netaddr import machine_name
+from tasks.core.settings import load_settings
 from tests.conftest import DODO, Workspace, port_refuses
 
 IMMUTABLE = "public, max-age=31536000, immutable"

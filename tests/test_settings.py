@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import HubworksError
-from tasks.settings import SETTINGS, load_settings, settings_table
+from tasks.core.errors import HubworksError
+from tasks.core.settings import SETTINGS, load_settings, settings_table
 from tests.conftest import DODO
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -69,7 +69,7 @@ def test_every_setting_has_an_environment_variable_and_help():
 
 def test_readme_lists_every_setting_as_generated():
     assert settings_table() in README.read_text(), (
-        "README's settings table is out of date; paste tasks.settings.settings_table()")
+        "README's settings table is out of date; paste tasks.core.settings.settings_table()")
 
 
 def test_settings_task_shows_values_and_sources(workspace):

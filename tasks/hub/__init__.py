@@ -24,8 +24,8 @@ has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` s
 
 from __future__ import annotations
 
-from ..errors import HubworksError, reports_errors
-from ..workspace import current_settings
+from ..core.errors import HubworksError, reports_errors
+from ..core.workspace import current_settings
 from .layout import HubLayout
 from .service import start_hub, stop_hub
 from .status import hub_status

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..commands import log_tail
-from ..engines import select_engine
-from ..errors import HubworksError
-from ..fsutil import atomic_write_bytes
+from ..core.commands import log_tail
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_bytes
+from ..images.engines import select_engine
 from .layout import HubLayout
-from .system import is_alive, process_cmdline, read_pid, wait_gone
+from .processes import is_alive, process_cmdline, read_pid, wait_gone
 
 PODMAN_VARIABLES = ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF")
 DOCKER_SOCKET = "unix:///var/run/docker.sock"

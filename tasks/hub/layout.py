@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..errors import HubworksError
-from ..netaddr import listens_everywhere, local_address, url_host
-from ..settings import Section, Settings
+from ..core.errors import HubworksError
+from ..core.netaddr import listens_everywhere, local_address, url_host
+from ..core.settings import Section, Settings
 
 UNIT_NAME = "jupyterhub.service"
 PODMAN_UNIT_NAME = "jupyterhub-podman.service"

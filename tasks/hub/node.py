@@ -19,12 +19,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HubworksError
-from ..fsutil import atomic_write_bytes
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_bytes
+from .interpreters import node_candidates, node_version, npm_for
 from .layout import PROXY_PACKAGE, HubLayout
-from .system import (install_packages, node_candidates, node_version, npm_for,
-                     package_candidate, package_manager, parse_version, run, satisfies,
-                     show_version)
+from .packages import install_packages, package_candidate, package_manager, run
+from .versions import parse_version, satisfies, show_version
 
 
 @dataclass(frozen=True)

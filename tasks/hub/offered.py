@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import HubworksError
-from ..fsutil import atomic_write_bytes, atomic_write_json, read_json
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from ..images.records import image_records_dir
-from ..singleuser import probe_image, verdict
+from ..images.singleuser import probe_image, verdict
 from .containers import docker_api, docker_client
 from .layout import HubLayout
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..netaddr import url_host
+from ..core.netaddr import url_host
 from .containers import docker_api, podman_service_command
 from .layout import PODMAN_UNIT_NAME, HubLayout
 from .sections import config_line, network_sections
@@ -96,7 +96,7 @@ def _servers_section(hub: HubLayout) -> list[str]:
 
 
 def _docker_spawner(hub: HubLayout) -> list[str]:
-    """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see docker_spawner.py)."""
+    """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see payload/docker_spawner.py)."""
     url = docker_api(hub).url
     images, timeout = str(hub.images_file), hub.hub_settings.spawn_timeout
     # a registry prefix (images.push) lets another machine pull; local builds are never pulled

@@ -15,13 +15,15 @@ import time
 import urllib.error
 import urllib.request
 
-from ..commands import log_path, log_tail
-from ..errors import HubworksError
+from ..core.commands import log_path, log_tail
+from ..core.errors import HubworksError
 from .containers import docker_api, start_podman_service, stop_podman_service
 from .layout import PODMAN_UNIT_NAME, UNIT_NAME, HubLayout
+from .packages import run
+from .permissions import require_root
+from .processes import (descendants, is_alive, port_is_free, process_cmdline, read_pid, signal_all,
+                        wait_gone)
 from .render import hub_search_path, ports_in_config
-from .system import (descendants, is_alive, port_is_free, process_cmdline, read_pid,
-                     require_root, run, signal_all, wait_gone)
 
 START_SECONDS = 90
 STOP_SECONDS = 60

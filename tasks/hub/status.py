@@ -13,11 +13,12 @@ import json
 import time
 import urllib.request
 
-from ..errors import HubworksError
-from . import tls_service
+from ..core.errors import HubworksError
 from .layout import HubLayout
+from .payload import tls_service
+from .permissions import require_root
+from .processes import is_alive, process_started_at, read_pid
 from .service import loopback_tls, running_hub_pid
-from .system import is_alive, process_started_at, read_pid, require_root
 
 API_SECONDS = 10
 

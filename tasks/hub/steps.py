@@ -20,24 +20,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..commands import log_path
-from ..errors import HubworksError
-from ..fsutil import atomic_write_bytes
+from ..core.commands import log_path
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_bytes
 from .checks import Check, checks_first
 from .containers import (DockerAPI, api_problem, docker_api, podman_environment,
                          recorded_podman_env, running_podman_pid, start_podman_service,
                          stop_podman_service, write_podman_env)
+from .interpreters import Python, npm_for, probe_python, python_candidates, python_on_disk
 from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
 from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
+from .packages import install_packages, package_candidate, package_manager, run
+from .permissions import (blocked_for_others, first_writable_by_others, make_readable_not_writable,
+                          require_root, user_name, write_private_file)
 from .render import hub_search_path, render_config, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
-from .system import (Python, blocked_for_others, first_writable_by_others, install_packages,
-                     make_readable_not_writable, npm_for, package_candidate, package_manager,
-                     probe_python, python_candidates, python_on_disk, require_root, run,
-                     show_version, user_name, write_private_file)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
+from .versions import show_version
 
 MIN_PYTHON = (3, 10)
 
@@ -544,7 +545,7 @@ def ensure_images(hub: HubLayout) -> str:
 
 # ---- jupyterhub_config.py ----------------------------------------------------------------
 
-SPAWNER_SOURCE = Path(__file__).with_name("docker_spawner.py")
+SPAWNER_SOURCE = Path(__file__).parent / "payload" / "docker_spawner.py"
 
 
 def _wanted_config(hub: HubLayout) -> str | None:

@@ -23,14 +23,16 @@ import ssl
 import stat
 from pathlib import Path
 
-from ..commands import log_path
-from ..errors import HubworksError
-from ..fsutil import atomic_write_bytes
-from . import tls_service
+from ..core.commands import log_path
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_bytes
 from .checks import Check, checks_first
 from .layout import SYSTEMD_UNIT_DIR, HubLayout, systemd_is_running
+from .packages import run
+from .payload import tls_service
+from .permissions import require_root
+from .processes import descendants, port_is_free, process_cmdline
 from .service import running_hub_pid
-from .system import descendants, port_is_free, process_cmdline, require_root, run
 
 RENEW_DAYS = 30
 RENEW_EVERY_HOURS = 12

@@ -38,5 +38,9 @@ hub can read build records without loading YAML, rattler or repo2docker):
 - ``repo2docker_cli``: the repo2docker command line, its config file and environment;
 - ``diagnosis``: what a failed build's log says a user can act on;
 - ``build``: one image build, as its steps;
-- ``task``: the doit task creator ``task_build_images``.
+- ``task``: the doit task creator ``task_build_images``;
+- ``engines``: the container engines (Docker, podman) behind one interface, and
+  ``podman_engine``, the repo2docker engine registered for podman 4.x;
+- ``singleuser``: whether the hub can start a user's server in an image;
+- ``registry``: the registry as the judge of up to date on a fresh runner (image_matrix).
 """

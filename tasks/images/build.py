@@ -7,24 +7,24 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..channel_source import published_channel_url
-from ..commands import log_path, run_logged
-from ..engines import Engine, select_engine
-from ..errors import reports_errors
-from ..reporter import print_line
-from ..run_scope import RUN
-from ..settings import Settings
-from ..singleuser import singleuser_appendix
+from ..channel.source import published_channel_url
+from ..core.commands import log_path, run_logged
+from ..core.errors import reports_errors
+from ..core.reporter import print_line
+from ..core.run_scope import RUN
+from ..core.settings import Settings
 from .diagnosis import build_failure
 from .discovery import Image
+from .engines import Engine, select_engine
 from .hashing import image_hash, tags_for
 from .records import read_image_record, write_image_record
 from .repo2docker_cli import repo2docker_command, repo2docker_environment, write_repo2docker_config
+from .singleuser import singleuser_appendix
 from .solve import Resolution, resolve_internal
 from .staging import stage_image
 
 if TYPE_CHECKING:
-    from ..server import ServedChannel
+    from ..channel.server import ServedChannel
 
 
 @dataclass
@@ -86,7 +86,7 @@ def build_channel(settings: Settings) -> BuildChannel:
 
 
 def _channel_server(settings: Settings):
-    from ..server import channel_server_from_settings
+    from ..channel.server import channel_server_from_settings
 
     # access log under the state directory; a per-run token, never channel.token
     return channel_server_from_settings(settings, for_builds=True)

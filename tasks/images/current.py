@@ -6,10 +6,10 @@ empty engine). The first question of a run asks the engine for every recorded ta
 
 from __future__ import annotations
 
-from ..channel_source import preflight_channel_url
-from ..engines import Engine, select_engine
-from ..settings import Settings
+from ..channel.source import preflight_channel_url
+from ..core.settings import Settings
 from .discovery import Image
+from .engines import Engine, select_engine
 from .hashing import image_hash
 from .records import built_image_tags, read_image_record
 from .solve import resolve_internal
@@ -19,7 +19,7 @@ def image_is_current(settings: Settings, image: Image) -> bool:
     """Up to date: same hash as the last build, and the engine still has that image."""
     if settings.images.push and not image.problem:
         # A fresh CI runner has no records and an empty engine: the registry decides.
-        from ..registry import image_in_registry
+        from .registry import image_in_registry
 
         return image_in_registry(settings, image)
     record = read_image_record(settings, image.name)

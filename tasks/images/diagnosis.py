@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..commands import failed_build_log
-from ..errors import HubworksError
-from ..settings import Settings
+from ..core.commands import failed_build_log
+from ..core.errors import HubworksError
+from ..core.settings import Settings
 
 _UNREACHABLE = [
     re.compile(r"lookup ([A-Za-z0-9.-]+\.[A-Za-z]{2,})"),

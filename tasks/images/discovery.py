@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import HubworksError
+from ..core.errors import HubworksError
 
 # What repo2docker can build from (any one is enough); see its buildpacks.
 REPO2DOCKER_FILES = (

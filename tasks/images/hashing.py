@@ -11,10 +11,10 @@ import functools
 import hashlib
 import json
 
-from ..fsutil import tree_digest
-from ..settings import Settings
-from ..singleuser import singleuser_appendix
+from ..core.fsutil import tree_digest
+from ..core.settings import Settings
 from .discovery import Image
+from .singleuser import singleuser_appendix
 from .solve import Resolution
 
 

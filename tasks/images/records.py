@@ -9,8 +9,8 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from ..fsutil import atomic_write_json, read_json
-from ..settings import Settings
+from ..core.fsutil import atomic_write_json, read_json
+from ..core.settings import Settings
 
 
 def image_records_dir(settings: Settings) -> Path:

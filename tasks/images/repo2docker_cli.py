@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..commands import build_environment
-from ..engines import Engine
-from ..settings import Settings
+from ..core.commands import build_environment
+from ..core.settings import Settings
+from .engines import Engine
 
 
 def repo2docker_command(settings: Settings, engine_name: str, stage: Path, tag: str,

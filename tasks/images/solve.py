@@ -15,11 +15,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..channel_source import channel_package_names, published_channel_url
-from ..errors import HubworksError
-from ..fsutil import atomic_write_json, read_json
-from ..recipes import spec_name
-from ..settings import Settings
+from ..channel.source import channel_package_names, published_channel_url
+from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_json, read_json
+from ..core.settings import Settings
+from ..recipes.recipe import spec_name
 from .discovery import Image
 from .specs import internal_specs
 

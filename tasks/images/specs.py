@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import HubworksError
-from ..fsutil import folder_files
-from ..recipes import spec_name
+from ..core.errors import HubworksError
+from ..core.fsutil import folder_files
+from ..recipes.recipe import spec_name
 from .discovery import ENVIRONMENT_FILE, Image
 
 

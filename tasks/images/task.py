@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import HubworksError
-from ..recipes import package_makers, spec_name
-from ..settings import Settings
-from ..workspace import current_settings
+from ..core.errors import HubworksError
+from ..core.settings import Settings
+from ..core.workspace import current_settings
+from ..recipes.build import package_makers
+from ..recipes.recipe import spec_name
 from .build import build_image
 from .current import image_is_current
 from .discovery import Image, discover_images

@@ -45,14 +45,14 @@ from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Iterator, TextIO
 from urllib.parse import unquote
 
-from .commands import log_path
+from ..core.commands import log_path
+from ..core.errors import HubworksError, reports_errors
+from ..core.netaddr import (ip_address, is_loopback, listens_everywhere, local_address,
+                            machine_name, url_host)
+from ..core.reporter import print_line
+from ..core.settings import TOKEN_PATTERN, Settings
+from ..core.workspace import current_settings
 from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
-from .errors import HubworksError, reports_errors
-from .netaddr import (ip_address, is_loopback, listens_everywhere, local_address, machine_name,
-                      url_host)
-from .reporter import print_line
-from .settings import TOKEN_PATTERN, Settings
-from .workspace import current_settings
 
 NO_CACHE = "no-cache"
 IMMUTABLE = "public, max-age=31536000, immutable"

@@ -1,6 +1,6 @@
 """Build one ``recipe.yaml`` with rattler-build's Python API.
 
-build_recipes runs this as a subprocess (``python -m tasks.rattler_build_runner``): each
+build_recipes runs this as a subprocess (``python -m tasks.recipes.rattler_build_runner``): each
 build gets its own process, so its whole log (rattler-build's events and the build
 script's output) goes to one file, a crash cannot take doit down, and parallel builds
 under ``doit -n N`` do not share rattler's runtime.
@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .fsutil import atomic_write_json
+from ..core.fsutil import atomic_write_json
 
 
 class LogPrinter:

@@ -23,11 +23,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import HubworksError, reports_errors
-from .netaddr import host_of, is_loopback
-from .reporter import print_line
-from .settings import Settings
-from .workspace import current_settings
+from ..core.errors import HubworksError, reports_errors
+from ..core.netaddr import host_of, is_loopback
+from ..core.reporter import print_line
+from ..core.settings import Settings
+from ..core.workspace import current_settings
 
 CHECK_SECONDS = 20
 MANIFEST_TYPES = ", ".join([
@@ -226,9 +226,9 @@ class ImageStatus:
 
 def expected_tag(settings: Settings, image) -> tuple[str, list[dict]]:
     """The content-hash tag ``image`` gets from the channel now, and its internal packages."""
-    from .channel_source import preflight_channel_url
-    from .images.hashing import image_hash, tags_for
-    from .images.solve import resolve_internal
+    from ..channel.source import preflight_channel_url
+    from .hashing import image_hash, tags_for
+    from .solve import resolve_internal
 
     if image.problem:
         raise image.problem
@@ -262,7 +262,7 @@ def image_in_registry(settings: Settings, image) -> bool:
 
 def images_to_build(settings: Settings) -> list[str]:
     """Names of the images whose content-hash tags the registry (or engine) lacks."""
-    from .images.discovery import discover_images
+    from .discovery import discover_images
 
     wanted = []
     for name, image in discover_images(settings.images_dir).items():

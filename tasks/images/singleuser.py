@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import HubworksError
+from ..core.errors import HubworksError
 
 PROBE_SECONDS = 120
 

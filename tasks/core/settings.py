@@ -483,5 +483,5 @@ def settings_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m tasks.settings: the table for README.md
+if __name__ == "__main__":  # python -m tasks.core.settings: the table for README.md
     print(settings_table())

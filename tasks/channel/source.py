@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from .errors import HubworksError
-from .settings import Settings
+from ..core.errors import HubworksError
+from ..core.settings import Settings
 
 _remote_names: dict[str, frozenset[str]] = {}
 FETCH_SECONDS = 30
@@ -40,7 +40,7 @@ def channel_package_names(settings: Settings) -> frozenset[str]:
     """Every package name the channel image builds use has."""
     url = published_channel_url(settings)
     if not url:
-        from .images.solve import internal_package_names
+        from ..images.solve import internal_package_names
 
         return internal_package_names(settings.channel_dir)
     if url not in _remote_names:

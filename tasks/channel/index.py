@@ -53,14 +53,13 @@ from urllib.parse import quote
 
 import orjson
 
-from .errors import HubworksError, reports_errors
-from .fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync_dir,
-                     link_or_copy, read_json, replace_with_link, sha256_file,
-                     sync_files)
+from ..core.errors import HubworksError, reports_errors
+from ..core.fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock, fsync_dir,
+                           link_or_copy, read_json, replace_with_link, sha256_file, sync_files)
+from ..core.run_scope import RUN
+from ..core.settings import Settings
+from ..core.workspace import current_settings
 from .package_files import conda_zip_opens, read_package
-from .run_scope import RUN
-from .settings import Settings
-from .workspace import current_settings
 
 STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)

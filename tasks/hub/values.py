@@ -15,14 +15,14 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
-from .errors import HubworksError, reports_errors
-from .fsutil import atomic_write_bytes
-from .reporter import print_line
-from .settings import Settings
-from .workspace import current_settings
+from ..core.errors import HubworksError, reports_errors
+from ..core.fsutil import atomic_write_bytes
+from ..core.reporter import print_line
+from ..core.settings import Settings
+from ..core.workspace import current_settings
 
 if TYPE_CHECKING:
-    from .registry import ImageStatus
+    from ..images.registry import ImageStatus
 
 HEADER = ("# zero-to-jupyterhub values written by `doit hub_values` (hubworks) from images/\n"
           "# and the registry; re-run it rather than editing. Use with:\n"
@@ -36,8 +36,8 @@ def _describe(tag: str, packages: list[dict]) -> str:
 
 def hub_values(settings: Settings) -> dict:
     """The values: a profile per image, the default one marked and set as the image."""
-    from .images.discovery import discover_images
-    from .registry import image_status
+    from ..images.discovery import discover_images
+    from ..images.registry import image_status
 
     images = discover_images(settings.images_dir)
     default = _default_image(settings, images)

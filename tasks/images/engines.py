@@ -4,7 +4,7 @@
 an ``Engine``: the CLI to call for image housekeeping (exists, id, tag, push, remove) and the
 name of the repo2docker engine that builds with it.
 
-``tasks.podman_engine.PodmanEngine`` is the repo2docker engine for podman, registered as
+``tasks.images.podman_engine.PodmanEngine`` is the repo2docker engine for podman, registered as
 ``hubworks-podman`` under the ``repo2docker.engines`` entry point; only repo2docker loads it
 (importing repo2docker takes a fifth of a second, which a no-op build never spends).
 
@@ -18,7 +18,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from .errors import HubworksError
+from ..core.errors import HubworksError
 
 CHOICES = ("auto", "docker", "podman")
 PROBE_SECONDS = 5  # a Docker daemon that does not answer within this counts as absent

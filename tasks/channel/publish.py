@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import HubworksError, reports_errors
-from .fsutil import atomic_write_json, exclusive_lock, is_package, read_json
-from .reporter import print_line
-from .settings import Settings
-from .workspace import current_settings
+from ..core.errors import HubworksError, reports_errors
+from ..core.fsutil import atomic_write_json, exclusive_lock, is_package, read_json
+from ..core.reporter import print_line
+from ..core.settings import Settings
+from ..core.workspace import current_settings
 IMMUTABLE = "public, max-age=31536000, immutable"
 INDEX_ATTEMPTS = 3
 S3_CONNECT_SECONDS = 10

@@ -4,7 +4,7 @@ repo2docker's own engine checks ``<cli> buildx version``, which podman 4.x does 
 although it builds fine. This one runs ``podman build`` with the flags podman 4.x accepts,
 plus the same ``DockerEngine.extra_buildx_build_args`` option, so ``--network=host``
 configured once serves both engines. The entry point names it
-``tasks.podman_engine:PodmanEngine``.
+``tasks.images.podman_engine:PodmanEngine``.
 """
 
 from __future__ import annotations

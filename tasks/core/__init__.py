@@ -1,0 +1,1 @@
+"""What every stage shares: settings, the run's scope, output, commands, errors, files, addresses."""

@@ -1,0 +1,1 @@
+"""Files copied into the installed hub and run there, by its own Python (not imported by hubworks)."""

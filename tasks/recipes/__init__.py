@@ -1,0 +1,1 @@
+"""Recipes into packages: build_recipes."""
