@@ -86,6 +86,25 @@ def _profile(status: ImageStatus, default: str) -> dict:
     return profile
 
 
+def _quoted_for_yaml_1_1(value):
+    """``value`` with every string that a YAML 1.1 reader would take for another type
+    (``on``, ``no``, ``010``, ``1:20``, ``2024-01-01``) in double quotes. Helm's reader
+    follows YAML 1.1; ruamel writes YAML 1.2 and quotes only what 1.2 would misread."""
+    from ruamel.yaml.nodes import ScalarNode
+    from ruamel.yaml.resolver import VersionedResolver
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, dict):
+        return {key: _quoted_for_yaml_1_1(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_quoted_for_yaml_1_1(item) for item in value]
+    if isinstance(value, str):
+        tag = VersionedResolver(version=(1, 1)).resolve(ScalarNode, value, (True, False))
+        if tag != "tag:yaml.org,2002:str":
+            return DoubleQuotedScalarString(value)
+    return value
+
+
 def render_values(values: dict) -> str:
     from ruamel.yaml import YAML
 
@@ -93,7 +112,7 @@ def render_values(values: dict) -> str:
     yaml.default_flow_style = False
     yaml.width = 4096  # one line per description
     buffer = io.StringIO()
-    yaml.dump(values, buffer)
+    yaml.dump(_quoted_for_yaml_1_1(values), buffer)
     return HEADER + buffer.getvalue()
 
 

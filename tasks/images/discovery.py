@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,11 @@ REPO2DOCKER_FILES = (
     "postBuild", "start", "runtime.txt", "Dockerfile", "default.nix", "manifest.xml",
 )
 ENVIRONMENT_FILE = "environment.yml"
+# A folder's name becomes the last part of its tags (<prefix>/<name>:<hash>): the container
+# reference grammar's path component, which Docker and podman both enforce.
+IMAGE_NAME = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+IMAGE_NAME_RULE = ("lowercase letters and digits, joined by single '.' or '_', '__', or "
+                   "dashes; starting and ending with a letter or digit")
 
 
 @dataclass
@@ -33,6 +39,13 @@ class Image:
 
 def read_image(folder: Path) -> Image:
     image = Image(folder.name, folder)
+    if not IMAGE_NAME.fullmatch(folder.name) or len(folder.name) > 128:
+        suggestion = re.sub(r"[^a-z0-9._-]+", "-", folder.name.lower()).strip("._-") or "image"
+        image.problem = HubworksError(
+            f"image folder {folder.parent.name}/{folder.name}/ cannot name an image: its name "
+            f"becomes the image's tag, which allows only {IMAGE_NAME_RULE} (at most 128).",
+            fix=f"rename the folder, e.g. to {folder.parent.name}/{suggestion}/")
+        return image
     # repo2docker reads binder/ (or .binder/) instead of the root when it exists.
     image.config_dir = next(
         (c for c in (folder / "binder", folder / ".binder") if c.is_dir()), folder)
