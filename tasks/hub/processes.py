@@ -1,15 +1,17 @@
-"""Processes and ports, read from /proc and the kernel: what runs, since when, what is free."""
+"""Processes and ports: what runs, since when, what is below it (psutil), what is free.
+
+psutil is imported inside each function: the hub's tasks import this module while doit loads
+its graph, and only an action asks about processes.
+"""
 
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import socket
 import time
 from pathlib import Path
 from typing import Iterable
-
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -26,9 +28,6 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
-
-
-
 def read_pid(pid_file: Path) -> int | None:
     try:
         return int(pid_file.read_text().split()[0])
@@ -36,68 +35,91 @@ def read_pid(pid_file: Path) -> int | None:
         return None
 
 
-def process_cmdline(pid: int) -> list[str]:
+def _process(pid: int):
+    """psutil's handle of ``pid`` if it runs, else None (0 and below name no one process)."""
+    import psutil
+
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        return psutil.Process(pid) if pid > 0 else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _processes(pids: Iterable[int]) -> list:
+    return [process for process in map(_process, pids) if process]
+
+
+def _running(process) -> bool:
+    """Still running: a zombie has exited and only waits for its parent to read its status."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def process_cmdline(pid: int) -> list[str]:
+    import psutil
+
+    process = _process(pid)
+    try:
+        return process.cmdline() if process else []
+    except psutil.Error:
         return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def is_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    process = _process(pid)
+    return bool(process) and _running(process)
 
 
 def process_started_at(pid: int) -> float | None:
-    """Wall-clock start of ``pid`` from /proc (field 22, ticks since boot)."""
+    """When ``pid`` started (seconds since the epoch), None if it does not run."""
+    import psutil
+
+    process = _process(pid)
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(int(line.split()[1]) for line in open("/proc/stat")
-                    if line.startswith("btime"))
-    except (OSError, IndexError, StopIteration):
+        return process.create_time() if process else None
+    except psutil.Error:
         return None
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (servers run in their own sessions but stay its children)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
+    import psutil
+
+    process = _process(pid)
+    try:
+        return {child.pid for child in process.children(recursive=True)} if process else set()
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def signal_all(pids: Iterable[int], signum: int = signal.SIGTERM) -> None:
-    for pid in pids:
+    import psutil
+
+    for process in _processes(pids):
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.AccessDenied:
+            # callers answer os.kill's PermissionError with "needs root"
+            raise PermissionError(errno.EPERM, f"not allowed to signal pid {process.pid}") \
+                from None
 
 
 def wait_gone(pids: Iterable[int], seconds: float) -> set[int]:
     """Wait until the processes exit; the ones still alive after ``seconds``."""
-    alive = set(pids)
+    import psutil
+
+    alive = _processes(pids)
     deadline = time.monotonic() + seconds
-    while alive and time.monotonic() < deadline:
-        alive = {pid for pid in alive if is_alive(pid)}
-        if alive:
-            time.sleep(0.1)
-    return {pid for pid in alive if is_alive(pid)}
+    while True:
+        alive = [process for process in alive if _running(process)]
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            return {process.pid for process in alive}
+        # reaps those that are this process's children; zombies of others are dropped above
+        _, alive = psutil.wait_procs(alive, timeout=min(0.1, left))
