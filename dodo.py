@@ -6,16 +6,19 @@
     publish_channel, image_matrix, hub_values: beyond one machine (S3, CI runners, Kubernetes)
 """
 
-# ruff: noqa: F401  (doit finds the task creators by name in this module)
-from tasks.recipes.task import task_build_recipes
+# ruff: noqa: F401, E402  (doit finds the task creators by name in this module)
+from tasks.core.workspace import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading()  # first: Ctrl-C while the rest loads is one line, no traceback
 from tasks.channel.index import task_index_channel
-from tasks.channel.server import task_serve_channel
-from tasks.images.task import task_build_images
-from tasks.hub import task_install_hub, task_install_hub_plan, task_hub_start, task_hub_stop
-from tasks.hub import task_hub_status
-from tasks.core.workspace import doit_config, task_settings
 from tasks.channel.publish import task_publish_channel
-from tasks.images.registry import task_image_matrix
+from tasks.channel.server import task_serve_channel
+from tasks.core.workspace import doit_config, task_settings
+from tasks.hub import (task_hub_start, task_hub_status, task_hub_stop, task_install_hub,
+                       task_install_hub_plan)
 from tasks.hub.values import task_hub_values
+from tasks.images.registry import task_image_matrix
+from tasks.images.task import task_build_images
+from tasks.recipes.task import task_build_recipes
 
 DOIT_CONFIG = doit_config()

@@ -47,10 +47,12 @@ class RunScope:
         self._values: dict[str, Any] = {}
         self._processes: set[subprocess.Popen] = set()
         self._problems: dict[str, HubworksError] = {}
+        self.begun = False
 
     def begin(self) -> None:
         """A run starts: from now on Ctrl-C and SIGTERM stop it at once (main thread only;
         loading the graph, `doit list`, installs nothing)."""
+        self.begun = True
         _handle_stop_signals()
 
     def shared(self, key: str, factory: Callable[[], AbstractContextManager]) -> Any:

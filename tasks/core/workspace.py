@@ -6,6 +6,7 @@ Task creators read ``current_settings()`` once and pass the settings to their ac
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from doit.exceptions import InvalidDodoFile
 
 from .errors import HubworksError
 from .reporter import ProgressReporter
+from .run_scope import RUN
 from .settings import SETTINGS, Settings, load_settings
 
 _settings_cache: dict[Path, Settings] = {}
@@ -54,6 +56,25 @@ def doit_config() -> dict[str, Any]:
         "verbosity": 2,
         "reporter": ProgressReporter,
     }
+
+
+LOADING_INTERRUPTED = "doit: interrupted while loading the tasks; nothing ran."
+
+
+def quiet_ctrl_c_while_loading() -> None:
+    """Ctrl-C before the run begins (doit importing dodo.py, opening its database, calling
+    the task creators) ends with one line instead of doit's traceback. An exception hook
+    rather than a signal handler: loading changes no signal handling (``RUN.begin`` does),
+    and Python still ends the process by SIGINT, so a shell sees status 130."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, KeyboardInterrupt) and not RUN.begun:
+            print(LOADING_INTERRUPTED, file=sys.stderr, flush=True)
+        else:
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
 
 
 def show_settings(settings: Settings) -> None:
