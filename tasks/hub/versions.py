@@ -1,10 +1,13 @@
-"""Version numbers as programs print them, and npm ``engines`` ranges."""
+"""Version numbers as programs print them, and npm ``engines`` ranges (semantic_version)."""
 
 from __future__ import annotations
 
 import re
 from typing import Sequence
 
+# npm's semver reads ">= 20", ">=v20" and runs of spaces as ">=20"; NpmSpec only the tight form
+_OPERATOR_GAP = re.compile(r"([<>=^~]+)\s*v?(?=[\dxX*])")
+_LEADING_V = re.compile(r"(?<![\w.+-])v(?=\d)")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -20,21 +23,20 @@ def show_version(version: Sequence[int]) -> str:
 
 
 def satisfies(version: Sequence[int], spec: str) -> bool:
-    """Whether ``version`` meets an npm ``engines`` range (>=, >, <, <=, =, x, ||)."""
-    for alternative in spec.split("||"):
-        words = re.findall(r"(>=|<=|>|<|=|\^|~)?\s*v?([\dx*]+(?:\.[\dx*]+)*)", alternative)
-        if words and all(_meets(version, op, bound) for op, bound in words):
-            return True
-    return not spec.strip() or spec.strip() == "*"
+    """Whether the release ``version`` meets an npm ``engines`` range as npm reads it:
+    comparators, ``^``, ``~``, ``x``, hyphen ranges, ``||``, and bounds that name a
+    pre-release (``>=22.0.0-rc.1``). A range npm cannot read is met by no version, as in
+    npm's own check. (Versions are read as releases: ``parse_version`` drops pre-release
+    tags, and npm's install with --engine-strict has the last word.)
+    """
+    from semantic_version import NpmSpec, Version
 
-
-def _meets(version: Sequence[int], op: str, bound: str) -> bool:
-    parts = [p for p in bound.split(".") if p not in ("x", "*")]
-    want = tuple(int(p) for p in parts)
-    have = tuple(version[: len(want)]) if op in ("", "=", "^", "~") else tuple(version)
-    if op == "^":
-        return tuple(version) >= want and version[0] == want[0]
-    if op == "~":
-        return tuple(version) >= want and tuple(version[:2]) == want[:2]
-    return {">=": have >= want, ">": have > want, "<=": have <= want, "<": have < want,
-            "=": have == want, "": have == want}[op]
+    text = " ".join(spec.split())
+    if not text:
+        return True
+    try:
+        wanted = NpmSpec(_LEADING_V.sub("", _OPERATOR_GAP.sub(r"\1", text)))
+    except ValueError:
+        return False
+    major, minor, patch = (list(version[:3]) + [0, 0, 0])[:3]
+    return wanted.match(Version(major=major, minor=minor, patch=patch))
