@@ -39,8 +39,6 @@ import requests
 from tests.conftest import DoitRun, Workspace, free_ports
 from tests.test_hub import PREVIOUS_JUPYTERHUB, add_user, missing, public_tempdir
 
-pytestmark = pytest.mark.slow
-
 NOTES = "/opt/site-notes/share/site-notes/notes.txt"
 NOTES_TEXT = "notes from the internal channel"
 SPAWN_TIMEOUT = 25  # seconds; the sleepy image's spawn fails after it
@@ -325,6 +323,7 @@ def browser(docker_site):
 
 # ---- the chain ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_whole_chain_from_a_recipe_to_code_in_a_users_kernel(docker_site, browser):
     site = docker_site
     built = site.runs["build"].executed
@@ -362,6 +361,7 @@ def test_the_whole_chain_from_a_recipe_to_code_in_a_users_kernel(docker_site, br
     assert kept.status_code == 200 and kept.json()["content"] == "kept in the volume"
 
 
+@pytest.mark.slow
 def test_a_new_build_is_offered_and_running_servers_survive_reinstall_and_restart(
         docker_site, browser, hub_base_image):
     site = docker_site
@@ -393,6 +393,7 @@ def test_a_new_build_is_offered_and_running_servers_survive_reinstall_and_restar
     assert ("lab-two", "lab-two (no internal packages)", False) in browser.picker()
 
 
+@pytest.mark.slow
 def test_a_users_container_gets_the_memory_and_cpu_limits(docker_site, browser):
     site = docker_site
     install = site.install({"HUBWORKS_HUB_MEM_LIMIT": "1G", "HUBWORKS_HUB_CPU_LIMIT": "0.5"})
@@ -430,6 +431,7 @@ def test_a_users_container_gets_the_memory_and_cpu_limits(docker_site, browser):
 
 # ---- images left out, and spawns that fail -------------------------------------------------
 
+@pytest.mark.slow
 def test_images_that_cannot_serve_users_are_left_out_with_the_reason(docker_site, browser):
     site = docker_site
     install = site.runs["install"].output
@@ -456,6 +458,7 @@ def test_images_that_cannot_serve_users_are_left_out_with_the_reason(docker_site
     assert site.containers() == {}
 
 
+@pytest.mark.slow
 def test_a_removed_image_tag_gives_the_user_a_page_and_the_admin_a_line(docker_site, browser):
     site = docker_site
     tag = next(i["tag"] for i in site.offered()["offered"] if i["name"] == "doomed")
@@ -470,6 +473,7 @@ def test_a_removed_image_tag_gives_the_user_a_page_and_the_admin_a_line(docker_s
     assert site.containers() == {}
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_is_stopped_after_the_spawn_timeout(docker_site, browser):
     site = docker_site
     started = time.monotonic()
@@ -483,6 +487,7 @@ def test_a_server_that_never_answers_is_stopped_after_the_spawn_timeout(docker_s
     assert site.wait_no_containers() == {}, "nothing is left running after a failed spawn"
 
 
+@pytest.mark.slow
 def test_a_server_that_exits_at_start_is_reported_with_its_last_lines(docker_site, browser):
     site = docker_site
     browser.spawn_via_api("crashy")
@@ -494,6 +499,7 @@ def test_a_server_that_exits_at_start_is_reported_with_its_last_lines(docker_sit
     assert site.wait_no_containers() == {}, "nothing is left running after a failed spawn"
 
 
+@pytest.mark.slow
 def test_a_stopped_engine_gives_the_user_a_page_and_hub_start_brings_it_back(
         docker_site, browser):
     site = docker_site
@@ -517,6 +523,7 @@ def test_a_stopped_engine_gives_the_user_a_page_and_hub_start_brings_it_back(
     browser.pick("lab")
 
 
+@pytest.mark.slow
 def test_without_an_engine_the_engine_step_names_the_socket_and_the_fix(docker_site):
     site = docker_site
     config = (site.prefix / "etc" / "jupyterhub_config.py").read_text()
@@ -531,6 +538,7 @@ def test_without_an_engine_the_engine_step_names_the_socket_and_the_fix(docker_s
     assert steps_run(site.install()) == set()
 
 
+@pytest.mark.slow
 def test_a_default_image_that_was_never_built_stops_the_images_step(docker_site):
     site = docker_site
     run = site.doit("install_hub", env={"HUBWORKS_HUB_DEFAULT_IMAGE": "anlysis"})
@@ -543,6 +551,7 @@ def test_a_default_image_that_was_never_built_stops_the_images_step(docker_site)
 
 # ---- environment.yml images (no hub needed) ----------------------------------------------
 
+@pytest.mark.slow
 def test_environment_images_get_the_hubs_singleuser_through_repo2dockers_appendix(
         workspace, podman_runtime):
     ws = workspace

@@ -16,8 +16,6 @@ from ruamel.yaml import YAML
 
 from tests.test_images import add_fetching_image, record
 
-pytestmark = pytest.mark.slow
-
 KUBECONFIG = """\
 apiVersion: v1
 kind: Config
@@ -58,6 +56,7 @@ def spawner_form_and_choice(profiles: list[dict], slug: str, tmp_path, monkeypat
     return asyncio.run(render())
 
 
+@pytest.mark.slow
 def test_values_file_offers_every_image_to_kubespawner(workspace, busybox_base_image,
                                                        tmp_path, monkeypatch):
     ws = workspace

@@ -27,8 +27,6 @@ from tests.test_images import FETCH_DOCKERFILE
 
 pytest_plugins = ["tests.s3_fixtures"]  # the moto_endpoint and s3_store fixtures
 
-pytestmark = pytest.mark.slow
-
 
 def podman_storage_env(root) -> dict[str, str]:
     """A runner's own, empty vfs image store (what a fresh CI machine has)."""
@@ -98,6 +96,7 @@ def doit_at_once(*workspaces_and_args) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 def test_runners_build_against_the_published_channel_and_the_registry_decides(
         tmp_path, s3_store, local_registry, podman_storage):
     # The publishing job: recipes built, channel published to the bucket.
@@ -170,6 +169,7 @@ def read_only_registry(podman_storage, tmp_path, monkeypatch):
         yield host
 
 
+@pytest.mark.slow
 def test_a_registry_that_refuses_the_push_is_named_with_the_fix(
         tmp_path, read_only_registry, busybox_base_image):
     ws = Workspace(tmp_path / "ws")
@@ -210,6 +210,7 @@ def registry_with_login(podman_storage, tmp_path, monkeypatch):
         yield host
 
 
+@pytest.mark.slow
 def test_the_registry_check_logs_in_like_the_engine(tmp_path, registry_with_login,
                                                     busybox_base_image):
     host = registry_with_login
@@ -244,6 +245,7 @@ def test_the_registry_check_logs_in_like_the_engine(tmp_path, registry_with_logi
     assert f"fix: log in to {host} on this machine (`podman login {host}`" in run.output
 
 
+@pytest.mark.slow
 def test_an_unreachable_channel_url_is_named_with_the_fix(workspace, busybox_base_image):
     ws = workspace
     url = f"http://127.0.0.1:{free_port()}/conda/"

@@ -22,8 +22,6 @@ from tests.conftest import DODO, DoitRun, free_port, interrupted_output, port_re
 from tests.podman_fixtures import (files_in_image_containing, image_file, image_metadata,
                                    registry_tags)
 
-pytestmark = pytest.mark.slow
-
 FETCH_DOCKERFILE = """\
 FROM {base}
 ARG CHANNEL_URL
@@ -54,12 +52,18 @@ def configure(ws, *, channel: str = "", images: str = 'prefix = "hubworks-test"'
 
 
 @pytest.fixture
-def image_workspace(workspace, busybox_base_image):
+def preflight_workspace(workspace):
+    """An image workspace for what fails before any engine runs: no base image needed."""
     workspace.port = free_port()
-    workspace.base = busybox_base_image
     workspace.env.pop("BUILDAH_ISOLATION", None)  # only images.isolation may ask for chroot
     configure(workspace)
     return workspace
+
+
+@pytest.fixture
+def image_workspace(preflight_workspace, busybox_base_image):
+    preflight_workspace.base = busybox_base_image
+    return preflight_workspace
 
 
 def add_fetching_image(ws, image: str, package: str, version: str = "1.0.0") -> None:
@@ -73,6 +77,7 @@ def record(ws, image: str) -> dict:
     return json.loads((ws.state / "images" / f"{image}.json").read_text())
 
 
+@pytest.mark.slow
 def test_dockerfile_image_installs_internal_package_from_served_channel(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool", version="1.0.0")
@@ -104,6 +109,7 @@ def test_dockerfile_image_installs_internal_package_from_served_channel(image_wo
     assert access_log.read_text() == access   # no "serving" line, no request
 
 
+@pytest.mark.slow
 def test_changing_a_recipe_rebuilds_only_the_images_that_use_it(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -126,6 +132,7 @@ def test_changing_a_recipe_rebuilds_only_the_images_that_use_it(image_workspace)
     assert ws.doit("build_images").executed == ["build_images:uses-tool"]
 
 
+@pytest.mark.slow
 def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -150,6 +157,7 @@ def test_parallel_builds_share_one_server_and_it_stops_after_a_failure(image_wor
     assert port_refuses(ws.port)
 
 
+@pytest.mark.slow
 def test_an_image_needing_a_failed_recipe_is_named_and_the_others_build(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -169,6 +177,7 @@ def test_an_image_needing_a_failed_recipe_is_named_and_the_others_build(image_wo
     assert port_refuses(ws.port)
 
 
+@pytest.mark.slow
 def test_an_image_waits_for_a_recipe_that_can_no_longer_be_read(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -182,6 +191,7 @@ def test_an_image_waits_for_a_recipe_that_can_no_longer_be_read(image_workspace)
     assert "build_images:uses-tool" not in run.executed
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_build_stops_the_server(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -257,6 +267,7 @@ def places_holding(ws, run, tag: str, text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_local_build_carries_no_token_even_with_a_fixed_one_set(image_workspace):
     """Bound to every address with a fixed token for serve_channel: the build reaches the
     server on loopback, which lets this machine in without a token, so none is needed."""
@@ -275,6 +286,7 @@ def test_a_local_build_carries_no_token_even_with_a_fixed_one_set(image_workspac
     assert port_refuses(ws.port)
 
 
+@pytest.mark.slow
 def test_a_remote_build_gets_a_per_run_token_that_dies_with_the_run(image_workspace):
     """A remote engine (channel.public_url; here a loopback name for the same server): the
     build needs a token, and gets the run's own, never the fixed one; it is in what the
@@ -297,6 +309,7 @@ def test_a_remote_build_gets_a_per_run_token_that_dies_with_the_run(image_worksp
     assert port_refuses(ws.port)   # the server, and with it the token, is gone
 
 
+@pytest.mark.slow
 def test_the_isolation_setting_reaches_podman(image_workspace):
     """images.isolation = "chroot" (set as users set it; nothing else asks for chroot) is
     what podman builds with: chroot isolation gives a RUN step no PID namespace of its own,
@@ -309,6 +322,7 @@ def test_the_isolation_setting_reaches_podman(image_workspace):
     assert int(image_file(record(ws, "isolated")["tag"], "/run-step-pid")) != 1
 
 
+@pytest.mark.slow
 def test_push_sends_both_tags_to_the_registry(image_workspace, local_registry):
     ws = image_workspace
     ws.env["CONTAINERS_REGISTRIES_CONF"] = os.environ["CONTAINERS_REGISTRIES_CONF"]
@@ -321,8 +335,8 @@ def test_push_sends_both_tags_to_the_registry(image_workspace, local_registry):
         sorted([tag.rsplit(":", 1)[1], "latest"])
 
 
-def test_preflight_names_the_missing_package_or_version(image_workspace):
-    ws = image_workspace
+def test_preflight_names_the_missing_package_or_version(preflight_workspace):
+    ws = preflight_workspace
     ws.add_recipe("tool", version="1.0.0")
     for name, spec in (("wants-version", "tool >=9"), ("wants-missing", "internal::toool")):
         folder = ws.root / "images" / name
@@ -339,6 +353,7 @@ def test_preflight_names_the_missing_package_or_version(image_workspace):
     assert not (ws.state / "logs" / "images" / "wants-version.log").exists()
 
 
+@pytest.mark.slow
 def test_base_image_without_a_registry_gets_the_full_name_to_use(image_workspace, tmp_path):
     ws = image_workspace
     registries = tmp_path / "registries.conf"
@@ -355,8 +370,8 @@ def test_base_image_without_a_registry_gets_the_full_name_to_use(image_workspace
         "docker.io/someone/base-image:1" in run.output
 
 
-def test_folder_with_nothing_to_build_is_named(image_workspace):
-    ws = image_workspace
+def test_folder_with_nothing_to_build_is_named(preflight_workspace):
+    ws = preflight_workspace
     (ws.root / "images" / "empty" / "notes").mkdir(parents=True)
     (ws.root / "images" / "empty" / "README.md").write_text("todo\n")
     run = ws.doit("build_images", check=False)
@@ -365,6 +380,7 @@ def test_folder_with_nothing_to_build_is_named(image_workspace):
     assert "add an environment.yml" in run.output
 
 
+@pytest.mark.slow
 def test_environment_image_is_staged_with_the_served_url(image_workspace):
     ws = image_workspace
     ws.add_recipe("tool")
@@ -399,6 +415,7 @@ def test_environment_image_is_staged_with_the_served_url(image_workspace):
         assert "the build could not reach:" in run.output, run.output
 
 
+@pytest.mark.slow
 def test_built_image_serves_its_internal_package_from_a_container(
         workspace, podman_runtime, runtime_busybox_image, podman_api):
     """A built image runs: started through podman's Docker-compatible API (what the hub's
