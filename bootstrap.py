@@ -3,13 +3,15 @@
 
     python3 bootstrap.py doit build_images    # the main job
     python3 bootstrap.py pytest               # the test suite
+    python3 bootstrap.py sphinx-build -W --keep-going -n -b html docs docs/_build/html
+                                              # the docs, as CI builds them
 
 Standard library only, so it runs on a fresh Debian or Ubuntu machine. Each run:
 
 1. installs the system packages the command needs and the machine lacks, with apt-get
    (as root, or through sudo); nothing is installed when everything is there;
-2. creates ``.venv`` next to this file and installs hubworks into it with its test extras
-   (again only when pyproject.toml changed since the last install);
+2. creates ``.venv`` next to this file and installs hubworks into it with its test and docs
+   extras (again only when pyproject.toml changed since the last install);
 3. runs the command with ``.venv/bin`` first on PATH, from this folder.
 
 Other package managers: the missing packages are named and the run goes on without them.
@@ -64,13 +66,15 @@ def docker_answers() -> bool:
         return False
 
 
-def needed_packages(for_tests: bool, for_benchmarks: bool = False) -> list[str]:
+def needed_packages(for_tests: bool, for_benchmarks: bool = False,
+                    for_docs: bool = False) -> list[str]:
     wanted = [VENV_SUPPORT]
     if for_tests:
         wanted += TEST_TOOLS
     if for_benchmarks:
         wanted += BENCHMARK_TOOLS
-    elif not docker_answers():  # the main job builds with Docker when it runs, else podman
+    elif not for_docs and not docker_answers():
+        # the main job builds with Docker when it runs, else podman; the docs need neither
         wanted.append(CONTAINER_ENGINE)
     return [package for probe, package in wanted if not have(probe)]
 
@@ -101,9 +105,9 @@ def ensure_venv() -> None:
     if not (VENV / "bin" / "python").exists():
         say(f"creating {VENV}")
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    say("installing hubworks and its test tools into .venv")
+    say("installing hubworks, its test tools and its docs tools into .venv")
     subprocess.run([str(VENV / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-e", f"{HERE}[test]"], check=True)
+                    "--disable-pip-version-check", "-e", f"{HERE}[test,docs]"], check=True)
     STAMP.write_text(wanted + "\n")
 
 
@@ -112,7 +116,8 @@ def main(argv: list[str]) -> None:
         sys.exit(__doc__)
     for_tests = Path(argv[0]).name in ("pytest", "py.test")
     for_benchmarks = any(Path(arg).parent.name == "benchmarks" for arg in argv[1:])
-    install_system_packages(needed_packages(for_tests, for_benchmarks))
+    for_docs = Path(argv[0]).name == "sphinx-build"
+    install_system_packages(needed_packages(for_tests, for_benchmarks, for_docs))
     ensure_venv()
     os.chdir(HERE)
     env = dict(os.environ, VIRTUAL_ENV=str(VENV),
