@@ -33,11 +33,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from traitlets.config import Config
+from traitlets.config.loader import DeferredConfig, PyFileConfigLoader
 
 from tasks.core.settings import load_settings
 from tasks.hub.layout import HubLayout
-from tasks.hub.render import render_config, render_podman_unit, render_unit
-from tasks.hub.steps import schema_head
+from tasks.hub.render import config_files, render_podman_unit, render_unit
+from tasks.hub.steps import ensure_secrets, schema_head
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,6 +335,22 @@ def test_changing_the_proxy_pin_reinstalls_the_proxy_and_restarts_the_hub(site):
 
 
 @pytest.mark.slow
+def test_changing_a_setting_rewrites_the_config_and_restarts_only_the_hub(site, monkeypatch):
+    pid = site.hub_pid()
+    admins = f"{site.user},hwadmin"
+    changed = site.install({"HUBWORKS_HUB_ADMIN_USERS": admins})
+    assert changed.executed == {"config", "health"}, changed.output
+    assert site.hub_pid() != pid
+    assert loaded_config(site.layout, monkeypatch).Authenticator.admin_users == \
+        sorted(admins.split(","))
+    assert site.install({"HUBWORKS_HUB_ADMIN_USERS": admins}).executed == set()
+    back = site.install()
+    assert back.executed == {"config", "health"}, back.output
+    assert loaded_config(site.layout, monkeypatch).Authenticator.admin_users == [site.user]
+    assert requests.get(f"{site.url}/hub/health", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
 def test_secrets_survive_every_rerun_byte_for_byte(site):
     site.install()
     now = {p.name: p.read_bytes() for p in (site.prefix / "secrets").iterdir()}
@@ -343,7 +361,9 @@ def test_secrets_survive_every_rerun_byte_for_byte(site):
 
 @pytest.mark.slow
 def test_a_busy_port_stops_the_config_step_with_the_port_and_the_fix(site):
-    config = (site.prefix / "etc" / "jupyterhub_config.py").read_text()
+    written = [site.prefix / "etc" / name
+               for name in ("jupyterhub_config.py", "hubworks_config.json")]
+    config = [path.read_text() for path in written]
     with socket.socket() as squatter:
         squatter.bind(("0.0.0.0", 0))
         squatter.listen()
@@ -352,7 +372,7 @@ def test_a_busy_port_stops_the_config_step_with_the_port_and_the_fix(site):
     assert run.returncode != 0
     assert f"port {busy} (hub.port) is already in use by another program" in run.output
     assert "fix:" in run.output and "HUBWORKS_HUB_PORT" in run.output
-    assert (site.prefix / "etc" / "jupyterhub_config.py").read_text() == config
+    assert [path.read_text() for path in written] == config
 
 
 @pytest.mark.slow
@@ -477,7 +497,135 @@ def test_hub_stop_ends_the_hub_its_proxy_and_the_users_servers(site):
     assert again.executed == {"health"}, again.output
 
 
-# ---- rendered text (no install needed) ---------------------------------------------------
+# ---- the hub's configuration as JupyterHub loads it (no install needed) -------------------
+
+def hub_in(tmp_path: Path, toml: str = "", **environ: str) -> HubLayout:
+    """A hub with its prefix under tmp_path, from these settings (after [hub]'s prefix)."""
+    (tmp_path / "hubworks.toml").write_text(f'[hub]\nprefix = "{tmp_path / "hub"}"\n{toml}')
+    return HubLayout(load_settings(tmp_path, environ=environ))
+
+
+def loaded_config(hub: HubLayout, monkeypatch) -> Config:
+    """The prefix's etc/jupyterhub_config.py executed as JupyterHub executes it (traitlets'
+    loader, with load_subconfig); what it adds to sys.path is undone after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return PyFileConfigLoader(hub.config_file.name, path=str(hub.etc)).load_config()
+
+
+def written_config(hub: HubLayout, monkeypatch, node: Path = Path("/usr/bin/node")) -> Config:
+    """What the config step writes (and the secrets step's files), loaded."""
+    for folder in (hub.etc, hub.config_d, hub.secrets):
+        folder.mkdir(parents=True, exist_ok=True)
+    ensure_secrets(hub)
+    for path, text in config_files(hub, node).items():
+        path.write_text(text)
+    return loaded_config(hub, monkeypatch)
+
+
+def config_values(config) -> list:
+    """Every value in a loaded configuration, nested lists and dicts opened."""
+    if isinstance(config, dict):
+        return [leaf for value in config.values() for leaf in config_values(value)]
+    if isinstance(config, list):
+        return [leaf for value in config for leaf in config_values(value)]
+    return [config]
+
+
+def test_a_local_hub_listens_on_loopback_and_runs_servers_from_its_venv(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'port = 8443\nhub_port = 8444\nproxy_api_port = 8445\n'
+                           'admin_users = ["ada", "ada"]\nallowed_users = ["bob", "ada"]\n')
+    c = written_config(hub, monkeypatch, node=Path("/opt/node/bin/node"))
+    prefix = hub.prefix
+    assert c.JupyterHub.bind_url == "http://:8443/"
+    assert (c.JupyterHub.hub_ip, c.JupyterHub.hub_port) == ("127.0.0.1", 8444)
+    assert c.ConfigurableHTTPProxy.api_url == "http://127.0.0.1:8445"
+    assert c.ConfigurableHTTPProxy.command == [
+        "/opt/node/bin/node", f"{prefix}/node_modules/configurable-http-proxy/bin/"
+                              "configurable-http-proxy"]
+    assert c.JupyterHub.db_url == f"sqlite:///{prefix}/var/jupyterhub.sqlite"
+    assert c.JupyterHub.authenticator_class == "pam"
+    assert c.Authenticator.admin_users == ["ada"]
+    assert c.Authenticator.allowed_users == ["ada", "bob"]
+    assert c.Authenticator.allow_all is False
+    assert c.JupyterHub.spawner_class == "localprocess"
+    assert c.Spawner.cmd == [f"{prefix}/venv/bin/jupyterhub-singleuser"]
+    assert c.Spawner.environment["PATH"].startswith(f"{prefix}/venv/bin:")
+    assert c.Spawner.default_url == "/lab"
+
+
+def test_secrets_stay_in_their_files_and_the_config_reads_them(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path)
+    c = written_config(hub, monkeypatch)
+    assert c.ConfigurableHTTPProxy.auth_token == hub.proxy_token.read_text().strip()
+    (status,) = [s for s in c.JupyterHub.services if s["name"] == "hubworks-status"]
+    assert status["api_token"] == hub.status_token.read_text().strip()
+    assert c.JupyterHub.cookie_secret_file == str(hub.cookie_secret)
+    data = hub.config_data_file.read_text()
+    for secret in (hub.cookie_secret, hub.proxy_token, hub.status_token):
+        assert secret.read_text().strip() not in data, secret
+
+
+def test_the_offices_own_files_load_last_and_override_anything(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, "allowed_users = [\"ada\"]\n")
+    hub.config_d.mkdir(parents=True)
+    (hub.config_d / "20-office.py").write_text(
+        "c.Spawner.default_url = '/tree'\nc.Authenticator.allowed_users = ['ada', 'bob']\n"
+        "c.JupyterHub.services.append({'name': 'announcement', 'url': 'http://127.0.0.1:9'})\n")
+    (hub.config_d / "10-office.py").write_text("c.Spawner.default_url = '/doc'\n")
+    c = written_config(hub, monkeypatch)
+    assert c.Spawner.default_url == "/tree"  # by name order, after hubworks' sections
+    assert c.Authenticator.allowed_users == ["ada", "bob"]
+    assert [s["name"] for s in c.JupyterHub.services] == ["idle-culler", "hubworks-status",
+                                                           "announcement"]
+
+
+def test_without_its_data_the_config_stops_the_hub_with_the_fix(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path)
+    written_config(hub, monkeypatch)
+    hub.config_data_file.unlink()
+    with pytest.raises(SystemExit) as stopped:
+        loaded_config(hub, monkeypatch)
+    assert f"hubworks: cannot read the hub's settings {hub.config_data_file}" in \
+        str(stopped.value)
+    assert "fix: run `doit install_hub`" in str(stopped.value)
+
+
+def test_docker_spawner_config_runs_the_offered_images_through_podmans_api(tmp_path,
+                                                                          monkeypatch):
+    hub = hub_in(tmp_path, 'spawner = "docker"\nallowed_groups = ["staff"]\n'
+                           '[images]\nengine = "podman"\n')
+    c = written_config(hub, monkeypatch)
+    socket_url, images = f"unix://{hub.prefix}/var/podman.sock", f"{hub.prefix}/etc/images.json"
+    # JupyterHub imports hubworks' spawner from etc/, where the config step copies it
+    assert c.JupyterHub.spawner_class == "hubworks_spawner.HubworksSpawner"
+    assert sys.path[0] == str(hub.etc)
+    assert hub.spawner_module.read_text() == \
+        (REPO / "tasks" / "hub" / "payload" / "docker_spawner.py").read_text()
+    assert c.HubworksSpawner.images_file == images
+    assert c.DockerSpawner.client_kwargs == {"base_url": socket_url}
+    # containers reach the hub on the bridge's gateway, asked of that engine as the hub starts
+    gateway = c.JupyterHub.hub_ip
+    assert isinstance(gateway, DeferredConfig)
+    assert (gateway.docker_url, gateway.images_file) == (socket_url, images)
+    assert c.JupyterHub.hub_connect_ip is gateway
+    # nothing listens on every interface
+    assert not [value for value in config_values(c) if "0.0.0.0" in str(value)]
+    assert c.DockerSpawner.host_ip == "127.0.0.1"
+    assert c.JupyterHub.cleanup_servers is False
+    assert c.DockerSpawner.pull_policy == "never"
+    assert c.LocalAuthenticator.allowed_groups == ["staff"]
+
+
+def test_docker_url_names_the_engine_and_a_registry_prefix_allows_pulls(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'spawner = "docker"\ndocker_url = "tcp://10.1.2.3:2375"\n'
+                           '[images]\npush = true\n')
+    c = written_config(hub, monkeypatch)
+    assert c.DockerSpawner.client_kwargs == {"base_url": "tcp://10.1.2.3:2375"}
+    assert c.JupyterHub.hub_ip.docker_url == "tcp://10.1.2.3:2375"
+    assert c.DockerSpawner.pull_policy == "ifnotpresent"
+
+
+# ---- systemd units -------------------------------------------------------------------------
 
 def test_the_systemd_unit_runs_the_hub_from_the_prefix(tmp_path):
     (tmp_path / "hubworks.toml").write_text('[hub]\nprefix = "/srv/hub"\nservice = "systemd"\n')
@@ -487,35 +635,6 @@ def test_the_systemd_unit_runs_the_hub_from_the_prefix(tmp_path):
     assert "User=root\n" in unit and "Restart=on-failure\n" in unit
     assert "Environment=PATH=/srv/hub/venv/bin:" in unit
     assert "WantedBy=multi-user.target" in unit
-
-
-def test_docker_spawner_config_runs_the_offered_images_through_podmans_api(tmp_path):
-    (tmp_path / "hubworks.toml").write_text(
-        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\nallowed_groups = ["staff"]\n'
-        '[images]\nengine = "podman"\n')
-    config = render_config(HubLayout(load_settings(tmp_path, environ={})), Path("/usr/bin/node"))
-    socket_url, images = "unix:///srv/hub/var/podman.sock", "/srv/hub/etc/images.json"
-    assert "c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner" in config
-    assert f"c.HubworksSpawner.images_file = {images!r}" in config
-    assert f"c.DockerSpawner.client_kwargs = {{'base_url': {socket_url!r}}}" in config
-    # containers reach the hub on the bridge's gateway; nothing listens on every interface
-    assert f"c.JupyterHub.hub_ip = hubworks_spawner.hub_address({socket_url!r}, {images!r})" \
-        in config
-    assert "0.0.0.0" not in config
-    assert "c.DockerSpawner.host_ip = '127.0.0.1'" in config
-    assert "c.JupyterHub.cleanup_servers = False" in config
-    assert "c.DockerSpawner.pull_policy = 'never'" in config
-    assert "c.LocalAuthenticator.allowed_groups = ['staff']" in config
-    compile(config, "jupyterhub_config.py", "exec")
-
-
-def test_docker_url_names_the_engine_and_a_registry_prefix_allows_pulls(tmp_path):
-    (tmp_path / "hubworks.toml").write_text(
-        '[hub]\nprefix = "/srv/hub"\nspawner = "docker"\n'
-        'docker_url = "tcp://10.1.2.3:2375"\n[images]\npush = true\n')
-    config = render_config(HubLayout(load_settings(tmp_path, environ={})), Path("/usr/bin/node"))
-    assert "c.DockerSpawner.client_kwargs = {'base_url': 'tcp://10.1.2.3:2375'}" in config
-    assert "c.DockerSpawner.pull_policy = 'ifnotpresent'" in config
 
 
 def test_with_systemd_podmans_api_is_a_unit_the_hub_requires(tmp_path):

@@ -40,12 +40,13 @@ import requests
 from tasks.core.settings import load_settings
 from tasks.hub.layout import HubLayout
 from tasks.hub.payload import tls_service
-from tasks.hub.render import render_config
+from tasks.hub.render import written_ports
 from tasks.hub.steps import STEPS
 from tasks.hub.tls import renewal_units
 from tests.conftest import free_ports
-from tests.test_hub import (HubSite, add_user, log_in_and_open_lab, missing, processes_of,
-                            processes_under, public_tempdir, single_user_servers)
+from tests.test_hub import (HubSite, add_user, hub_in, log_in_and_open_lab, missing,
+                            processes_of, processes_under, public_tempdir, single_user_servers,
+                            written_config)
 
 MEM_LIMIT = "2G"
 MEM_LIMIT_BYTES = 2 * 1024 ** 3
@@ -563,7 +564,7 @@ def test_letsencrypt_the_hubs_service_renews_between_runs(site, pebble):
     assert site.install(letsencrypt(pebble)).executed == set()
 
 
-# ---- rendered text and settings (no install needed) ----------------------------------------
+# ---- the loaded configuration and settings (no install needed) -----------------------------
 
 def layout(tmp_path: Path, toml: str, **environ: str) -> HubLayout:
     (tmp_path / "hubworks.toml").write_text(f'[hub]\nprefix = "/srv/hub"\n{toml}')
@@ -574,26 +575,37 @@ def wanted_steps(hub: HubLayout) -> set[str]:
     return {step.name for step in STEPS if step.wanted(hub)}
 
 
-def test_docker_servers_get_the_limits_as_container_limits(tmp_path):
-    hub = layout(tmp_path, 'spawner = "docker"\nmem_limit = "2G"\ncpu_limit = 1.5\n')
-    config = render_config(hub, Path("/usr/bin/node"))
-    assert "c.Spawner.mem_limit = '2G'\nc.Spawner.cpu_limit = 1.5\n" in config
-    assert config.index("c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner") < \
-        config.index("c.Spawner.mem_limit")
-    assert "RLIMIT_AS" not in config and "SystemdSpawner" not in config
-    assert "JUPYTER_CONFIG_PATH" not in render_config(
-        layout(tmp_path, 'spawner = "docker"\nhttps = "files"\n'), Path("/usr/bin/node"))
-    compile(config, "jupyterhub_config.py", "exec")
+def test_docker_servers_get_the_limits_as_container_limits(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'spawner = "docker"\nmem_limit = "2G"\ncpu_limit = 1.5\n')
+    c = written_config(hub, monkeypatch)
+    assert (c.Spawner.mem_limit, c.Spawner.cpu_limit) == ("2G", 1.5)
+    # the limits do not replace hubworks' spawner: the engine enforces them
+    assert c.JupyterHub.spawner_class == "hubworks_spawner.HubworksSpawner"
+    https = written_config(hub_in(tmp_path, 'spawner = "docker"\nhttps = "files"\n'),
+                           monkeypatch)
+    assert "JUPYTER_CONFIG_PATH" not in https.Spawner.get("environment", {})
 
 
-def test_local_servers_under_systemd_run_in_systemd_units_with_the_limits(tmp_path):
-    hub = layout(tmp_path, 'service = "systemd"\nmem_limit = "1G"\n')
-    config = render_config(hub, Path("/usr/bin/node"))
-    assert config.index("c.Spawner.mem_limit = '1G'") < \
-        config.index("c.JupyterHub.spawner_class = 'systemdspawner.SystemdSpawner'")
-    assert "RLIMIT_AS" not in config
+def test_local_servers_under_systemd_run_in_systemd_units_with_the_limits(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'service = "systemd"\nmem_limit = "1G"\n')
+    c = written_config(hub, monkeypatch)
+    assert c.Spawner.mem_limit == "1G"
+    assert c.JupyterHub.spawner_class == "systemdspawner.SystemdSpawner"
     assert "systemdspawner" in wanted_steps(hub)
     assert "systemdspawner" not in wanted_steps(layout(tmp_path, 'service = "systemd"\n'))
+
+
+def test_local_servers_without_systemd_get_the_memory_limit_per_process(tmp_path, monkeypatch):
+    from jupyterhub.spawner import LocalProcessSpawner
+
+    c = written_config(hub_in(tmp_path, 'service = "background"\nmem_limit = "1G"\n'),
+                       monkeypatch)
+    assert c.Spawner.mem_limit == "1G"
+    spawner = c.JupyterHub.spawner_class
+    assert issubclass(spawner, LocalProcessSpawner) and "make_preexec_fn" in vars(spawner)
+    cpu_only = written_config(hub_in(tmp_path, 'service = "background"\ncpu_limit = 2\n'),
+                              monkeypatch)
+    assert cpu_only.JupyterHub.spawner_class == "localprocess"
 
 
 def test_letsencrypt_under_systemd_renews_from_a_timer(tmp_path):
@@ -609,15 +621,62 @@ def test_letsencrypt_under_systemd_renews_from_a_timer(tmp_path):
     assert "tls_renewal" not in wanted_steps(files) and "certbot" not in wanted_steps(files)
 
 
-def test_culling_is_on_by_default_and_off_at_zero(tmp_path):
-    config = render_config(layout(tmp_path, ""), Path("/usr/bin/node"))
-    assert "'--timeout=3600', '--max-age=0', '--cull-every=300'" in config
-    off = layout(tmp_path, "cull_idle_minutes = 0\n")
-    assert "idle-culler" not in render_config(off, Path("/usr/bin/node"))
-    assert "idle_culler" not in wanted_steps(off)
-    aged = render_config(layout(tmp_path, "cull_idle_minutes = 0\ncull_max_age_hours = 8\n"),
-                         Path("/usr/bin/node"))
-    assert "'--timeout=28800', '--max-age=28800'" in aged
+def test_https_serves_the_kept_certificate_with_secure_cookies(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'https = "files"\nport = 443\nhttp_port = 80\n')
+    c = written_config(hub, monkeypatch)
+    assert c.JupyterHub.bind_url == "https://:443/"
+    assert c.JupyterHub.ssl_cert == f"{hub.prefix}/secrets/tls/fullchain.pem"
+    assert c.JupyterHub.ssl_key == f"{hub.prefix}/secrets/tls/privkey.pem"
+    assert c.JupyterHub.cookie_options == {"secure": True}
+    assert c.JupyterHub.tornado_settings == {"xsrf_cookie_kwargs": {"secure": True}}
+    # local servers read the secure _xsrf cookie setting from there
+    assert c.Spawner.environment["JUPYTER_CONFIG_PATH"] == f"{hub.prefix}/etc/jupyter"
+    (http,) = [s for s in c.JupyterHub.services if s["name"] == "hubworks-http"]
+    assert http["command"] == [f"{hub.prefix}/venv/bin/python",
+                               f"{hub.prefix}/libexec/hubworks_tls_service.py", "serve",
+                               "--http-port", "80", f"{hub.prefix}/etc/hubworks_tls.json"]
+    no_redirect = written_config(hub_in(tmp_path, 'https = "files"\nhttp_port = 0\n'),
+                                 monkeypatch)
+    assert "hubworks-http" not in [s["name"] for s in no_redirect.JupyterHub.services]
+    plain = written_config(hub_in(tmp_path), monkeypatch)
+    assert "ssl_cert" not in plain.JupyterHub and "JUPYTER_CONFIG_PATH" not in \
+        plain.Spawner.environment
+
+
+def test_the_ports_the_written_config_names_are_the_running_hubs_own(tmp_path, monkeypatch):
+    hub = hub_in(tmp_path, 'https = "files"\nport = 8443\nhttp_port = 8080\nhub_port = 8081\n'
+                           'proxy_api_port = 8082\n')
+    written_config(hub, monkeypatch)
+    assert written_ports(hub) == {"port": 8443, "http_port": 8080, "hub_port": 8081,
+                                  "proxy_api_port": 8082}
+    # a hub installed before the config became data: its jupyterhub_config.py says them
+    hub.config_data_file.unlink()
+    hub.config_file.write_text("c.JupyterHub.bind_url = 'https://:8443/'\n"
+                               "c.JupyterHub.hub_port = 8081\n")
+    assert written_ports(hub) == {"port": 8443, "hub_port": 8081}
+
+
+def culler(config) -> list[str] | None:
+    found = [s["command"] for s in config.JupyterHub.get("services", [])
+             if s["name"] == "idle-culler"]
+    return found[0] if found else None
+
+
+def test_culling_is_on_by_default_and_off_at_zero(tmp_path, monkeypatch):
+    c = written_config(hub_in(tmp_path), monkeypatch)
+    assert culler(c)[-3:] == ["--timeout=3600", "--max-age=0", "--cull-every=300"]
+    assert {"name": "idle-culler", "services": ["idle-culler"],
+            "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]} \
+        in c.JupyterHub.load_roles
+    assert c.JupyterHub.last_activity_interval == 300
+    assert c.Spawner.environment["JUPYTERHUB_ACTIVITY_INTERVAL"] == "300"
+    off = written_config(hub_in(tmp_path, "cull_idle_minutes = 0\n"), monkeypatch)
+    assert culler(off) is None
+    assert "idle-culler" not in [role["name"] for role in off.JupyterHub.load_roles]
+    assert "idle_culler" not in wanted_steps(layout(tmp_path, "cull_idle_minutes = 0\n"))
+    aged = written_config(hub_in(tmp_path, "cull_idle_minutes = 0\ncull_max_age_hours = 8\n"),
+                          monkeypatch)
+    assert culler(aged)[-3:-1] == ["--timeout=28800", "--max-age=28800"]
 
 
 def test_the_plain_http_port_redirects_and_answers_acme_challenges(tmp_path):

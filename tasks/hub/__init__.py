@@ -9,9 +9,9 @@ How to use it (as root, on the server)::
     doit hub_status            # what runs, idle times, the certificate's expiry, the URL
 
 Each step is a doit subtask ``install_hub:<step>`` whose ``uptodate`` reads the server's
-real state (dist-info folders in the venv, the proxy's package.json, the rendered config
-against the file, the database's schema revision, the running hub's pid and /hub/health),
-so a step the server already satisfies is skipped and its line says why:
+real state (dist-info folders in the venv, the proxy's package.json, the config files
+against what the settings make, the database's schema revision, the running hub's pid and
+/hub/health), so a step the server already satisfies is skipped and its line says why:
 ``-- install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``.
 
 Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner, engine,

@@ -80,7 +80,13 @@ class HubLayout:
 
     @property
     def config_file(self) -> Path:
+        """The same on every hub: it applies config_data_file (see payload/)."""
         return self.etc / "jupyterhub_config.py"
+
+    @property
+    def config_data_file(self) -> Path:
+        """The hub's settings as data, written by install_hub; it names secrets, holds none."""
+        return self.etc / "hubworks_config.json"
 
     @property
     def proxy_releases_file(self) -> Path:

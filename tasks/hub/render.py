@@ -1,4 +1,9 @@
-"""The text of ``jupyterhub_config.py`` and of the systemd units, rendered from settings.
+"""The hub's configuration as data, and the text of the systemd units, rendered from settings.
+
+The configuration is two files in ``etc/``: ``hubworks_config.json``, the settings as data
+(sections of traitlet values, services, roles; it names the secret files rather than holding
+secrets), and ``jupyterhub_config.py``, the same on every hub (``payload/jupyterhub_config.py``),
+which applies that data to JupyterHub's config and loads ``jupyterhub_config.d`` last.
 
 Pure functions of the settings (and, with the docker spawner, of the engine they choose), so an
 up-to-date check can compare what is on disk with what would be written now. The images users
@@ -7,16 +12,22 @@ may pick are not in the config: the hub reads them from ``etc/images.json`` at e
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..core.netaddr import url_host
 from .containers import docker_api, podman_service_command
 from .layout import PODMAN_UNIT_NAME, HubLayout
-from .sections import config_line, network_sections
+from .sections import Section, network_sections, section
 
-HEADER = ("# Written by `doit install_hub` from the [hub] settings (hubworks.toml);\n"
-          "# change those and re-run rather than editing this file.\n")
+PAYLOAD = Path(__file__).parent / "payload"
+FIXED_CONFIG = PAYLOAD / "jupyterhub_config.py"
+SPAWNER_SOURCE = PAYLOAD / "docker_spawner.py"
+WRITTEN_BY = ("Written by `doit install_hub` from the [hub] settings (hubworks.toml); change "
+              "those and re-run rather than editing this file. jupyterhub_config.py beside it "
+              "applies these sections in order, then jupyterhub_config.d.")
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -25,109 +36,147 @@ def hub_search_path(hub: HubLayout) -> str:
     return f"{hub.venv_bin}:{SAFE_PATH}"
 
 
-def render_config(hub: HubLayout, node: Path) -> str:
-    """jupyterhub_config.py for these settings; ``node`` runs configurable-http-proxy."""
-    lines = [HEADER, "c = get_config()  # noqa: F821", ""]
-    lines += _network_section(hub, node)
-    lines += ["", *_state_section(hub)]
-    lines += ["", *_login_section(hub)]
-    lines += ["", *_servers_section(hub)]
-    lines += network_sections(hub)
-    return "\n".join(lines) + "\n"
+def config_sections(hub: HubLayout, node: Path) -> list[Section]:
+    """The hub's configuration for these settings; ``node`` runs configurable-http-proxy."""
+    return [network_section(hub, node), state_section(hub), login_section(hub),
+            servers_section(hub), *network_sections(hub)]
 
 
-def _network_section(hub: HubLayout, node: Path) -> list[str]:
-    s = hub.hub_settings
+def render_config_data(hub: HubLayout, node: Path) -> str:
+    """hubworks_config.json: the sections in order (a later value wins), name and purpose
+    first in each, as a person reads them."""
+    data = {"written_by": WRITTEN_BY, "sections": config_sections(hub, node)}
+    return json.dumps(data, indent=1) + "\n"
+
+
+def config_files(hub: HubLayout, node: Path) -> dict[Path, str]:
+    """What the config step writes: the data, the fixed config that applies it, and with the
+    docker spawner hubworks' spawner module, which the config names."""
+    # the data first: a hub started between two writes finds what the new config reads
+    files = {hub.config_data_file: render_config_data(hub, node),
+             hub.config_file: FIXED_CONFIG.read_text()}
     if hub.uses_docker:
-        lines = ["# network: users reach the proxy; the hub listens on the container bridge's "
-                 "gateway (below), the proxy API on loopback"]
-    else:
-        lines = ["# network: users reach the proxy; hub and proxy API stay on loopback"]
-    lines.append(config_line("JupyterHub.bind_url", f"{hub.scheme}://{url_host(s.ip)}:{s.port}/"))
+        files[hub.spawner_module] = SPAWNER_SOURCE.read_text()
+    return files
+
+
+def network_section(hub: HubLayout, node: Path) -> Section:
+    s = hub.hub_settings
+    values = {"JupyterHub.bind_url": f"{hub.scheme}://{url_host(s.ip)}:{s.port}/"}
     if not hub.uses_docker:
-        lines.append(config_line("JupyterHub.hub_ip", "127.0.0.1"))
-    return lines + [
-        config_line("JupyterHub.hub_port", s.hub_port),
-        config_line("ConfigurableHTTPProxy.api_url", f"http://127.0.0.1:{s.proxy_api_port}"),
-        config_line("ConfigurableHTTPProxy.command", [str(node), str(hub.proxy_script)]),
-        config_line("ConfigurableHTTPProxy.pid_file", str(hub.proxy_pid_file)),
-    ]
+        values["JupyterHub.hub_ip"] = "127.0.0.1"
+    values.update({
+        "JupyterHub.hub_port": s.hub_port,
+        "ConfigurableHTTPProxy.api_url": f"http://127.0.0.1:{s.proxy_api_port}",
+        "ConfigurableHTTPProxy.command": [str(node), str(hub.proxy_script)],
+        "ConfigurableHTTPProxy.pid_file": str(hub.proxy_pid_file),
+    })
+    hub_listens = ("the hub on the container bridge's gateway (servers section), the proxy "
+                   "API on loopback" if hub.uses_docker else "the hub and the proxy API on "
+                   "loopback")
+    return section("network", f"users reach the proxy; {hub_listens}", set=values)
 
 
-def _state_section(hub: HubLayout) -> list[str]:
-    return [
-        "# state and secrets: created once by install_hub, readable by root only",
-        config_line("JupyterHub.db_url", f"sqlite:///{hub.database}"),
-        config_line("JupyterHub.pid_file", str(hub.pid_file)),
-        config_line("JupyterHub.cookie_secret_file", str(hub.cookie_secret)),
-        f"with open({str(hub.proxy_token)!r}) as token_file:",
-        "    c.ConfigurableHTTPProxy.auth_token = token_file.read().strip()",
-    ]
+def state_section(hub: HubLayout) -> Section:
+    return section(
+        "state", "state and secrets: created once by install_hub, readable by root only",
+        set={"JupyterHub.db_url": f"sqlite:///{hub.database}",
+             "JupyterHub.pid_file": str(hub.pid_file),
+             "JupyterHub.cookie_secret_file": str(hub.cookie_secret)},
+        set_from_files={"ConfigurableHTTPProxy.auth_token": str(hub.proxy_token)})
 
 
-def _login_section(hub: HubLayout) -> list[str]:
+def login_section(hub: HubLayout) -> Section:
     s = hub.hub_settings
-    lines = [
-        "# who may log in",
-        config_line("JupyterHub.authenticator_class", hub.choice("authenticator")),
-        # sorted lists, not sets: the text must not change between runs
-        config_line("Authenticator.admin_users", sorted(set(s.admin_users))),
-        config_line("Authenticator.allowed_users", sorted(set(s.allowed_users))),
-    ]
+    values = {
+        "JupyterHub.authenticator_class": hub.choice("authenticator"),
+        # sorted lists, not sets: the file must not change between runs
+        "Authenticator.admin_users": sorted(set(s.admin_users)),
+        "Authenticator.allowed_users": sorted(set(s.allowed_users)),
+    }
     if s.allowed_groups:
-        lines.append(config_line("LocalAuthenticator.allowed_groups",
-                                 sorted(set(s.allowed_groups))))
+        values["LocalAuthenticator.allowed_groups"] = sorted(set(s.allowed_groups))
     # JupyterHub >= 5 lets nobody in without an allow rule; no list here means every account
-    lines.append(config_line("Authenticator.allow_all",
-                             not (s.allowed_users or s.allowed_groups)))
-    return lines
+    values["Authenticator.allow_all"] = not (s.allowed_users or s.allowed_groups)
+    return section("login", "who may log in", set=values)
 
 
-def _servers_section(hub: HubLayout) -> list[str]:
-    lines = ["# single-user servers", config_line("Spawner.default_url", "/lab")]
+def servers_section(hub: HubLayout) -> Section:
     if hub.uses_docker:
-        return lines + _docker_spawner(hub)
-    return lines + [
-        config_line("JupyterHub.spawner_class", "localprocess"),
+        return _docker_servers(hub)
+    return section("servers", "single-user servers: processes running as their users", set={
+        "Spawner.default_url": "/lab",
+        "JupyterHub.spawner_class": "localprocess",
         # absolute: the server starts as the user, whose PATH may lack the hub venv
-        config_line("Spawner.cmd", [str(hub.venv_bin / "jupyterhub-singleuser")]),
-        config_line("Spawner.environment", {"PATH": hub_search_path(hub)}),
-    ]
+        "Spawner.cmd": [str(hub.venv_bin / "jupyterhub-singleuser")],
+    }, environment={"PATH": hub_search_path(hub)})
 
 
-def _docker_spawner(hub: HubLayout) -> list[str]:
-    """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see payload/docker_spawner.py)."""
+def _docker_servers(hub: HubLayout) -> Section:
+    """DockerSpawner through hubworks' subclass (etc/hubworks_spawner.py, see
+    payload/docker_spawner.py)."""
     url = docker_api(hub).url
     images, timeout = str(hub.images_file), hub.hub_settings.spawn_timeout
     # a registry prefix (images.push) lets another machine pull; local builds are never pulled
     pull = "ifnotpresent" if hub.settings.images.push else "never"
-    return [
-        "import sys",
-        f"sys.path.insert(0, {str(hub.etc)!r})",
-        "import hubworks_spawner  # noqa: E402",
-        "c.JupyterHub.spawner_class = hubworks_spawner.HubworksSpawner",
-        f"c.HubworksSpawner.images_file = {images!r}  # written by install_hub's images step",
-        f"c.HubworksSpawner.spawn_timeout = {timeout!r}",
-        f"c.HubworksSpawner.hub_label = {str(hub.prefix)!r}",
-        f"c.DockerSpawner.client_kwargs = {{'base_url': {url!r}}}",
-        "c.DockerSpawner.network_name = 'bridge'",
-        "c.DockerSpawner.host_ip = '127.0.0.1'  # published ports: for the proxy only",
-        f"c.DockerSpawner.pull_policy = {pull!r}",
-        "c.DockerSpawner.remove = True  # a stopped server's container goes; its home volume stays",
-        # repo2docker images start a plain notebook server unless told otherwise
-        "c.DockerSpawner.cmd = ['jupyterhub-singleuser']",
-        # the spawner itself waits spawn_timeout for the server; these only back it up
-        f"c.Spawner.start_timeout = {timeout + 60!r}",
-        "c.Spawner.http_timeout = 30",
-        "# users' containers keep running while the hub restarts; it finds them again",
-        "c.JupyterHub.cleanup_servers = False",
-        "# containers reach the hub at the bridge's gateway, an address the LAN is not routed to",
-        f"c.JupyterHub.hub_ip = hubworks_spawner.hub_address({url!r}, {images!r})",
-        "c.JupyterHub.hub_connect_ip = c.JupyterHub.hub_ip",
-    ]
+    return section(
+        "servers", "single-user servers: containers of the images install_hub offers "
+                   "(etc/images.json), through hubworks' DockerSpawner in etc/",
+        import_path=[str(hub.etc)],
+        set={
+            "Spawner.default_url": "/lab",
+            "JupyterHub.spawner_class": "hubworks_spawner.HubworksSpawner",
+            "HubworksSpawner.images_file": images,  # written by install_hub's images step
+            "HubworksSpawner.spawn_timeout": timeout,
+            "HubworksSpawner.hub_label": str(hub.prefix),
+            "DockerSpawner.client_kwargs": {"base_url": url},
+            "DockerSpawner.network_name": "bridge",
+            "DockerSpawner.host_ip": "127.0.0.1",  # published ports: for the proxy only
+            "DockerSpawner.pull_policy": pull,
+            # a stopped server's container goes; its home volume stays
+            "DockerSpawner.remove": True,
+            # repo2docker images start a plain notebook server unless told otherwise
+            "DockerSpawner.cmd": ["jupyterhub-singleuser"],
+            # the spawner itself waits spawn_timeout for the server; these only back it up
+            "Spawner.start_timeout": timeout + 60,
+            "Spawner.http_timeout": 30,
+            # users' containers keep running while the hub restarts; it finds them again
+            "JupyterHub.cleanup_servers": False,
+        },
+        # containers reach the hub at the bridge's gateway, an address the LAN is not routed to
+        hub_ip_from_engine={"docker_url": url, "images_file": images})
 
 
-_PORT_LINES = {
+def configured_values(data: dict) -> dict:
+    """The ``set`` values of written config data, a later section's winning."""
+    values: dict = {}
+    for part in data.get("sections", []):
+        values.update(part.get("set", {}))
+    return values
+
+
+def configured_services(data: dict) -> list[dict]:
+    return [service for part in data.get("sections", []) for service in part.get("services", [])]
+
+
+def ports_in_config(data: dict) -> dict[str, int]:
+    """The ports written config data names (to tell the running hub's own ports from others)."""
+    values, found = configured_values(data), {}
+    for key, name in (("port", "JupyterHub.bind_url"),
+                      ("proxy_api_port", "ConfigurableHTTPProxy.api_url")):
+        if values.get(name):
+            found[key] = urlsplit(values[name]).port
+    if values.get("JupyterHub.hub_port"):
+        found["hub_port"] = values["JupyterHub.hub_port"]
+    for service in configured_services(data):
+        command = service.get("command", [])
+        if service.get("name") == "hubworks-http" and "--http-port" in command:
+            found["http_port"] = int(command[command.index("--http-port") + 1])
+    return {key: port for key, port in found.items() if port}
+
+
+# a hub installed before its config became data wrote these lines into jupyterhub_config.py
+_OLD_CONFIG_PORTS = {
     "port": r"^c\.JupyterHub\.bind_url = 'https?://.*:(\d+)/'$",
     "http_port": r"'--http-port', '(\d+)'",
     "hub_port": r"^c\.JupyterHub\.hub_port = (\d+)$",
@@ -135,14 +184,33 @@ _PORT_LINES = {
 }
 
 
-def ports_in_config(text: str) -> dict[str, int]:
-    """The ports a rendered config names (to tell the running hub's own ports from others)."""
+def ports_in_old_config(text: str) -> dict[str, int]:
+    """The ports a jupyterhub_config.py of an older hubworks names, which held them as code."""
     found = {}
-    for key, pattern in _PORT_LINES.items():
+    for key, pattern in _OLD_CONFIG_PORTS.items():
         match = re.search(pattern, text, re.M)
         if match:
             found[key] = int(match.group(1))
     return found
+
+
+def written_config(hub: HubLayout) -> dict:
+    """The config data install_hub last wrote ({} when there is none or it is unreadable)."""
+    try:
+        return json.loads(hub.config_data_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def written_ports(hub: HubLayout) -> dict[str, int]:
+    """The ports the config on disk names: a running hub's own, to tell them from others'."""
+    data = written_config(hub)
+    if data:
+        return ports_in_config(data)
+    try:
+        return ports_in_old_config(hub.config_file.read_text())
+    except OSError:
+        return {}
 
 
 def render_unit(hub: HubLayout) -> str:

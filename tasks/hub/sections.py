@@ -1,10 +1,14 @@
-"""Sections of ``jupyterhub_config.py`` for a hub on the network, one function per section.
+"""Sections of the hub's configuration for a hub on the network, one function per section.
 
-Each returns its lines; ``render.render_config`` appends them in order after the core sections,
-and the office's own ``jupyterhub_config.d`` last, so an admin's file overrides any of them.
+Each returns its section as data (``section()``), or None when the settings leave it out;
+``render.config_sections`` puts them after the core sections, and the office's own
+``jupyterhub_config.d`` last, so an admin's file overrides any of them. What each item of a
+section does is said in ``payload/jupyterhub_config.py``, which applies them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from .layout import HubLayout
 
@@ -14,20 +18,18 @@ CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:se
 STATUS_SCOPES = ["list:users", "read:users", "read:users:activity", "read:servers",
                  "admin:server_state", "list:services", "read:services"]
 
-
-def network_sections(hub: HubLayout) -> list[str]:
-    lines: list[str] = []
-    for section in (https_section, culling_section, limits_section, status_section,
-                    config_d_section):
-        part = section(hub)
-        if part:
-            lines += ["", *part]
-    return lines
+Section = dict[str, Any]
 
 
-def config_line(name: str, value) -> str:
-    """One setting of jupyterhub_config.py: ``c.Name = value``."""
-    return f"c.{name} = {value!r}"
+def section(name: str, about: str, **items: Any) -> Section:
+    """One section: its name and purpose (for a person reading the file), then its items."""
+    return {"section": name, "about": about, **items}
+
+
+def network_sections(hub: HubLayout) -> list[Section]:
+    found = (part(hub) for part in (https_section, culling_section, limits_section,
+                                    status_section, config_d_section))
+    return [part for part in found if part]
 
 
 def tls_service_command(hub: HubLayout) -> list[str]:
@@ -36,25 +38,23 @@ def tls_service_command(hub: HubLayout) -> list[str]:
             str(hub.hub_settings.http_port), str(hub.tls_service_conf)]
 
 
-def https_section(hub: HubLayout) -> list[str]:
+def https_section(hub: HubLayout) -> Section | None:
     if hub.https == "off":
-        return []
-    lines = [f"# HTTPS ({hub.https}): the proxy serves the certificate install_hub keeps under "
-             f"secrets/tls",
-             config_line("JupyterHub.ssl_cert", str(hub.tls_cert_file)),
-             config_line("JupyterHub.ssl_key", str(hub.tls_key_file)),
-             config_line("JupyterHub.cookie_options", {"secure": True}),
-             config_line("JupyterHub.tornado_settings", {"xsrf_cookie_kwargs": {"secure": True}})]
+        return None
+    items: Section = {"set": {
+        "JupyterHub.ssl_cert": str(hub.tls_cert_file),
+        "JupyterHub.ssl_key": str(hub.tls_key_file),
+        "JupyterHub.cookie_options": {"secure": True},
+        "JupyterHub.tornado_settings": {"xsrf_cookie_kwargs": {"secure": True}},
+    }}
     if hub.choice("spawner") == "local":
-        lines += ["# local servers read jupyter_server_config.json there (secure _xsrf cookie)",
-                  "c.Spawner.environment.update(" + repr(
-                      {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}) + ")"]
+        # local servers read jupyter_server_config.json there (secure _xsrf cookie)
+        items["environment"] = {"JUPYTER_CONFIG_PATH": str(hub.server_config_dir)}
     if hub.redirects_http:
-        lines += [f"# plain HTTP on port {hub.hub_settings.http_port} only redirects to HTTPS "
-                  f"and answers ACME challenges",
-                  "c.JupyterHub.services.append(" + repr(
-                      {"name": "hubworks-http", "command": tls_service_command(hub)}) + ")"]
-    return lines
+        # plain HTTP only redirects to HTTPS and answers ACME challenges
+        items["services"] = [{"name": "hubworks-http", "command": tls_service_command(hub)}]
+    return section("https", f"HTTPS ({hub.https}): the proxy serves the certificate "
+                            f"install_hub keeps under secrets/tls", **items)
 
 
 def activity_seconds(hub: HubLayout) -> int:
@@ -65,10 +65,10 @@ def activity_seconds(hub: HubLayout) -> int:
     return max(10, min([ACTIVITY_SECONDS] + [period // 4 for period in periods]))
 
 
-def culling_section(hub: HubLayout) -> list[str]:
+def culling_section(hub: HubLayout) -> Section | None:
     s = hub.hub_settings
     if not (s.cull_idle_minutes or s.cull_max_age_hours):
-        return []
+        return None
     max_age = s.cull_max_age_hours * 3600
     # the culler needs an idle limit; a server idle for max_age is also that old
     timeout = s.cull_idle_minutes * 60 or max_age
@@ -78,70 +78,46 @@ def culling_section(hub: HubLayout) -> list[str]:
     what = (f"idle for {s.cull_idle_minutes} min" if s.cull_idle_minutes else "") + \
         (" or " if s.cull_idle_minutes and max_age else "") + \
         (f"running for {s.cull_max_age_hours} h" if max_age else "")
-    return [f"# idle culling: jupyterhub-idle-culler stops servers {what}",
-            "c.JupyterHub.services.append(" + repr({"name": "idle-culler",
-                                                   "command": command}) + ")",
-            "c.JupyterHub.load_roles.append(" + repr(
-                {"name": "idle-culler", "scopes": CULLER_SCOPES,
-                 "services": ["idle-culler"]}) + ")",
-            "# servers and the proxy report activity often enough for that",
-            config_line("JupyterHub.last_activity_interval", every),
-            f"c.Spawner.environment.update({{'JUPYTERHUB_ACTIVITY_INTERVAL': {str(every)!r}}})"]
+    return section(
+        "culling", f"jupyterhub-idle-culler stops servers {what}; servers and the proxy "
+                   f"report activity often enough for that",
+        set={"JupyterHub.last_activity_interval": every},
+        environment={"JUPYTERHUB_ACTIVITY_INTERVAL": str(every)},
+        services=[{"name": "idle-culler", "command": command}],
+        roles=[{"name": "idle-culler", "scopes": CULLER_SCOPES, "services": ["idle-culler"]}])
 
 
-def limits_section(hub: HubLayout) -> list[str]:
+def limits_section(hub: HubLayout) -> Section | None:
     s = hub.hub_settings
     if not (s.mem_limit or s.cpu_limit):
-        return []
-    lines = ["# per-user limits: every spawner reads these (and sets MEM_LIMIT, CPU_LIMIT)"]
-    if s.mem_limit:
-        lines.append(config_line("Spawner.mem_limit", s.mem_limit))
-    if s.cpu_limit:
-        lines.append(config_line("Spawner.cpu_limit", s.cpu_limit))
+        return None
+    about = "per-user limits: every spawner reads these (and sets MEM_LIMIT, CPU_LIMIT)"
+    limits = {f"Spawner.{key}": value for key, value in
+              (("mem_limit", s.mem_limit), ("cpu_limit", s.cpu_limit)) if value}
     if hub.choice("spawner") != "local":
-        return lines  # containers get them as their cgroup limits
+        return section("limits", f"{about}; containers get them as their cgroup limits",
+                       set=limits)
     if hub.uses_systemd:
-        return lines + ["# local servers in systemd units: the limits are the unit's cgroup",
-                        config_line("JupyterHub.spawner_class", "systemdspawner.SystemdSpawner")]
+        return section("limits", f"{about}; local servers run in systemd units, whose cgroup "
+                                 f"holds the limits",
+                       set={**limits, "JupyterHub.spawner_class": "systemdspawner.SystemdSpawner"})
     if s.mem_limit:
-        lines += _address_space_spawner()
-    return lines
+        return section("limits", f"{about}; no systemd, so no cgroup: each process of a local "
+                                 f"server may map at most mem_limit, the CPU limit is not "
+                                 f"enforced", set=limits, limit_address_space=True)
+    return section("limits", about, set=limits)
 
 
-def _address_space_spawner() -> list[str]:
-    return '''\
-# no systemd, so no cgroup: each process of a local server (the server, every kernel) may map
-# at most mem_limit (RLIMIT_AS); the CPU limit is not enforced
-import resource
-from jupyterhub.spawner import LocalProcessSpawner
+def status_section(hub: HubLayout) -> Section:
+    return section(
+        "status", "`doit hub_status` reads the hub's REST API as this service",
+        services=[{"name": "hubworks-status", "api_token_file": str(hub.status_token)}],
+        roles=[{"name": "hubworks-status", "scopes": STATUS_SCOPES,
+                "services": ["hubworks-status"]}])
 
 
-class AddressSpaceLimitedSpawner(LocalProcessSpawner):
-    def make_preexec_fn(self, name):
-        become_user, limit = super().make_preexec_fn(name), self.mem_limit
-
-        def preexec():
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-            become_user()
-        return preexec
-
-
-c.JupyterHub.spawner_class = AddressSpaceLimitedSpawner'''.splitlines()
-
-
-def status_section(hub: HubLayout) -> list[str]:
-    return ["# `doit hub_status` reads the hub's REST API as this service",
-            f"with open({str(hub.status_token)!r}) as token_file:",
-            "    c.JupyterHub.services.append({'name': 'hubworks-status', "
-            "'api_token': token_file.read().strip()})",
-            "c.JupyterHub.load_roles.append(" + repr(
-                {"name": "hubworks-status", "scopes": STATUS_SCOPES,
-                 "services": ["hubworks-status"]}) + ")"]
-
-
-def config_d_section(hub: HubLayout) -> list[str]:
-    return ["# the office's own settings, last: every jupyterhub_config.d/*.py in name order",
-            "# (install_hub never writes or checks them; a changed one restarts the hub)",
-            "import glob",
-            f"for path in sorted(glob.glob({str(hub.config_d / '*.py')!r})):",
-            "    load_subconfig(path)  # noqa: F821"]
+def config_d_section(hub: HubLayout) -> Section:
+    return section(
+        "office", "the office's own settings, last: every jupyterhub_config.d/*.py in name "
+                  "order (install_hub never writes or checks them; a changed one restarts the "
+                  "hub)", load_config_d=str(hub.config_d))

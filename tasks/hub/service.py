@@ -23,7 +23,7 @@ from .packages import run
 from .permissions import require_root
 from .processes import (descendants, is_alive, port_is_free, process_cmdline, read_pid, signal_all,
                         wait_gone)
-from .render import hub_search_path, ports_in_config
+from .render import hub_search_path, written_ports
 
 START_SECONDS = 90
 STOP_SECONDS = 60
@@ -84,10 +84,7 @@ def ensure_ports_free(hub: HubLayout, *, ours: dict[str, int] | None = None) -> 
 def ports_of_running_hub(hub: HubLayout) -> dict[str, int]:
     if running_hub_pid(hub) is None:
         return {}
-    try:
-        return ports_in_config(hub.config_file.read_text())
-    except OSError:
-        return {}
+    return written_ports(hub)
 
 
 def _runs_podman_service(hub: HubLayout) -> bool:

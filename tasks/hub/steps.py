@@ -34,7 +34,7 @@ from .offered import check_images_file, write_images_file
 from .packages import install_packages, package_candidate, package_manager, run
 from .permissions import (blocked_for_others, first_writable_by_others, make_readable_not_writable,
                           require_root, user_name, write_private_file)
-from .render import hub_search_path, render_config, render_podman_unit, render_unit
+from .render import config_files, hub_search_path, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
@@ -543,29 +543,18 @@ def ensure_images(hub: HubLayout) -> str:
     return write_images_file(hub)
 
 
-# ---- jupyterhub_config.py ----------------------------------------------------------------
+# ---- the hub's configuration: its data and the fixed jupyterhub_config.py ----------------
 
-SPAWNER_SOURCE = Path(__file__).parent / "payload" / "docker_spawner.py"
-
-
-def _wanted_config(hub: HubLayout) -> str | None:
+def _wanted_config(hub: HubLayout) -> dict[Path, str] | None:
     choice = node_choice(hub)
-    return render_config(hub, choice.node) if choice else None
-
-
-def _written_files(hub: HubLayout, config: str) -> dict[Path, str]:
-    """The files of the config step: the config, and the spawner module it imports."""
-    files = {hub.config_file: config}
-    if hub.uses_docker:
-        files[hub.spawner_module] = SPAWNER_SOURCE.read_text()
-    return files
+    return config_files(hub, choice.node) if choice else None
 
 
 def check_config(hub: HubLayout) -> Check:
     wanted = _wanted_config(hub)
     if wanted is None:
         return Check(False, "waits for the node step (the config names the proxy's node)")
-    for path, text in _written_files(hub, wanted).items():
+    for path, text in wanted.items():
         try:
             current = path.read_text()
             mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -575,17 +564,18 @@ def check_config(hub: HubLayout) -> Check:
             return Check(False, f"{path} differs from the settings")
         if mode != 0o644:
             return Check(False, f"{path} has mode {mode:o}")
-    return Check(True, f"{hub.config_file} matches the settings")
+    return Check(True, f"{hub.config_data_file} and {hub.config_file.name} match the settings")
 
 
 @checks_first(check_config)
 def ensure_config(hub: HubLayout) -> str:
-    wanted = render_config(hub, chosen_node(hub).node)
+    wanted = config_files(hub, chosen_node(hub).node)
     ensure_ports_free(hub, ours=ports_of_running_hub(hub))
-    existed = hub.config_file.exists()
-    for path, text in _written_files(hub, wanted).items():
+    existed = hub.config_data_file.exists()
+    for path, text in wanted.items():
         atomic_write_bytes(path, text.encode(), 0o644)
-    return f"{'rewrote' if existed else 'wrote'} {hub.config_file}"
+    return (f"{'rewrote' if existed else 'wrote'} {hub.config_data_file} and "
+            f"{hub.config_file.name}")
 
 
 # ---- database schema ---------------------------------------------------------------------
@@ -686,8 +676,8 @@ def _changed_since_start(hub: HubLayout) -> str | None:
     except OSError:
         return None
     site = hub.site_packages()
-    inputs = [hub.config_file, hub.spawner_module, hub.cookie_secret, hub.proxy_token,
-              hub.proxy_dir]
+    inputs = [hub.config_file, hub.config_data_file, hub.spawner_module, hub.cookie_secret,
+              hub.proxy_token, hub.proxy_dir]
     if site:
         inputs += list(site.glob("jupyterhub-*.dist-info")) + \
             list(site.glob("dockerspawner-*.dist-info"))
@@ -777,7 +767,7 @@ STEPS: list[Step] = [
     Step("tls", "The certificate the proxy serves (key 600), and the HTTPS service's files.",
          check_tls, ensure_tls, after=("secrets", "certbot", "venv"),
          wanted=lambda hub: hub.https != "off"),
-    Step("config", "jupyterhub_config.py rendered from the settings.",
+    Step("config", "The hub's settings as data, and the jupyterhub_config.py applying them.",
          check_config, ensure_config,
          after=("proxy", "secrets", "jupyterhub", "dockerspawner", "engine", "idle_culler",
                 "systemdspawner", "tls")),

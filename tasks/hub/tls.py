@@ -32,6 +32,7 @@ from .packages import run
 from .payload import tls_service
 from .permissions import require_root
 from .processes import descendants, port_is_free, process_cmdline
+from .render import configured_values, written_config
 from .service import running_hub_pid
 
 RENEW_DAYS = 30
@@ -272,11 +273,8 @@ def _http_service_pid(hub: HubLayout) -> int | None:
 
 def _reload(hub: HubLayout, conf: dict) -> str:
     """A running hub whose proxy serves these files gets a new proxy; others start with it."""
-    try:
-        serves_tls = running_hub_pid(hub) and \
-            f"c.JupyterHub.ssl_cert = {str(hub.tls_cert_file)!r}" in hub.config_file.read_text()
-    except OSError:
-        serves_tls = False
+    serves_tls = running_hub_pid(hub) and \
+        configured_values(written_config(hub)).get("JupyterHub.ssl_cert") == str(hub.tls_cert_file)
     if not serves_tls:
         return "the proxy reads it when the hub (re)starts"
     try:
