@@ -1,4 +1,4 @@
-"""Settings: defaults, hubworks.toml, HUBWORKS_* variables, clear errors, the README table."""
+"""Settings: defaults, hubworks.toml, HUBWORKS_* variables, clear errors, the docs table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tasks.core.errors import HubworksError
 from tasks.core.settings import SETTINGS, load_settings, settings_table
 from tests.conftest import DODO
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
 def test_defaults_then_file_then_environment(tmp_path):
@@ -67,9 +67,10 @@ def test_every_setting_has_an_environment_variable_and_help():
         assert setting.help.strip()
 
 
-def test_readme_lists_every_setting_as_generated():
-    assert settings_table() in README.read_text(), (
-        "README's settings table is out of date; paste tasks.core.settings.settings_table()")
+def test_settings_page_lists_every_setting_as_generated():
+    assert settings_table() in SETTINGS_PAGE.read_text(), (
+        "docs/settings.md's settings table is out of date; paste the output of "
+        "`python -m tasks.core.settings` (tasks.core.settings.settings_table())")
 
 
 def test_settings_task_shows_values_and_sources(workspace):
