@@ -1,6 +1,6 @@
 """`doit hub_status`: what runs, for how long, how idle; the certificate; the URL.
 
-Processes come from /proc and the pid files; services and users' servers from the hub's REST
+Processes come from psutil and the pid files; services and users' servers from the hub's REST
 API, reached through the proxy from this machine (the hub itself may listen on a container
 bridge) as the ``hubworks-status`` service, whose token is ``secrets/status_api_token`` (root's,
 like the rest of secrets/).
@@ -99,7 +99,10 @@ def _certificate(hub: HubLayout) -> list[str]:
     chain = tls_service.read_bytes(hub.tls_cert_file)
     if chain is None:
         return [f"certificate  {hub.tls_cert_file} is missing: run doit install_hub"]
-    expiry, left = tls_service.certificate_expiry(chain), tls_service.days_left(chain)
+    try:
+        expiry, left = tls_service.certificate_expiry(chain), tls_service.days_left(chain)
+    except ValueError as exc:
+        return [f"certificate  {hub.tls_cert_file}: {exc}; run doit install_hub"]
     how = ("renewed when fewer than 30 days are left" if hub.https == "letsencrypt"
            else f"from hub.tls_cert {hub.hub_settings.tls_cert}")
     return [f"certificate  expires {expiry:%Y-%m-%d %H:%M} UTC ({left:.0f} days left), {how}"]

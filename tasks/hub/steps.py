@@ -32,13 +32,14 @@ from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, syste
 from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
 from .packages import install_packages, package_candidate, package_manager, run
+from .payload import tls_service
 from .permissions import (blocked_for_others, first_writable_by_others, make_readable_not_writable,
                           require_root, user_name, write_private_file)
 from .render import config_files, hub_search_path, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
-from .versions import show_version
+from .versions import parse_version, show_version
 
 MIN_PYTHON = (3, 10)
 
@@ -349,42 +350,54 @@ def _pip_env() -> dict[str, str]:
     return env
 
 
-def _check_package(hub: HubLayout, dist: str, key: str) -> Check:
+def _check_package(hub: HubLayout, dist: str, key: str, beside: dict[str, str]) -> Check:
     pin = getattr(hub.hub_settings, f"{key}_version")
     have = installed_version(hub, dist)
-    if have == pin:
-        return Check(True, f"{dist} {pin} in {hub.venv}")
-    return Check(False, f"{dist} {have} in {hub.venv}, pinned {pin}" if have
-                 else f"{dist} is not installed; pinned {pin}")
+    if have != pin:
+        return Check(False, f"{dist} {have} in {hub.venv}, pinned {pin}" if have
+                     else f"{dist} is not installed; pinned {pin}")
+    for name, lowest in beside.items():
+        found = installed_version(hub, name)
+        if found is None or parse_version(found) < parse_version(lowest):
+            return Check(False, f"{name} {found or 'is not installed'} in {hub.venv}; the "
+                                f"hub's HTTPS service needs {name} >= {lowest}")
+    return Check(True, f"{dist} {pin} in {hub.venv}"
+                       + (f", with {' and '.join(beside)}" if beside else ""))
 
 
-def _install_package(hub: HubLayout, dist: str, key: str) -> str:
+def _install_package(hub: HubLayout, dist: str, key: str, beside: dict[str, str]) -> str:
     pin = getattr(hub.hub_settings, f"{key}_version")
     before = installed_version(hub, dist)
     # --compile: users cannot write __pycache__ into root's venv, so compile it now
-    run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}"],
+    run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}",
+         *(f"{name}>={lowest}" for name, lowest in beside.items())],
         log=_log(hub, key), env=_pip_env())
     make_readable_not_writable(hub.venv)
-    return f"{dist} {pin} installed" + (f" (was {before})" if before else "")
+    return (f"{dist} {pin} installed" + (f" (was {before})" if before else "")
+            + (f", with {' and '.join(beside)}" if beside else ""))
 
 
-def _pinned_package(dist: str, key: str | None = None) -> tuple[Callable, Callable]:
+def _pinned_package(dist: str, key: str | None = None,
+                    beside: dict[str, str] | None = None) -> tuple[Callable, Callable]:
     """The check_/ensure_ pair of a distribution pinned by ``hub.<key>_version`` (key: the
-    distribution's name unless given)."""
-    key = key or dist
+    distribution's name unless given); ``beside``: what pip installs with it (name: lowest
+    release)."""
+    key, beside = key or dist, beside or {}
 
     def check(hub: HubLayout) -> Check:
-        return _check_package(hub, dist, key)
+        return _check_package(hub, dist, key, beside)
 
     @checks_first(check)
     def ensure(hub: HubLayout) -> str:
-        return _install_package(hub, dist, key)
+        return _install_package(hub, dist, key, beside)
 
     check.__name__, ensure.__name__ = f"check_{key}", f"ensure_{key}"
     return check, ensure
 
 
-check_jupyterhub, ensure_jupyterhub = _pinned_package("jupyterhub")
+# the hub runs payload/tls_service.py with the venv's Python: its libraries come with JupyterHub
+check_jupyterhub, ensure_jupyterhub = _pinned_package("jupyterhub",
+                                                      beside=tls_service.LIBRARIES)
 check_jupyterlab, ensure_jupyterlab = _pinned_package("jupyterlab")
 check_dockerspawner, ensure_dockerspawner = _pinned_package("dockerspawner")
 check_idle_culler, ensure_idle_culler = _pinned_package("jupyterhub-idle-culler", "idle_culler")
@@ -736,7 +749,8 @@ STEPS: list[Step] = [
          check_node, ensure_node, after=("prefix",)),
     Step("venv", "The hub's venv under the prefix, made from that Python.",
          check_venv, ensure_venv, after=("prefix", "python")),
-    Step("jupyterhub", "JupyterHub at hub.jupyterhub_version in the venv.",
+    Step("jupyterhub", "JupyterHub at hub.jupyterhub_version in the venv, with what the "
+                       "HTTPS service needs.",
          check_jupyterhub, ensure_jupyterhub, after=("venv",)),
     Step("jupyterlab", "JupyterLab at hub.jupyterlab_version in the venv.",
          check_jupyterlab, ensure_jupyterlab, after=("jupyterhub",)),

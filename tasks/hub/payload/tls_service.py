@@ -1,7 +1,7 @@
 """The hub's HTTPS helper: plain-HTTP redirects, ACME challenges, certificate renewal.
 
-Standard library only: ``install_hub`` imports it, and copies it under the hub's prefix where the
-hub runs it as a managed service with the venv's Python::
+``install_hub`` imports it, and copies it under the hub's prefix where the hub runs it as a
+managed service with the venv's Python::
 
     python hubworks_tls_service.py serve --http-port 80 <prefix>/etc/hubworks_tls.json
     python hubworks_tls_service.py renew <prefix>/etc/hubworks_tls.json   # the systemd timer
@@ -15,11 +15,15 @@ users' servers and their routes untouched.
 
 The JSON file (world-readable, no secrets) holds the paths and settings; ``install_hub`` writes
 it from the ``[hub]`` settings.
+
+Beyond the standard library it uses ``LIBRARIES`` (cryptography reads certificates, psutil
+processes), which install_hub:jupyterhub installs into the hub's venv with JupyterHub and
+which hubworks itself depends on. They are imported where used: install_hub imports this file
+while doit loads its graph.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
 import http.server
@@ -37,6 +41,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+# What this file needs beyond the standard library, and the lowest release of each it runs with.
+LIBRARIES = {"cryptography": "42", "psutil": "5.9"}
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 RELOAD_SECONDS = 60
@@ -44,50 +50,26 @@ RELOAD_SECONDS = 60
 
 # ---- certificates --------------------------------------------------------------------------
 
-def _der_item(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of content, end of content) of the DER item at ``pos``."""
-    tag, length = data[pos], data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        size = length & 0x7F
-        length = int.from_bytes(data[pos:pos + size], "big")
-        pos += size
-    return tag, pos, pos + length
+def _leaf(pem: bytes):
+    """The first certificate in a PEM file: a chain starts with the leaf."""
+    from cryptography import x509
 
-
-def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
-    items, pos = [], start
-    while pos < end:
-        item = _der_item(data, pos)
-        items.append(item)
-        pos = item[2]
-    return items
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise ValueError("it holds no readable PEM certificate") from None
 
 
 def first_certificate(pem: bytes) -> bytes:
-    """The DER bytes of the first certificate in a PEM file (a chain starts with the leaf)."""
-    match = re.search(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", pem, re.S)
-    if not match:
-        raise ValueError("no PEM certificate in it")
-    return base64.b64decode(b"".join(match.group(1).split()))
+    """The DER bytes of the first certificate in a PEM file, as a TLS listener presents it."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return _leaf(pem).public_bytes(Encoding.DER)
 
 
 def certificate_expiry(pem: bytes) -> dt.datetime:
-    """notAfter of the first certificate in ``pem`` (UTC), read from its DER structure."""
-    der = first_certificate(pem)
-    try:
-        _, cert_start, cert_end = _der_item(der, 0)
-        _, tbs_start, tbs_end = _der_item(der, cert_start)
-        fields = _der_children(der, tbs_start, tbs_end)
-        if fields and fields[0][0] == 0xA0:  # explicit version
-            fields = fields[1:]
-        _, validity_start, validity_end = fields[3]
-        (_, _, _), (tag, start, end) = _der_children(der, validity_start, validity_end)
-        text = der[start:end].decode("ascii")
-    except (IndexError, ValueError, UnicodeDecodeError):
-        raise ValueError("its certificate cannot be read (not X.509 DER inside)") from None
-    shape = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, GeneralizedTime
-    return dt.datetime.strptime(text, shape).replace(tzinfo=dt.timezone.utc)
+    """notAfter of the first certificate in ``pem`` (UTC)."""
+    return _leaf(pem).not_valid_after_utc
 
 
 def days_left(pem: bytes, now: dt.datetime | None = None) -> float:
@@ -201,21 +183,16 @@ def install_lineage(conf: dict) -> bool:
 
 # ---- the proxy -----------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    # system.is_alive's twin: this file runs on its own under the prefix, standard library only
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def proxy_pid(conf: dict) -> int | None:
+    """The proxy's pid from its pid file, if it runs (a zombie has exited)."""
+    import psutil
+
     try:
         pid = int(Path(conf["proxy_pid_file"]).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        running = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (OSError, ValueError, IndexError, psutil.Error):
         return None
-    return pid if _alive(pid) else None
+    return pid if running else None
 
 
 def served_certificate(host: str, port: int, timeout: float = 3.0) -> bytes | None:
@@ -333,7 +310,7 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
 
 
 def _host_only(host: str) -> str:
-    # netaddr.host_of's twin, brackets kept (a URL host): this file runs alone, stdlib only
+    # netaddr.host_of's twin, brackets kept (a URL host): this file runs without hubworks
     if host.startswith("["):
         return host.split("]", 1)[0] + "]"
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
