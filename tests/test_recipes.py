@@ -27,6 +27,7 @@ from tasks.core.errors import HubworksError
 from tasks.core.fsutil import is_package
 from tasks.core.settings import load_settings
 from tasks.recipes.build import _publish, scratch_dir
+from tasks.recipes.recipe import find_cycles
 from tests.conftest import DODO, interrupted_output
 
 
@@ -278,6 +279,13 @@ def test_dependency_cycle_is_an_error_naming_the_recipes(workspace):
     assert run.returncode != 0
     assert "cycle: alpha -> beta -> alpha" in run.output
     package_file(ws, "gamma")
+
+
+def test_every_cycle_is_found_with_every_recipe_in_it():
+    graph = {"app": {"lib"}, "lib": {"core"}, "core": {"app", "base"}, "base": set(),
+             "left": {"right"}, "right": {"left"}, "tool": {"base", "left"}, "self": set()}
+    assert find_cycles(graph) == [["app", "core", "lib"], ["left", "right"]]
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 def test_broken_recipe_file_names_the_recipe(workspace):

@@ -203,7 +203,10 @@ def internal_dependencies(recipes: dict[str, Recipe]) -> dict[str, set[str]]:
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected groups of more than one recipe (Tarjan), each sorted."""
+    """Strongly connected groups of more than one recipe (Tarjan), each sorted.
+
+    graphlib's CycleError names one cycle; every recipe of every cycle is named here.
+    """
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
