@@ -59,6 +59,131 @@ def test_bad_settings_name_the_setting_and_the_fix(tmp_path, config, environ, ex
     assert "fix:" in str(caught.value)
 
 
+def refusal(root: Path, config: str = "", environ: dict[str, str] | None = None) -> str:
+    (root / "hubworks.toml").write_text(config)
+    with pytest.raises(HubworksError) as caught:
+        load_settings(root, environ=environ or {})
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("section, key, choices", [
+    ("hub", "https", "off, files, letsencrypt"),
+    ("hub", "spawner", "local, docker"),
+    ("hub", "authenticator", "pam, dummy"),
+    ("hub", "service", "auto, systemd, background"),
+    ("images", "engine", "auto, docker, podman"),
+    ("images", "isolation", '"", chroot, oci, rootless'),
+    ("recipes", "republish", "bump, error"),
+    ("recipes", "package_format", "conda, tar.bz2"),
+])
+def test_a_value_outside_the_choices_is_refused_with_where_it_came_from(
+        tmp_path, section, key, choices):
+    variable = f"HUBWORKS_{section}_{key}".upper()
+    said = refusal(tmp_path, environ={variable: "maybe"})
+    assert f"{section}.{key} is 'maybe' (from ${variable}); it must be one of: {choices}." \
+        in said, said
+    assert f"fix: set {variable} to one of those, or unset it for the default" in said
+
+    said = refusal(tmp_path, f'[{section}]\n{key} = "maybe"\n')
+    assert f"{section}.{key} is 'maybe' (from {tmp_path / 'hubworks.toml'}); it must be one " \
+           f"of: {choices}." in said, said
+    assert f"fix: write one of those in {tmp_path / 'hubworks.toml'}, e.g. [{section}] {key} = " \
+        in said
+
+
+def test_every_declared_choice_loads_and_the_defaults_are_among_them(tmp_path):
+    with_choices = [s for s in SETTINGS if s.choices]
+    assert len(with_choices) >= 8
+    for setting in with_choices:
+        assert setting.default in setting.choices, setting.name
+        for choice in setting.choices:
+            loaded = load_settings(tmp_path, environ={setting.env_var: choice})
+            assert getattr(getattr(loaded, setting.section), setting.key) == choice
+
+
+@pytest.mark.parametrize("config, environ, expected, fix", [
+    ("[hub]\ncpu_limit = nan\n", {}, "hub.cpu_limit from", "use 0 or more; 0 sets no limit"),
+    ("", {"HUBWORKS_HUB_CPU_LIMIT": "nan"}, "is nan, not a finite number", "0 sets no limit"),
+    ("[hub]\ncpu_limit = inf\n", {}, "is inf, not a finite number", "use 0 or more"),
+    ("", {"HUBWORKS_HUB_CPU_LIMIT": "-0.5"}, "is -0.5, below 0", "use 0 or more"),
+    ("", {"HUBWORKS_HUB_MEM_LIMIT": "100M"},
+     "$HUBWORKS_HUB_MEM_LIMIT is '100M', below 256M", "256M or more; empty sets no limit"),
+    ("[hub]\nmem_limit = '0.1G'\n", {}, "is '0.1G', below 256M", "use 256M or more"),
+    # JupyterHub reads a string of bare digits as a unit it does not know
+    ("[hub]\nmem_limit = '4000000000'\n", {}, "is '4000000000', not an amount of memory",
+     'e.g. mem_limit = "2G"'),
+    ("", {"HUBWORKS_HUB_CULL_IDLE_MINUTES": "525601"},
+     "hub.cull_idle_minutes from $HUBWORKS_HUB_CULL_IDLE_MINUTES is 525601, above 525600",
+     "use a number from 0 to 525600; 0 turns idle culling off"),
+    ("[hub]\ncull_max_age_hours = 8761\n", {}, "hub.cull_max_age_hours from", "0 to 8760"),
+    ("[hub]\ncull_max_age_hours = -1\n", {}, "is -1, below 0", "0 sets no maximum age"),
+    ("", {"HUBWORKS_HUB_SPAWN_TIMEOUT": "0"}, "hub.spawn_timeout from", "use 1 or more"),
+    ("", {"HUBWORKS_HUB_SPAWN_TIMEOUT": "-60"}, "is -60, below 1", "use 1 or more"),
+    ("[images]\nuser_id = 0\n", {}, "images.user_id from", "use 1 or more"),
+    ("[recipes]\nlog_tail = -3\n", {}, "recipes.log_tail from", "use 1 or more"),
+], ids=["cpu-nan-file", "cpu-nan-env", "cpu-inf", "cpu-negative", "mem-below-floor",
+        "mem-fraction-below-floor", "mem-bare-digits", "cull-idle-over-a-year",
+        "cull-age-over-a-year", "cull-age-negative", "spawn-timeout-0", "spawn-timeout-negative",
+        "root-uid", "log-tail-negative"])
+def test_absurd_numbers_are_refused_with_the_bounds(tmp_path, config, environ, expected, fix):
+    said = refusal(tmp_path, config, environ)
+    assert expected in said, said
+    assert fix in said.split("fix: ")[1], said
+
+
+@pytest.mark.parametrize("variable, zero", [
+    ("HUBWORKS_CHANNEL_PORT", "0 picks a free port"),
+    ("HUBWORKS_HUB_HTTP_PORT", "0 turns the plain-HTTP listener off"),
+    ("HUBWORKS_HUB_PORT", "0 is not allowed"),
+    ("HUBWORKS_HUB_HUB_PORT", "0 is not allowed"),
+    ("HUBWORKS_HUB_PROXY_API_PORT", "0 is not allowed"),
+])
+def test_each_port_says_what_0_means_for_it(tmp_path, variable, zero):
+    said = refusal(tmp_path, environ={variable: "65536"})
+    assert f"${variable} is 65536, which is not a port" in said
+    assert zero in said.split("fix: ")[1], said
+    if "not allowed" in zero:
+        assert f"${variable} is 0, which is not a port" in refusal(tmp_path,
+                                                                  environ={variable: "0"})
+
+
+def test_values_at_the_bounds_load(tmp_path):
+    (tmp_path / "hubworks.toml").write_text(
+        '[hub]\nmem_limit = "256M"\ncpu_limit = 0.5\ncull_idle_minutes = 525600\n'
+        'cull_max_age_hours = 8760\nspawn_timeout = 1\nhttp_port = 0\nport = 65535\n'
+        '[channel]\nport = 0\n')
+    hub = load_settings(tmp_path, environ={}).hub
+    assert (hub.mem_limit, hub.cpu_limit, hub.cull_idle_minutes, hub.cull_max_age_hours,
+            hub.spawn_timeout, hub.http_port, hub.port) == ("256M", 0.5, 525600, 8760, 1, 0,
+                                                            65535)
+    assert load_settings(tmp_path, environ={"HUBWORKS_HUB_MEM_LIMIT": "1.5G"}).hub.mem_limit \
+        == "1.5G"
+
+
+def test_every_default_is_within_its_bounds_and_zero_is_declared_with_it():
+    for setting in SETTINGS:
+        low, high = setting.bounds
+        if high is not None:
+            assert low is not None and low <= setting.default <= high, setting.name
+        if setting.zero and setting.kind != "bytes":
+            assert low == 0, f"{setting.name} says what 0 does but does not allow it"
+
+
+def test_the_table_shows_choices_and_bounds():
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")
+            for line in settings_table().splitlines()[2:]}
+    assert rows["hub.https"][3] == "`off`, `files`, `letsencrypt`"
+    assert rows["images.isolation"][3] == "(empty), `chroot`, `oci`, `rootless`"
+    assert rows["channel.port"][3] == "0 to 65535; 0 picks a free port"
+    assert rows["hub.port"][3] == "1 to 65535"
+    assert rows["hub.cull_idle_minutes"][3] == "0 to 525600; 0 turns idle culling off"
+    assert rows["hub.mem_limit"][3] == "256M or more; empty sets no limit"
+    assert rows["hub.cpu_limit"][3] == "0 or more; 0 sets no limit"
+    assert rows["hub.spawn_timeout"][3] == "1 or more"
+    assert rows["images.push"][3] == "`true`, `false`"
+    assert rows["images.prefix"][3] == ""
+
+
 def test_every_setting_has_an_environment_variable_and_help():
     names = [s.env_var for s in SETTINGS]
     assert len(names) == len(set(names))
@@ -112,6 +237,21 @@ def test_a_bad_setting_stops_every_doit_command_with_one_message(workspace, conf
             assert text in run.output, run.output
         assert "fix: " in run.output
     assert "guessable" not in run.output  # a token is never printed, not even a bad one
+
+
+def test_a_choice_from_the_environment_stops_doit_list_before_anything_runs(workspace):
+    """hub.https = maybe used to pass `doit list` and fail only after install_hub had
+    installed certbot."""
+    workspace.env["HUBWORKS_HUB_HTTPS"] = "maybe"
+    run = workspace.doit("list", check=False)
+    assert run.returncode == 3, run.output
+    assert "Traceback" not in run.output and 'File "' not in run.output, run.output
+    assert run.output.count("ERROR: ") == 1, run.output
+    assert "ERROR: hub.https is 'maybe' (from $HUBWORKS_HUB_HTTPS); it must be one of: off, " \
+           "files, letsencrypt." in run.output, run.output
+    assert 'fix: set HUBWORKS_HUB_HTTPS to one of those, or unset it for the default ("off")' \
+        in run.output
+    assert "install_hub" not in run.output  # no task was listed
 
 
 def test_a_state_folder_inside_the_channel_is_refused(workspace):

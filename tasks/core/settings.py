@@ -14,6 +14,7 @@ settings table is generated from ``SETTINGS`` below (a test keeps the two in ste
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -33,8 +34,11 @@ ENV_PREFIX = "HUBWORKS_"
 # A channel token stands in a URL path (/t/<token>/); shorter ones can be guessed.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]+")
 MIN_TOKEN_LENGTH = 16
-# Memory as JupyterHub reads it (ByteSpecification): bytes, or a number with K, M, G, T.
-BYTES_PATTERN = re.compile(r"\d+(\.\d+)?[KMGT]?")
+# Memory as JupyterHub reads it from a string (ByteSpecification): a number with K, M, G or
+# T (powers of 1024); it refuses a string of bare digits.
+BYTES_PATTERN = re.compile(r"(\d+(?:\.\d+)?)([KMGT])")
+BYTE_UNITS = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+HIGHEST_PORT = 65535
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,18 @@ class Setting:
     key: str
     default: Any
     help: str
-    # "path": a str resolved against the workspace root (empty stays empty); "port"
-    # (1-65535), "port_or_0" (0 picks a free one), "token", "url", "https_url", "at_least_0",
-    # "bytes" (2G, 512M): values checked when the settings are read
+    # "path": a str resolved against the workspace root (empty stays empty); "port" (1 to
+    # 65535, and 0 when `zero` says what it does), "token", "url", "https_url", "bytes" (2G,
+    # 512M): values checked when the settings are read
     kind: str = ""
+    # The values that work, where there is a fixed set: the one list of them in hubworks.
+    choices: tuple[str, ...] = ()
+    # A number's bounds (an amount of memory's, for "bytes", written like "256M"); None: open.
+    minimum: float | str | None = None
+    maximum: float | None = None
+    # What 0 (an empty amount of memory) does, e.g. "picks a free port"; a port without it
+    # refuses 0.
+    zero: str = ""
 
     @property
     def env_var(self) -> str:
@@ -55,6 +67,17 @@ class Setting:
     @property
     def type(self) -> type:
         return type(self.default)
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def bounds(self) -> tuple[float | str | None, float | None]:
+        """The smallest and largest value that work (None: no bound)."""
+        if self.kind == "port":
+            return (0 if self.zero else 1), HIGHEST_PORT
+        return self.minimum, self.maximum
 
 
 SETTINGS: list[Setting] = [
@@ -68,22 +91,24 @@ SETTINGS: list[Setting] = [
     Setting("recipes", "channels", ["conda-forge"],
             "Upstream channels for recipes that need packages no internal recipe makes. "
             "A recipe whose requirements are all internal builds offline."),
-    Setting("recipes", "package_format", "conda", "Package format: conda or tar.bz2."),
+    Setting("recipes", "package_format", "conda", "Format of the packages builds make.",
+            choices=("conda", "tar.bz2")),
     Setting("recipes", "conda_build", "",
             "Command that builds legacy meta.yaml recipes; empty: conda-build or "
             "'conda build' from PATH."),
-    Setting("recipes", "log_tail", 30, "Lines of a failed build's log printed with the error."),
+    Setting("recipes", "log_tail", 30, "Lines of a failed build's log printed with the error.",
+            minimum=1),
     Setting("recipes", "republish", "bump",
             "A rebuild whose package is already published with other contents (published "
             "files never change): bump (build it as the next free build number, and say so) "
-            "or error."),
+            "or error.", choices=("bump", "error")),
     # channel
     Setting("channel", "dir", "channel", "The conda channel: build output, indexed and served.",
             kind="path"),
     Setting("channel", "host", "127.0.0.1",
             "Address the channel server binds. Loopback unless a remote engine must reach it."),
-    Setting("channel", "port", 8000, "Port of the channel server; 0 picks a free one.",
-            kind="port_or_0"),
+    Setting("channel", "port", 8000, "Port of the channel server.", kind="port",
+            zero="picks a free port"),
     Setting("channel", "token", "auto",
             "Path token serve_channel requires (/t/<token>/...). auto: a random token when "
             "bound to a non-loopback address, none on loopback; off: never; anything else "
@@ -102,16 +127,19 @@ SETTINGS: list[Setting] = [
             "Name environment.yml files use for the internal channel; replaced by its URL."),
     Setting("images", "prefix", "hubworks", "Tags are <prefix>/<image>:<hash> and :latest."),
     Setting("images", "engine", "auto",
-            "Container engine: auto (Docker if its daemon answers, else podman), docker, podman."),
+            "Container engine: auto (Docker if its daemon answers, else podman), docker, podman.",
+            choices=("auto", "docker", "podman")),
     Setting("images", "network", "host",
             "Network of build containers; host lets them reach a loopback channel. Empty: "
             "the engine's default."),
     Setting("images", "isolation", "",
             "podman only: how RUN steps are isolated; empty: podman's default. chroot works "
-            "where podman cannot start containers (nested containers, some cgroup setups)."),
+            "where podman cannot start containers (nested containers, some cgroup setups).",
+            choices=("", "chroot", "oci", "rootless")),
     Setting("images", "push", False, "Push both tags after a build (prefix names the registry)."),
     Setting("images", "user_name", "jovyan", "User repo2docker creates in the images."),
-    Setting("images", "user_id", 1000, "Uid of that user."),
+    Setting("images", "user_id", 1000, "Uid of that user; repo2docker refuses 0 (root).",
+            minimum=1),
     # publish
     Setting("publish", "url", "",
             "Where publish_channel copies the channel: s3://bucket/prefix or file:///folder "
@@ -148,7 +176,8 @@ SETTINGS: list[Setting] = [
             kind="port"),
     Setting("hub", "proxy_api_port", 8001, "Port of the proxy's REST API (loopback).",
             kind="port"),
-    Setting("hub", "authenticator", "pam", "pam (system users) or dummy (any password; tests)."),
+    Setting("hub", "authenticator", "pam", "pam (system users) or dummy (any password; tests).",
+            choices=("pam", "dummy")),
     Setting("hub", "admin_users", [], "Users with admin rights in the hub."),
     Setting("hub", "allowed_users", [],
             "Users who may log in. With allowed_groups also empty, every user the "
@@ -156,9 +185,11 @@ SETTINGS: list[Setting] = [
     Setting("hub", "allowed_groups", [], "System groups whose members may log in."),
     Setting("hub", "spawner", "local",
             "local (a process per user, run as that user) or docker (a container per user, "
-            "of an image build_images made, picked by its folder name)."),
+            "of an image build_images made, picked by its folder name).",
+            choices=("local", "docker")),
     Setting("hub", "service", "auto",
-            "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background."),
+            "auto: a systemd unit when systemd runs, else hub_start/hub_stop; systemd; background.",
+            choices=("auto", "systemd", "background")),
     Setting("hub", "docker_url", "",
             "spawner = docker: the Docker API users' containers run through, e.g. "
             "unix:///var/run/docker.sock. Empty: the engine images.engine chooses; for podman, "
@@ -168,7 +199,7 @@ SETTINGS: list[Setting] = [
             "empty: the first offered, by name."),
     Setting("hub", "spawn_timeout", 60,
             "spawner = docker: seconds a user's server may take to answer after its container "
-            "starts; then it is stopped and removed and the user is told."),
+            "starts; then it is stopped and removed and the user is told.", minimum=1),
     Setting("hub", "values_file", "hub-values.yaml",
             "Where hub_values writes the zero-to-jupyterhub values (helm upgrade --values).",
             kind="path"),
@@ -176,10 +207,11 @@ SETTINGS: list[Setting] = [
     Setting("hub", "https", "off",
             "off (plain HTTP), files (the office's certificate: tls_cert, tls_key) or "
             "letsencrypt (a certificate for hub.domain from acme_directory, renewed before it "
-            "expires). With HTTPS, set port = 443."),
+            "expires). With HTTPS, set port = 443.", choices=("off", "files", "letsencrypt")),
     Setting("hub", "http_port", 80,
             "With HTTPS on: plain-HTTP port that only redirects to HTTPS and answers the ACME "
-            "challenge (letsencrypt needs it); 0: none.", kind="port_or_0"),
+            "challenge (letsencrypt needs it).", kind="port",
+            zero="turns the plain-HTTP listener off"),
     Setting("hub", "domain", "",
             "The hub's DNS name: in its URL and, for letsencrypt, on its certificate."),
     Setting("hub", "tls_cert", "",
@@ -200,19 +232,22 @@ SETTINGS: list[Setting] = [
             "certbot release in the hub venv (https = letsencrypt only)."),
     Setting("hub", "cull_idle_minutes", 60,
             "Stop a user's server after this many minutes without activity "
-            "(jupyterhub-idle-culler); 0: never.", kind="at_least_0"),
+            "(jupyterhub-idle-culler); at most a year.", minimum=0, maximum=365 * 24 * 60,
+            zero="turns idle culling off"),
     Setting("hub", "cull_max_age_hours", 0,
-            "Stop a user's server this many hours after it started, active or not; 0: never.",
-            kind="at_least_0"),
+            "Stop a user's server this many hours after it started, active or not; at most a "
+            "year.", minimum=0, maximum=365 * 24, zero="sets no maximum age"),
     Setting("hub", "idle_culler_version", "2.0.0",
             "jupyterhub-idle-culler release in the hub venv (cull_idle_minutes > 0 only)."),
     Setting("hub", "mem_limit", "",
-            "Memory per user server, e.g. 2G or 512M; empty: none. Containers and systemd get a "
-            "cgroup limit; a local server without systemd a per-process address-space limit.",
-            kind="bytes"),
+            "Memory per user server, e.g. 2G; the smallest allowed leaves room for a Jupyter "
+            "server with one idle kernel (about 130M). Containers and systemd get a cgroup "
+            "limit; a local server without systemd a per-process address-space limit, where "
+            "one kernel alone maps about 1G.", kind="bytes", minimum="256M",
+            zero="sets no limit"),
     Setting("hub", "cpu_limit", 0.0,
-            "CPUs per user server, e.g. 1.5; 0: none. Enforced for containers and under "
-            "systemd; not without systemd.", kind="at_least_0"),
+            "CPUs per user server, e.g. 1.5. Enforced for containers and under systemd; not "
+            "without systemd.", minimum=0, zero="sets no limit"),
     Setting("hub", "systemdspawner_version", "1.0.2",
             "jupyterhub-systemdspawner release (local servers with limits under systemd only)."),
 ]
@@ -220,6 +255,11 @@ SETTINGS: list[Setting] = [
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+def declared(section: str, key: str) -> Setting:
+    """One setting's declaration: its choices and bounds, for code that checks a value itself."""
+    return _BY_NAME[(section, key)]
 
 
 class Section:
@@ -294,7 +334,7 @@ def _coerce(setting: Setting, raw: Any, origin: str, root: Path) -> Any:
         raise HubworksError(
             f"{problem} is {raw!r} ({type(raw).__name__}); expected {want.__name__}.",
             fix=as_default)
-    _check(setting, value, problem)
+    _check(setting, value, origin)
     if setting.kind == "path" and value != "":
         value = (root / os.path.expanduser(value)).resolve()
     return value
@@ -327,16 +367,18 @@ def _from_text(want: type, raw: str, problem: str) -> Any:
     return raw
 
 
-def _check(setting: Setting, value: Any, problem: str) -> None:
+def _check(setting: Setting, value: Any, origin: str) -> None:
     """Refuse a value of the right type that still cannot work, naming the fix."""
-    if setting.kind in ("port", "port_or_0"):
-        lowest = 0 if setting.kind == "port_or_0" else 1
-        if not lowest <= value <= 65535:
-            raise HubworksError(
-                f"{problem} is {value}, which is not a port.",
-                fix=f"use a number from {lowest} to 65535"
-                    + (" (0 picks a free one)" if lowest == 0 else ""))
-    elif setting.kind == "token" and value not in ("auto", "off", ""):
+    problem = f"{setting.name} from {origin}"
+    if setting.choices and value not in setting.choices:
+        raise HubworksError(
+            f"{setting.name} is {value!r} (from {origin}); it must be one of: "
+            f"{_choices_text(setting)}.", fix=_where_to_set(setting, origin))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HubworksError(f"{problem} is {value}, not a finite number.",
+                            fix=_range_fix(setting))
+    _check_bounds(setting, value, problem)
+    if setting.kind == "token" and value not in ("auto", "off", ""):
         if not TOKEN_PATTERN.fullmatch(value):
             raise HubworksError(f"{problem} cannot stand in a URL path (/t/<token>/).",
                                 fix='use letters, digits and . _ ~ - only, or token = "auto"')
@@ -347,11 +389,6 @@ def _check(setting: Setting, value: Any, problem: str) -> None:
                 fix=f'use at least {MIN_TOKEN_LENGTH} random characters (e.g. the output of '
                     f'`python3 -c "import secrets; print(secrets.token_urlsafe(24))"`), '
                     f'or token = "auto" for a random one per run')
-    elif setting.kind == "at_least_0" and value < 0:
-        raise HubworksError(f"{problem} is {value}, below 0.", fix="use 0 (off) or more")
-    elif setting.kind == "bytes" and value and not BYTES_PATTERN.fullmatch(value):
-        raise HubworksError(f"{problem} is {value!r}, not an amount of memory.",
-                            fix=f'write a number with K, M, G or T, e.g. {setting.key} = "2G"')
     elif setting.kind == "https_url" and not re.match(r"https://[^/\s]+", value):
         raise HubworksError(f"{problem} is {value!r}, not an https:// URL.",
                             fix=f"write the server's directory URL, e.g. {setting.key} = "
@@ -366,6 +403,62 @@ def _check(setting: Setting, value: Any, problem: str) -> None:
                 f"{problem} holds a token (/t/...).",
                 fix="leave the token out: image builds add a fresh one per run, which dies "
                     "with the run's channel server")
+
+
+def _check_bounds(setting: Setting, value: Any, problem: str) -> None:
+    """A number (or an amount of memory) within the setting's declared bounds."""
+    low, high = setting.bounds
+    if setting.kind == "bytes":
+        if value and not BYTES_PATTERN.fullmatch(value):
+            raise HubworksError(f"{problem} is {value!r}, not an amount of memory.",
+                                fix=f'write a number with K, M, G or T, e.g. {setting.key} = '
+                                    f'"2G" ({_allowed_range(setting)})')
+        if value and low and _bytes(value) < _bytes(low):
+            raise HubworksError(f"{problem} is {value!r}, below {low}.", fix=_range_fix(setting))
+        return
+    if setting.kind == "port" and not low <= value <= high:
+        raise HubworksError(f"{problem} is {value}, which is not a port.",
+                            fix=_range_fix(setting))
+    if low is not None and value < low or high is not None and value > high:
+        side = f"below {low}" if low is not None and value < low else f"above {high}"
+        raise HubworksError(f"{problem} is {value}, {side}.", fix=_range_fix(setting))
+
+
+def _bytes(text: str) -> int:
+    """An amount of memory in bytes, read as JupyterHub reads it."""
+    number, unit = BYTES_PATTERN.fullmatch(text).groups()
+    return int(float(number) * BYTE_UNITS[unit])
+
+
+def _range_fix(setting: Setting) -> str:
+    fix = ("use a number from " if setting.bounds[1] is not None else "use "
+           ) + _allowed_range(setting)
+    if setting.kind == "port" and not setting.zero:
+        fix += "; 0 is not allowed: the hub's configuration names this port"
+    return fix
+
+
+def _allowed_range(setting: Setting) -> str:
+    """What a number setting allows, and what 0 does: '0 to 65535; 0 picks a free port'."""
+    low, high = setting.bounds
+    if low is None and high is None:
+        return ""
+    text = f"{low} or more" if high is None else f"{low} to {high}"
+    if setting.zero:
+        text += f"; {'empty' if setting.kind == 'bytes' else '0'} {setting.zero}"
+    return text
+
+
+def _choices_text(setting: Setting) -> str:
+    return ", ".join(_toml_literal(c) if c == "" else c for c in setting.choices)
+
+
+def _where_to_set(setting: Setting, origin: str) -> str:
+    default = _toml_literal(setting.default)
+    if origin.startswith("$"):
+        return (f"set {setting.env_var} to one of those, or unset it for the default "
+                f"({default})")
+    return f"write one of those in {origin}, e.g. [{setting.section}] {setting.key} = {default}"
 
 
 def _toml_literal(value: Any) -> str:
@@ -475,12 +568,22 @@ def _check_folders_apart(values: dict[tuple[str, str], Any],
 
 def settings_table() -> str:
     """The README's table of settings, generated so that it cannot drift."""
-    lines = ["| Setting | Environment variable | Default | What it does |",
-             "|---|---|---|---|"]
+    lines = ["| Setting | Environment variable | Default | Values | What it does |",
+             "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = _toml_literal(s.default) if s.default not in ("", []) else "(empty)"
-        lines.append(f"| `{s.section}.{s.key}` | `{s.env_var}` | `{default}` | {s.help} |")
+        lines.append(f"| `{s.name}` | `{s.env_var}` | `{default}` | {_values_text(s)} | "
+                     f"{s.help} |")
     return "\n".join(lines)
+
+
+def _values_text(setting: Setting) -> str:
+    """The table's Values cell: the choices, or the bounds and what 0 does."""
+    if setting.choices:
+        return ", ".join("(empty)" if c == "" else f"`{c}`" for c in setting.choices)
+    if setting.type is bool:
+        return "`true`, `false`"
+    return _allowed_range(setting)
 
 
 if __name__ == "__main__":  # python -m tasks.core.settings: the table for README.md
