@@ -1,4 +1,4 @@
-"""Where everything of an installed hub lives under the prefix, and the choices settings allow."""
+"""Where everything of an installed hub lives under the prefix, and what its settings choose."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from ..core.errors import HubworksError
 from ..core.netaddr import listens_everywhere, local_address, url_host
 from ..core.settings import Section, Settings
 
@@ -15,13 +14,6 @@ UNIT_NAME = "jupyterhub.service"
 PODMAN_UNIT_NAME = "jupyterhub-podman.service"
 SYSTEMD_UNIT_DIR = Path("/etc/systemd/system")
 PROXY_PACKAGE = "configurable-http-proxy"
-
-_CHOICES = {
-    "authenticator": ("pam", "dummy"),
-    "spawner": ("local", "docker"),
-    "service": ("auto", "systemd", "background"),
-    "https": ("off", "files", "letsencrypt"),
-}
 
 
 @dataclass(frozen=True)
@@ -222,12 +214,8 @@ class HubLayout:
 
     # choices
     def choice(self, key: str) -> str:
-        value = getattr(self.hub_settings, key)
-        if value not in _CHOICES[key]:
-            raise HubworksError(
-                f"hub.{key} is {value!r}; it must be one of {', '.join(_CHOICES[key])}.",
-                fix=f"set [hub] {key} in hubworks.toml or HUBWORKS_HUB_{key.upper()}")
-        return value
+        """A [hub] setting with a fixed set of values; loading the settings refused others."""
+        return getattr(self.hub_settings, key)
 
     @cached_property
     def uses_systemd(self) -> bool:

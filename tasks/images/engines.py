@@ -19,8 +19,8 @@ import subprocess
 from dataclasses import dataclass
 
 from ..core.errors import HubworksError
+from ..core.settings import declared
 
-CHOICES = ("auto", "docker", "podman")
 PROBE_SECONDS = 5  # a Docker daemon that does not answer within this counts as absent
 PODMAN_FIX = "install podman from the package manager (e.g. apt-get install podman)"
 CHOICE_FIX = "or set images.engine (HUBWORKS_IMAGES_ENGINE) to an engine that works here"
@@ -137,10 +137,11 @@ def _podman(reason: str) -> Engine:
 
 
 def select_engine(choice: str = "auto") -> Engine:
-    """The engine that builds images: ``choice`` is auto, docker or podman."""
-    if choice not in CHOICES:
+    """The engine that builds images: ``choice`` is one of images.engine's choices."""
+    choices = declared("images", "engine").choices
+    if choice not in choices:
         raise HubworksError(f"images.engine is {choice!r}, which is not an engine hubworks knows.",
-                            fix=f"set images.engine to one of: {', '.join(CHOICES)}")
+                            fix=f"set images.engine to one of: {', '.join(choices)}")
     if choice == "docker":
         if problem := docker_problem():
             raise HubworksError(f"Docker cannot build images here: {problem}.",

@@ -21,7 +21,6 @@ from ..core.fsutil import (PACKAGE_SUFFIXES, atomic_write_json, exclusive_lock, 
 from ..core.settings import Settings
 from .recipe import Recipe, workspace_recipes
 _SHELL_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-REPUBLISH_CHOICES = ("bump", "error")
 
 
 # ---------------------------------------------------------------- records and scratch space
@@ -274,16 +273,6 @@ def _published_record(path: Path, channel_dir: Path) -> dict:
             "sha256": sha256_file(path)}
 
 
-def _republish_policy(settings: Settings) -> str:
-    policy = settings.recipes.republish
-    if policy not in REPUBLISH_CHOICES:
-        raise HubworksError(
-            f"recipes.republish is {policy!r} (from {settings.sources[('recipes', 'republish')]})"
-            f", which is neither of {' or '.join(REPUBLISH_CHOICES)}.",
-            fix='set it to "bump" (rebuild under the next free build number) or "error"')
-    return policy
-
-
 def _clash_error(recipe: Recipe, settings: Settings, clashes: list[Placement], why: str,
                  or_else: str = "") -> HubworksError:
     lines = "\n".join(f"    {settings.channel_dir / p.file}: {p.name} {p.clash}" for p in clashes)
@@ -317,7 +306,7 @@ def build_recipe(settings: Settings, recipe: Recipe, dependencies: list[str],
 def _build_and_publish(settings: Settings, recipe: Recipe, dependencies: list[str],
                        needs_upstream: bool, scratch: Path) -> list[dict]:
     """Build the recipe, put what it made into the channel, and record it."""
-    policy = _republish_policy(settings)
+    policy = settings.recipes.republish  # bump or error, checked when the settings loaded
     channels = _build_channels(settings, recipe, dependencies, needs_upstream, scratch)
     placements = _placements(settings, _build(settings, recipe, scratch, channels))
     if any(placement.clash for placement in placements):
