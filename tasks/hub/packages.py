@@ -24,6 +24,7 @@ def package_manager() -> str | None:
 
 def package_candidate(name: str) -> tuple[int, ...] | None:
     """The version the package manager would install for ``name``, if it has the package."""
+    # read from the tools' output: python-apt and dnf's bindings are not on PyPI
     tool = package_manager()
     if tool == "apt-get":
         done = subprocess.run(["apt-cache", "policy", name], capture_output=True, text=True)
