@@ -7,9 +7,9 @@ creators. A module imports from its own stage and the stages before it, never af
   ``workspace`` (settings read once, DOIT_CONFIG), ``run_scope`` (what one run shares, how it
   ends), ``reporter`` (doit's output), ``commands`` (the one command runner), ``errors``,
   ``fsutil`` (atomic writes, locks, digests), ``netaddr`` (host and address rules).
-- ``channel``: the conda channel: ``index`` (index_channel), ``package_files``, ``server`` and
-  ``connections`` (serve_channel), ``publish`` (publish_channel), ``source`` (which channel
-  image builds use).
+- ``channel``: the conda channel: ``index`` (index_channel), ``package_files``, ``repodata``
+  (reading repodata records), ``server`` and ``connections`` (serve_channel), ``publish``
+  (publish_channel), ``source`` (which channel image builds use).
 - ``recipes``: recipes into packages: ``recipe`` (reading, dependency order), ``build``,
   ``rattler_build_runner`` (a build's subprocess), ``task`` (build_recipes).
 - ``images``: images from ``images/``: discovery, specs, solving, hashing, the build, the

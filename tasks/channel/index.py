@@ -60,6 +60,7 @@ from ..core.run_scope import RUN
 from ..core.settings import Settings
 from ..core.workspace import current_settings
 from .package_files import conda_zip_opens, read_package
+from .repodata import SECTIONS, section_records
 
 STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)
@@ -250,9 +251,6 @@ def _unzstd(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
-SECTIONS = ("packages", "packages.conda")
-
-
 @dataclass
 class Section:
     """The records of one repodata section, sorted by file name, each kept as its JSON text
@@ -298,7 +296,7 @@ class Records:
         rest = {key: ({} if key in SECTIONS else value) for key, value in repodata.items()}
         for key in SECTIONS:
             rest.setdefault(key, {})
-        return cls(rest, {key: Section.of(repodata.get(key, {})) for key in SECTIONS})
+        return cls(rest, {key: Section.of(section_records(repodata, key)) for key in SECTIONS})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Records:
@@ -316,8 +314,9 @@ class Records:
         return msgpack.packb(stored)
 
     def repodata_json(self) -> bytes:
+        sections = self.sections
         return orjson.dumps({
-            key: dict(zip(self.sections[key].files, map(orjson.Fragment, self.sections[key].records)))
+            key: dict(zip(sections[key].files, map(orjson.Fragment, sections[key].records)))
             if key in SECTIONS else value for key, value in self.rest.items()})
 
     @property

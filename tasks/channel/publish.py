@@ -42,6 +42,8 @@ from ..core.fsutil import atomic_write_json, exclusive_lock, is_package, read_js
 from ..core.reporter import print_line
 from ..core.settings import Settings
 from ..core.workspace import current_settings
+from .repodata import read_repodata, records, repodata_files
+
 IMMUTABLE = "public, max-age=31536000, immutable"
 INDEX_ATTEMPTS = 3
 S3_CONNECT_SECONDS = 10
@@ -68,16 +70,14 @@ class TargetFile:
 def local_packages(channel_dir: Path) -> dict[str, LocalPackage]:
     """The indexed packages of channel/, from its repodata (no package is read)."""
     found: dict[str, LocalPackage] = {}
-    for repodata in sorted(channel_dir.glob("*/repodata.json")):
+    for repodata in repodata_files(channel_dir):
         subdir = repodata.parent.name
-        data = read_json(repodata, {}) or {}
-        for section in ("packages", "packages.conda"):
-            for filename, record in data.get(section, {}).items():
-                path = repodata.parent / filename
-                if path.is_file():
-                    found[f"{subdir}/{filename}"] = LocalPackage(
-                        f"{subdir}/{filename}", path, record.get("size", path.stat().st_size),
-                        record.get("md5", ""), record.get("sha256", ""))
+        for filename, record in records(read_repodata(repodata)):
+            path = repodata.parent / filename
+            if path.is_file():
+                found[f"{subdir}/{filename}"] = LocalPackage(
+                    f"{subdir}/{filename}", path, record.get("size", path.stat().st_size),
+                    record.get("md5", ""), record.get("sha256", ""))
     return found
 
 
@@ -108,13 +108,12 @@ class Target:
         return self.url
 
     def indexed(self, subdirs: set[str]) -> dict[str, dict]:
-        records = {}
+        """The target's repodata records of ``subdirs`` and noarch, by ``<subdir>/<name>``."""
+        found = {}
         for subdir in sorted(subdirs | {"noarch"}):
-            data = self.repodata(subdir)
-            for section in ("packages", "packages.conda"):
-                for filename, record in data.get(section, {}).items():
-                    records[f"{subdir}/{filename}"] = record
-        return records
+            for filename, record in records(self.repodata(subdir)):
+                found[f"{subdir}/{filename}"] = record
+        return found
 
 
 class FolderTarget(Target):
@@ -138,7 +137,7 @@ class FolderTarget(Target):
         return found
 
     def repodata(self, subdir: str) -> dict:
-        return read_json(self.folder / subdir / "repodata.json", {}) or {}
+        return read_repodata(self.folder / subdir / "repodata.json")
 
     def put_new(self, package: LocalPackage) -> bool:
         target = self.folder / package.key

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from ..core.errors import HubworksError
 from ..core.settings import Settings
+from .repodata import internal_package_names, package_names
 
 _remote_names: dict[str, frozenset[str]] = {}
 FETCH_SECONDS = 30
@@ -40,8 +41,6 @@ def channel_package_names(settings: Settings) -> frozenset[str]:
     """Every package name the channel image builds use has."""
     url = published_channel_url(settings)
     if not url:
-        from ..images.solve import internal_package_names
-
         return internal_package_names(settings.channel_dir)
     if url not in _remote_names:
         _remote_names[url] = _published_names(url)
@@ -79,8 +78,7 @@ def _published_names(url: str) -> frozenset[str]:
                 f"conda channel.",
                 fix="give the channel's own URL, the folder that holds noarch/ "
                     "(HUBWORKS_CHANNEL_URL)") from None
-        for section in ("packages", "packages.conda"):
-            names.update(record["name"] for record in data.get(section, {}).values())
+        names |= package_names(data)
     return frozenset(names)
 
 

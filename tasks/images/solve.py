@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..channel.repodata import repodata_stamps
 from ..channel.source import channel_package_names, published_channel_url
 from ..core.errors import HubworksError
 from ..core.fsutil import atomic_write_json, read_json
@@ -31,26 +32,6 @@ class Resolution:
 
     def describe(self) -> str:
         return ", ".join(f"{p['name']} {p['version']}" for p in self.packages) or "none"
-
-
-_names_cache: dict[tuple, frozenset[str]] = {}
-
-
-def internal_package_names(channel_dir: Path) -> frozenset[str]:
-    """Every package name in the channel's repodata. Up-to-date checks and builds of every
-    image ask for it; at 20,000 packages parsing the repodata costs 0.1 s, so it is read
-    again only when a repodata.json changed."""
-    files = sorted(channel_dir.glob("*/repodata.json"))
-    key = tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
-    if key not in _names_cache:
-        names: set[str] = set()
-        for repodata in files:
-            data = read_json(repodata, {})
-            for section in ("packages", "packages.conda"):
-                names.update(record["name"] for record in data.get(section, {}).values())
-        _names_cache.clear()
-        _names_cache[key] = frozenset(names)
-    return _names_cache[key]
 
 
 async def _resolve(specs: list[str], channel_url: str, cache_dir: Path,
@@ -130,10 +111,7 @@ def _resolution_key(settings: Settings, specs: list[str]) -> str:
     """What solving ``specs`` against channel/ depends on: the specs, every repodata.json
     (replaced whole on each index, so its inode, size and time tell one from another) and
     the platform the solver assumes."""
-    repodata = []
-    for path in sorted(settings.channel_dir.glob("*/repodata.json")):
-        stat = path.stat()
-        repodata.append([path.parent.name, stat.st_ino, stat.st_size, stat.st_mtime_ns])
+    repodata = repodata_stamps(settings.channel_dir)
     libc = os.confstr("CS_GNU_LIBC_VERSION") if "CS_GNU_LIBC_VERSION" in os.confstr_names \
         else ""
     return hashlib.sha256(json.dumps([specs, repodata, sys.platform, platform.machine(), libc])
