@@ -137,6 +137,8 @@ def test_corrupt_package_is_named_and_the_rest_still_indexed(workspace):
     truncated.unlink()
     garbage.unlink()
     ws.doit("index_channel")
+    # No name's records changed, but the list of files left out did: the page follows it.
+    assert "truncated-1.0-0.conda" not in (ws.channel / "index.html").read_text()
 
 
 def _damaged_copies(package, folder) -> list:

@@ -502,37 +502,88 @@ def _name(entry: dict | None) -> str | None:
     return entry["meta"].get("name") if entry and not entry.get("error") else None
 
 
-def _scan(listing: Listing, known: dict[str, dict]) -> tuple[
-        dict[str, dict], list[PackageCheck], dict[str, set[str]], dict[str, list[str]],
-        dict[str, str]]:
-    """The entries of files unchanged since the last pass (kept as they are), the files to
-    read, and of the unchanged ones: the readable files by subdir, the files of each package
-    name and the unreadable ones with the reason. Raises KeyError, TypeError or
-    AttributeError when ``known`` (from the state file) is not of the shape it writes."""
-    current: dict[str, dict] = {}
+@dataclass
+class ChannelFiles:
+    """What the pass knows of each package file, by ``<subdir>/<file name>``: its entry for
+    the state (size, mtime_ns, meta, error), and the same looked up by subdir, package name
+    and fault."""
+
+    entries: dict[str, dict] = field(default_factory=dict)
+    readable: dict[str, set[str]] = field(default_factory=dict)  # subdir -> file names
+    by_name: dict[str, list[str]] = field(default_factory=dict)  # package name -> keys
+    bad: dict[str, str] = field(default_factory=dict)  # key -> why it is not indexed
+
+    def enter(self, subdir: str, filename: str, entry: dict) -> None:
+        """A file just read: its entry, readable or not."""
+        key = f"{subdir}/{filename}"
+        self.entries[key] = entry
+        if entry["error"]:
+            self.bad[key] = entry["error"]
+        else:
+            self.readable.setdefault(subdir, set()).add(filename)
+            self.by_name.setdefault(entry["meta"]["name"], []).append(key)
+
+    def leave_out(self, subdir: str, filename: str, why: str) -> None:
+        """A readable file that is not indexed after all, and why."""
+        key = f"{subdir}/{filename}"
+        self.entries[key] = dict(self.entries[key], error=why)
+        self.readable[subdir].discard(filename)
+        self.bad[key] = why
+
+    @property
+    def indexed(self) -> int:
+        return len(self.entries) - len(self.bad)
+
+
+@dataclass
+class ChannelScan:
+    """The channel's files next to what the last pass knew of them."""
+
+    listing: Listing
+    subdirs: list[str]  # the folders indexed: conda subdirs only
+    state: dict  # the last pass's; {} when there is none to trust
+    # Unchanged files as the state has them; read_changed_packages enters the others.
+    files: ChannelFiles
+    to_check: list[PackageCheck]  # new or changed files, to read
+    changed: set[str]  # keys of files new, changed or gone since the last pass
+    indexed_before: dict[str, set[str]]  # subdir -> the files the last pass indexed
+
+    @property
+    def known(self) -> dict[str, dict]:
+        return self.state.get("packages", {})
+
+
+def _scan(listing: Listing, subdirs: list[str], state: dict) -> ChannelScan:
+    """The files unchanged since the last pass (entries kept as they are), the files to
+    read, and what the last pass indexed. Raises KeyError, TypeError or AttributeError when
+    the state's entries are not of the shape it writes."""
+    known: dict[str, dict] = state.get("packages", {})
+    files = ChannelFiles()
+    entries, by_name, bad = files.entries, files.by_name, files.bad
     to_check = []
-    good: dict[str, set[str]] = {}
-    by_name: dict[str, list[str]] = {}
-    bad: dict[str, str] = {}
-    for subdir, files in listing.items():
-        readable = good.setdefault(subdir, set())
-        for filename, (size, mtime_ns) in files.items():
+    for subdir, names in listing.items():
+        readable = files.readable.setdefault(subdir, set())
+        for filename, (size, mtime_ns) in names.items():  # 20,000 files: kept lean
             key = f"{subdir}/{filename}"
             before = known.get(key)
             if before is None or before["size"] != size or before["mtime_ns"] != mtime_ns:
-                if before is not None:
-                    _name(before)  # looked up later, when its name's records are replaced
                 to_check.append(PackageCheck(subdir, filename, size, mtime_ns))
                 continue
-            current[key] = before
+            entries[key] = before
             if before["error"]:
                 bad[key] = before["error"]
             else:
                 readable.add(filename)
                 by_name.setdefault(before["meta"]["name"], []).append(key)
-    for key in known.keys() - current.keys():  # changed or gone: their names are looked up
-        _name(known[key])
-    return current, to_check, good, by_name, bad
+    changed = {f"{check.subdir}/{check.filename}" for check in to_check}
+    changed |= known.keys() - entries.keys()
+    indexed_before = {subdir: set(names) for subdir, names in files.readable.items()}
+    for key in changed:
+        # The last pass's names of changed and gone files: checked here, with the rest.
+        if _name(known.get(key)):
+            subdir, _, filename = key.partition("/")
+            indexed_before.setdefault(subdir, set()).add(filename)
+    return ChannelScan(listing, subdirs, state, files, to_check, changed, indexed_before)
 
 
 def _link_into(work: Path, channel_dir: Path, files: dict[str, set[str]]) -> None:
@@ -673,23 +724,25 @@ def index_channel(settings: Settings) -> IndexReport:
     with exclusive_lock(settings.state("index", "lock"), "the channel index"), \
             ExitStack() as cleanup, _no_cycle_collection():
         _ensure_folder(run.channel_dir / "noarch")
-        run.read_channel_and_state()
-        early = run.start_early_index(cleanup)
-        run.read_changed_packages(early)
-        readable_before = run.find_touched_names()
-        run.check_staged_indexes(readable_before)
-        run.index_touched_names(early)
-        run.drop_stale_staging()
-        run.publish_subdirs()
-        run.write_page()
+        scan = run.read_channel_and_state()
+        early = run.start_early_index(scan, cleanup)
+        run.read_changed_packages(scan, early)
+        touched = run.find_touched_names(scan)
+        staged, touched = run.check_staged_indexes(scan, touched)
+        stamps = run.index_touched_names(scan, touched, staged, early)
+        run.drop_stale_staging(scan.subdirs)
+        shards = run.publish_subdirs(scan, touched)
+        page = run.write_page(scan, touched)
         # Last, once the index it describes is on disk: the state says what is indexed.
-        run.write_state()
-    return run.report
+        run.write_state(scan, stamps, shards, page)
+    files = scan.files
+    return IndexReport(files.indexed, len(scan.to_check), files.bad)
 
 
 class IndexPass:
-    """One pass of index_channel, a method per step: what the channel holds, what the
-    last pass knew of it, and which package names of which subdirs change."""
+    """The steps of one index_channel pass, a method each, and where they work. A step takes
+    what it works on and returns what it finds; ``touched`` (subdir -> package names whose
+    records change) is what most of them act on."""
 
     def __init__(self, settings: Settings):
         self.channel_dir = settings.channel_dir
@@ -698,167 +751,160 @@ class IndexPass:
         self.rows_path = settings.state("index", "page-rows.json")
         self.state_path = state_path(settings)
         self.indexed_path = _indexed_path(settings)
-        self.report = IndexReport()
-        self.touched: dict[str, set[str]] = {}  # subdir -> package names whose records change
-        self.bad_changed = False  # an unreadable file came, changed or went: the page lists them
-        self.staged_before: dict[str, StagedIndex] = {}
 
-    def read_channel_and_state(self) -> None:
+    def read_channel_and_state(self) -> ChannelScan:
         """The channel's files, the last pass's state, and what it says of unchanged files."""
-        self.listing = channel_listing(self.channel_dir)
+        listing = channel_listing(self.channel_dir)
         # Packages in other folders are refused one by one; only subdirs are indexed.
-        self.subdirs = [subdir for subdir in self.listing if is_subdir_name(subdir)]
-        self.state = read_state(self.state_path)
-        if not self.state:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        self.known: dict[str, dict] = self.state.get("packages", {})
-        try:
-            scan = _scan(self.listing, self.known)
-        except (KeyError, TypeError, AttributeError):  # a state of another shape: index anew
-            self.state, self.known = {}, {}
-            shutil.rmtree(self.staging, ignore_errors=True)
-            scan = _scan(self.listing, self.known)
-        self.current, self.to_check, self.good, self.by_name, self.report.bad = scan
+        subdirs = [subdir for subdir in listing if is_subdir_name(subdir)]
+        state = read_state(self.state_path)
+        if state:
+            try:
+                return _scan(listing, subdirs, state)
+            except (KeyError, TypeError, AttributeError):
+                pass  # a state of another shape: index anew
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return _scan(listing, subdirs, {})
 
-    def start_early_index(self, cleanup: ExitStack) -> _EarlyIndex | None:
+    def start_early_index(self, scan: ChannelScan, cleanup: ExitStack) -> _EarlyIndex | None:
         """Without a state, a large channel goes to rattler whole while its files are read."""
-        if self.state or sum(len(self.listing[s]) for s in self.subdirs) < EARLY_INDEX_MIN:
+        listing = scan.listing
+        if scan.state or sum(len(listing[s]) for s in scan.subdirs) < EARLY_INDEX_MIN:
             return None
         return cleanup.enter_context(_EarlyIndex(
-            self.work, self.channel_dir,
-            {subdir: set(self.listing[subdir]) for subdir in self.subdirs}))
+            self.work, self.channel_dir, {subdir: set(listing[subdir]) for subdir in scan.subdirs}))
 
-    def read_changed_packages(self, early: _EarlyIndex | None) -> None:
-        """Read every new or changed file whole, and enter what it is (or why not)."""
+    def read_changed_packages(self, scan: ChannelScan, early: _EarlyIndex | None) -> None:
+        """Read every new or changed file whole, and enter what it is (or why not) in
+        ``scan.files``."""
         # Beside an early index, which keeps every core busy, one reader is quickest.
-        check_packages(self.channel_dir, self.to_check, 1 if early else READ_PROCESSES)
-        self.report.read = len(self.to_check)
-        for check in self.to_check:
-            key = f"{check.subdir}/{check.filename}"
-            self.current[key] = {"size": check.size, "mtime_ns": check.mtime_ns,
-                                 "meta": check.meta, "error": check.error}
-            if check.error:
-                self.report.bad[key] = check.error
-            else:
-                self.good[check.subdir].add(check.filename)
-                self.by_name.setdefault(check.meta["name"], []).append(key)
+        check_packages(self.channel_dir, scan.to_check, 1 if early else READ_PROCESSES)
+        for check in scan.to_check:
+            scan.files.enter(check.subdir, check.filename, {
+                "size": check.size, "mtime_ns": check.mtime_ns, "meta": check.meta,
+                "error": check.error})
 
-    def find_touched_names(self) -> dict[str, set[str]]:
+    def find_touched_names(self, scan: ChannelScan) -> dict[str, set[str]]:
         """Package names whose records change, per subdir: new, changed, removed, gone bad.
-        Without a state every subdir is indexed whole. Returns what the last pass left
-        readable: what is readable now, with the changes undone."""
-        if not self.state:
-            self.touched = {subdir: set() for subdir in self.subdirs}
-        changed = ([f"{c.subdir}/{c.filename}" for c in self.to_check]
-                   + list(self.known.keys() - self.current.keys()))
-        readable_before = {subdir: set(files) for subdir, files in self.good.items()}
-        for key in changed:
-            subdir, _, filename = key.partition("/")
-            for name in (_name(self.known.get(key)), _name(self.current.get(key))):
+        Without a state every subdir is indexed whole."""
+        touched: dict[str, set[str]] = {} if scan.state else {s: set() for s in scan.subdirs}
+        known, entries = scan.known, scan.files.entries
+        for key in scan.changed:
+            for name in (_name(known.get(key)), _name(entries.get(key))):
                 if name:
-                    self.touched.setdefault(subdir, set()).add(name)
-            readable_before.setdefault(subdir, set()).discard(filename)
-            if _name(self.known.get(key)):
-                readable_before[subdir].add(filename)
-        self.bad_changed = any(entry and entry["error"] for key in changed
-                               for entry in (self.known.get(key), self.current.get(key)))
-        return readable_before
+                    touched.setdefault(key.partition("/")[0], set()).add(name)
+        return touched
 
-    def check_staged_indexes(self, readable_before: dict[str, set[str]]) -> None:
+    def check_staged_indexes(self, scan: ChannelScan, touched: dict[str, set[str]]
+                             ) -> tuple[dict[str, StagedIndex], dict[str, set[str]]]:
         """The staged index of every subdir about to be published must hold exactly what
-        the state says; one that is missing, unreadable or different is rebuilt from the
-        packages on disk (never read as empty, which would drop the rest)."""
-        stamps = self.state.get("staged", {})
-        for subdir in self.subdirs:
-            if subdir not in self.touched and self._published_repodata(subdir).is_file():
+        the last pass indexed; one that is missing, unreadable or different is rebuilt from
+        the packages on disk (never read as empty, which would drop the rest). Returns the
+        staged indexes to build on, and ``touched`` with every name of the subdirs to rebuild."""
+        stamps = scan.state.get("staged", {})
+        staged: dict[str, StagedIndex] = {}
+        touched = dict(touched)
+        for subdir in scan.subdirs:
+            if subdir not in touched and self._published_repodata(subdir).is_file():
                 continue
-            staged = _read_staged(self.staging / subdir, readable_before.get(subdir, set()),
-                                  self.channel_dir / subdir, stamps.get(subdir))
-            if staged is None:
+            found = _read_staged(self.staging / subdir, scan.indexed_before.get(subdir, set()),
+                                 self.channel_dir / subdir, stamps.get(subdir))
+            if found is None:
                 shutil.rmtree(self.staging / subdir, ignore_errors=True)
-                self.touched.setdefault(subdir, set()).update(
-                    _name(self.current[f"{subdir}/{f}"]) for f in self.good.get(subdir, ()))
+                touched[subdir] = touched.get(subdir, set()) | {
+                    _name(scan.files.entries[f"{subdir}/{filename}"])
+                    for filename in scan.files.readable.get(subdir, ())}
             else:
-                self.staged_before[subdir] = staged
+                staged[subdir] = found
+        return staged, touched
 
-    def index_touched_names(self, early: _EarlyIndex | None) -> None:
+    def index_touched_names(self, scan: ChannelScan, touched: dict[str, set[str]],
+                            staged: dict[str, StagedIndex], early: _EarlyIndex | None
+                            ) -> dict[str, dict[str, list[int]]]:
         """rattler on the files of the touched names; its records replace theirs in the
-        staged index. Every readable package ends up indexed, or is named as not indexed."""
-        self.stamps = self.state.get("staged", {})
-        if not self.touched:
-            return
-        wanted = self._files_of_touched_names()
+        staged index. Every readable package ends up indexed, or is left out in
+        ``scan.files`` with the reason. Returns the stamps of every subdir's staged files."""
+        stamps = dict(scan.state.get("staged", {}))
+        if not touched:
+            return stamps
+        wanted = _files_of_names(scan.files.by_name, touched)
         _index_exactly(self.work, self.channel_dir, wanted, early)
-        for subdir, names in self.touched.items():
-            staged = _update_subdir(self.work / subdir, self.staging / subdir, names,
-                                    self.staged_before.get(subdir))
-            self.stamps[subdir] = staged.stamps
-            for filename in wanted[subdir] - staged.files:
-                self._left_out(subdir, filename, "rattler's indexer left it out of the repodata")
+        for subdir, names in touched.items():
+            updated = _update_subdir(self.work / subdir, self.staging / subdir, names,
+                                     staged.get(subdir))
+            stamps[subdir] = updated.stamps
+            for filename in wanted[subdir] - updated.files:
+                scan.files.leave_out(subdir, filename,
+                                     "rattler's indexer left it out of the repodata")
         shutil.rmtree(self.work, ignore_errors=True)
+        return stamps
 
-    def _files_of_touched_names(self) -> dict[str, set[str]]:
-        wanted: dict[str, set[str]] = {subdir: set() for subdir in self.touched}
-        for subdir, names in self.touched.items():
-            for name in names:
-                for key in self.by_name.get(name, ()):
-                    if key.partition("/")[0] == subdir:
-                        wanted[subdir].add(key.partition("/")[2])
-        return wanted
-
-    def _left_out(self, subdir: str, filename: str, why: str) -> None:
-        key = f"{subdir}/{filename}"
-        self.current[key] = dict(self.current[key], error=why)
-        self.good[subdir].discard(filename)
-        self.report.bad[key] = why
-        self.bad_changed = True
-
-    def drop_stale_staging(self) -> None:
+    def drop_stale_staging(self, subdirs: list[str]) -> None:
         """Staged indexes of subdirs the channel no longer has."""
         for stale in self.staging.iterdir() if self.staging.is_dir() else ():
-            if stale.is_dir() and stale.name not in self.subdirs:
+            if stale.is_dir() and stale.name not in subdirs:
                 shutil.rmtree(stale)
 
-    def publish_subdirs(self) -> None:
-        """Publish the staged index of every touched subdir, and of any not yet served."""
-        self.shards = self.state.get("shards", {})
-        for subdir in self.subdirs:
-            if subdir in self.touched or not self._published_repodata(subdir).is_file():
-                self.shards[subdir] = sorted(_publish_subdir(
+    def publish_subdirs(self, scan: ChannelScan, touched: dict[str, set[str]]
+                        ) -> dict[str, list[str]]:
+        """Publish the staged index of every touched subdir, and of any not yet served.
+        Returns the shards each subdir serves."""
+        shards = dict(scan.state.get("shards", {}))
+        for subdir in scan.subdirs:
+            if subdir in touched or not self._published_repodata(subdir).is_file():
+                shards[subdir] = sorted(_publish_subdir(
                     self.staging / subdir, self.channel_dir / subdir,
-                    set(self.shards.get(subdir, []))))
+                    set(shards.get(subdir, []))))
+        return shards
 
-    def write_page(self) -> None:
-        """index.html again when a name's rows or the files left out changed."""
-        self.report.packages = len(self.current) - len(self.report.bad)
-        self.page = self.state.get("page", "")
-        if self.touched or self.bad_changed or not (self.channel_dir / "index.html").exists():
-            self.page = _write_page(
-                self.channel_dir, self.current, set().union(*self.touched.values()),
-                self.by_name, self.state, self.rows_path,
-                PageFacts(self.report.packages, self.report.bad,
-                          {subdir for subdir, files in self.good.items() if files}))
+    def write_page(self, scan: ChannelScan, touched: dict[str, set[str]]) -> str:
+        """index.html again when a name's rows or the files left out changed. Returns the
+        generation of the page's rows."""
+        files = scan.files
+        bad_before = {key: entry["error"] for key, entry in scan.known.items()
+                      if entry.get("error")}
+        if not touched and files.bad == bad_before and \
+                (self.channel_dir / "index.html").exists():
+            return scan.state.get("page", "")
+        return _write_page(
+            self.channel_dir, files.entries, set().union(*touched.values()), files.by_name,
+            scan.state, self.rows_path,
+            PageFacts(files.indexed, files.bad,
+                      {subdir for subdir, names in files.readable.items() if names}))
 
-    def write_state(self) -> None:
+    def write_state(self, scan: ChannelScan, stamps: dict[str, dict[str, list[int]]],
+                    shards: dict[str, list[str]], page: str) -> None:
         """The state of this pass, then the summary channel_is_indexed reads."""
         atomic_write_bytes(self.state_path, orjson.dumps({
             "version": STATE_VERSION,
-            "packages": self.current,
-            "shards": {k: v for k, v in self.shards.items() if k in self.subdirs},
-            "staged": {k: v for k, v in self.stamps.items() if k in self.subdirs},
-            "page": self.page,
+            "packages": scan.files.entries,
+            "shards": {k: v for k, v in shards.items() if k in scan.subdirs},
+            "staged": {k: v for k, v in stamps.items() if k in scan.subdirs},
+            "page": page,
         }))
         written = self.state_path.stat()
         atomic_write_bytes(self.indexed_path, orjson.dumps({
             "version": STATE_VERSION,
             "state": [written.st_size, written.st_mtime_ns],
             # A channel with unreadable files is never recorded as indexed: the error repeats.
-            "signature": listing_signature(self.listing) if not self.report.bad else "",
-            "subdirs": self.subdirs,
+            "signature": listing_signature(scan.listing) if not scan.files.bad else "",
+            "subdirs": scan.subdirs,
         }))
 
     def _published_repodata(self, subdir: str) -> Path:
         return self.channel_dir / subdir / "repodata.json"
+
+
+def _files_of_names(by_name: dict[str, list[str]], touched: dict[str, set[str]]
+                    ) -> dict[str, set[str]]:
+    """The readable files of the touched names, per subdir."""
+    wanted: dict[str, set[str]] = {subdir: set() for subdir in touched}
+    for subdir, names in touched.items():
+        for name in names:
+            for key in by_name.get(name, ()):
+                if key.partition("/")[0] == subdir:
+                    wanted[subdir].add(key.partition("/")[2])
+    return wanted
 
 
 # ---------------------------------------------------------------- the index page
