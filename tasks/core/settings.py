@@ -8,8 +8,8 @@ environment are comma-separated; booleans accept 1/0, true/false, yes/no, on/off
 The workspace root is the directory doit runs in (the folder of ``dodo.py``, or the one
 given with ``doit -d``); relative paths in settings are relative to it.
 
-``doit settings`` prints every effective value and where it came from; the README's
-settings table is generated from ``SETTINGS`` below (a test keeps the two in step).
+``doit settings`` prints every effective value and where it came from; the settings table
+in docs/settings.md is generated from ``SETTINGS`` below (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -567,7 +567,7 @@ def _check_folders_apart(values: dict[tuple[str, str], Any],
 
 
 def settings_table() -> str:
-    """The README's table of settings, generated so that it cannot drift."""
+    """The table of settings in docs/settings.md, generated so that it cannot drift."""
     lines = ["| Setting | Environment variable | Default | Values | What it does |",
              "|---|---|---|---|---|"]
     for s in SETTINGS:
@@ -586,5 +586,5 @@ def _values_text(setting: Setting) -> str:
     return _allowed_range(setting)
 
 
-if __name__ == "__main__":  # python -m tasks.core.settings: the table for README.md
+if __name__ == "__main__":  # python -m tasks.core.settings: the table for docs/settings.md
     print(settings_table())

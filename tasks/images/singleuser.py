@@ -112,8 +112,8 @@ def probe_image(client, tag: str, network: str = "bridge") -> dict[str, str]:
             raise HubworksError(
                 f"the container engine could not start a container of {tag}: {text[:500]}",
                 fix="make the engine run containers (with podman: `podman run --rm <image> "
-                    "true` must work; see the README's hub section on runc and "
-                    "default_ulimits), then run doit install_hub again") from None
+                    "true` must work; see docs/install-hub.md, where the containers run, on runc "
+                    "and default_ulimits), then run doit install_hub again") from None
         try:
             status = container.wait(timeout=PROBE_SECONDS)
         except Exception:
