@@ -32,8 +32,8 @@ from rattler import Gateway, SourceConfig
 from rattler.index import index_fs
 from rattler_build import Stage0Recipe
 
-from tasks.channel.server import (ConnectionLimits, channel_server_from_settings, channel_token,
-                                  printable_url, served_channel)
+from tasks.channel.server import (SMALL_FILE, ConnectionLimits, channel_server_from_settings,
+                                  channel_token, printable_url, served_channel)
 from tasks.core.errors import HubworksError
 from tasks.core.netaddr import machine_name
 from tasks.core.settings import load_settings
@@ -85,6 +85,11 @@ def channel(tmp_path_factory) -> Path:
     (base / "secret.txt").write_text("SECRET outside the channel")
     (channel / "noarch" / "leak.txt").symlink_to(base / "secret.txt")
     (channel / "outside").symlink_to(base)
+    # A sibling whose name starts with the channel's: inside by a careless prefix test only.
+    (base / "channel-private" / "secret").mkdir(parents=True)
+    (base / "channel-private" / "secret" / "key.txt").write_text("SECRET next to the channel")
+    (channel / "private").symlink_to("../channel-private/secret")
+    (channel / "private-key.txt").symlink_to("../channel-private/secret/key.txt")
     (channel / "latest.json").symlink_to(channel / "noarch" / "repodata.json")
     return channel
 
@@ -215,6 +220,24 @@ def test_byte_ranges(server, channel):
     assert (changed.status_code, changed.content) == (200, data)
 
 
+def test_byte_ranges_of_a_file_sent_from_disk(server, channel):
+    data = (channel / "big.bin").read_bytes()
+    size, middle = len(data), len(data) // 2
+    assert size > SMALL_FILE  # sent with sendfile, not from memory
+    session = requests.Session()  # one connection: a byte too many would garble the next
+    for header, first, last in [("bytes=0-0", 0, 0),
+                                (f"bytes={middle}-{middle + 99_999}", middle, middle + 99_999),
+                                ("bytes=-70000", size - 70_000, size - 1),
+                                (f"bytes={size - 1}-{size - 1}", size - 1, size - 1)]:
+        part = session.get(server.url + "big.bin", headers={"Range": header})
+        assert part.status_code == 206, header
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/{size}"
+        assert part.headers["Content-Length"] == str(last - first + 1)
+        assert part.content == data[first:last + 1], header
+    assert session.get(server.url + "index.html").text == "<h1>channel</h1>"
+    session.close()
+
+
 @pytest.mark.parametrize("header, status, content_range", [
     ("bytes=1-" + "9" * 5000, 206, "bytes 1-1023/1024"),  # past the end: up to the end
     ("bytes=-" + "9" * 5000, 206, "bytes 0-1023/1024"),  # more than all: all
@@ -248,6 +271,8 @@ def test_absurd_range_numbers_get_an_answer_not_a_traceback(server, channel, cap
     "http://127.0.0.1/etc/passwd",
     "/noarch/leak.txt",
     "/outside/secret.txt",
+    "/private/key.txt",
+    "/private-key.txt",
     "/no-index/",
     "/no-index",
     "/noarch/missing.conda",
