@@ -547,6 +547,67 @@ def test_at_the_connection_cap_the_longest_idle_connection_makes_room(channel):
         clients[0].close()
 
 
+def start_download(port: int, target: str = "/big.bin") -> tuple[socket.socket, bytes]:
+    """A client that asks for ``target`` and takes nothing yet but the first bytes (returned
+    with it): the rest waits in the server for it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    first = sock.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    time.sleep(0.3)  # the socket buffers fill up; the worker hands the rest on
+    return sock, first
+
+
+def test_at_the_connection_cap_a_download_in_progress_is_never_the_one_closed(channel,
+                                                                             tmp_path):
+    log = tmp_path / "access.log"
+    data = (channel / "big.bin").read_bytes()
+    limits = ConnectionLimits(max_connections=3)
+    with served_channel(channel, port=0, access_log=log, limits=limits) as served:
+        download, received = start_download(served.port)  # the oldest connection
+        idle = [http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+                for _ in range(3)]
+        for client in idle:  # one request each, then idle: the third makes one too many
+            client.request("GET", "/index.html")
+            assert client.getresponse().read() == b"<h1>channel</h1>"
+        assert idle[0].sock.recv(1) == b""  # the longest idle one made room
+        download.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now take it all
+        while chunk := download.recv(1 << 20):
+            received += chunk
+            if len(received.partition(b"\r\n\r\n")[2]) >= len(data):
+                break
+        assert received.partition(b"\r\n\r\n")[2] == data  # the whole file
+        download.close()
+        for client in idle:
+            client.close()
+    [line] = [line for line in log.read_text().splitlines() if " /big.bin " in line]
+    assert line.split()[4:6] == ["200", str(len(data))] and "cut-short" not in line
+
+
+def test_an_answer_cut_short_is_marked_in_the_log_and_never_counted_below_zero(channel,
+                                                                               tmp_path):
+    log = tmp_path / "access.log"
+    size = (channel / "big.bin").stat().st_size
+    with served_channel(channel, port=0, access_log=log) as served:
+        for _ in range(5):  # gone before the first byte: the worker meets a closed socket
+            with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+                sock.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock, _ = start_download(served.port)  # gone mid-answer: the waiting room meets it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        deadline = time.monotonic() + 5
+        while served.requests_served < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert 0 <= served.bytes_sent < size
+    lines = [line.split() for line in log.read_text().splitlines() if " /big.bin " in line]
+    assert len(lines) == 6
+    for stamp, client, method, path, status, sent, ms, mark in lines:
+        assert (status, mark) == ("200", "cut-short") and 0 <= int(sent) < size
+
+
 def closed_by_server(sock: socket.socket, drip: bytes = b"", within: float = 3) -> bool:
     """Whether the server closes ``sock`` within a few seconds (sending ``drip`` meanwhile)."""
     deadline = time.monotonic() + within

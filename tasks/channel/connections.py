@@ -59,7 +59,7 @@ def request_length(data: bytes) -> int | None:
 class ConnectionLimits:
     """What one channel server holds for its clients, and for how long."""
 
-    max_connections: int = 1000  # open at once; at the cap the longest-waiting one is closed
+    max_connections: int = 1000  # open at once; at the cap the longest idle one is closed
     idle_seconds: float = 30.0  # a keep-alive connection with no request in that time closes
     header_seconds: float = 10.0  # from a request's first byte to its last header (slowloris)
     send_seconds: float = 60.0  # a client that takes none of its answer in that time
@@ -124,6 +124,10 @@ class Client:
 
     def sending(self) -> bool:
         return bool(self.outbox) or self.body is not None
+
+    def unsent(self) -> int:
+        """Bytes of the answer the client has not taken yet."""
+        return len(self.outbox) + (self.body[2] if self.body is not None else 0)
 
     def send_rest(self) -> bool:
         """Send what the client can take now; True when the answer is all out. OSError
@@ -201,11 +205,15 @@ class WaitingRoom:
                 self.epoll.register(client.fd, watch)
 
     def evict_oldest(self) -> bool:
-        """Close the connection that has waited longest, to make room for a new one."""
+        """Close the connection that has waited longest for its next request, to make room
+        for a new one; never one still taking an answer. False: none waits for a request."""
         with self.lock:
-            if not self.clients:
+            for fd, client in self.clients.items():  # in the order they came to wait
+                if not client.sending() and not client.closing:
+                    del self.clients[fd]
+                    break
+            else:
                 return False
-            _, client = self.clients.popitem(last=False)
         self.close(client)
         return True
 

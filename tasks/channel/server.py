@@ -12,7 +12,8 @@ Connections cost no thread while they wait (``tasks.connections``): a request re
 of a small pool of worker threads only once all of it has arrived, and what a client does
 not take at once of its answer goes out as it takes it, so idle, slow-sending and
 slow-reading clients hold no worker. ``ConnectionLimits`` cap open connections (at the cap
-the one waiting longest is closed to make room), idle time, header time and send time.
+the one idle longest is closed to make room, never one taking an answer), idle time, header
+time and send time.
 
 Tokens: ``serve_channel`` uses the ``channel.token`` setting. The server that image builds
 share never does: it has no token on loopback, else a fresh random one per run that dies
@@ -304,10 +305,12 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         self.close_connection = True
         self.command, self.path, self.status, self.sent = None, "", None, 0
+        self.cut_short = False
         started = time.perf_counter()
         self.handle_one_request()
         if self.status is not None:  # logged once the whole answer is out
-            self.request.answered = (self.command, self.path, self.status, self.sent, started)
+            self.request.answered = (self.command, self.path, self.status, self.sent, started,
+                                     self.cut_short)
 
     def parse_request(self) -> bool:
         """The standard library's parse_request for the common request line (method,
@@ -389,7 +392,7 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             self.send_status(refusal.status, refusal.headers, with_body)
         except OSError as exc:
             if self.status is not None:  # the client went away mid-answer
-                self.close_connection = True
+                self.close_connection = self.cut_short = True
                 return
             self.log_error("cannot read %s: %s", self.path, exc)
             self.send_status(404, with_body=with_body)
@@ -425,8 +428,8 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             self.send_head(status, lines, count, content[first:first + count])
         else:
             self.send_head(status, lines, count)
+            self.sent = count  # less what the client never takes, once it is done
             self.request.send_file(content, first, count)
-            self.sent = count  # counted as sent; the log line waits for the last byte
 
     def is_fresh(self, facts: FileFacts) -> bool:
         """The client's copy is current: If-None-Match decides, else If-Modified-Since."""
@@ -514,8 +517,9 @@ class AccessLog:
         self.thread.start()
 
     def request(self, client: str, command: str | None, path: str, status: int, sent: int,
-                seconds: float) -> None:
-        self.entries.put((time.time(), client, command, path, status, sent, seconds))
+                seconds: float, cut_short: bool = False) -> None:
+        self.entries.put((time.time(), client, command, path, status, sent, seconds,
+                          cut_short))
 
     def message(self, text: str) -> None:
         self.entries.put((time.time(), text))
@@ -531,9 +535,9 @@ class AccessLog:
         if len(entry) == 2:
             when, text = entry
         else:
-            when, client, command, path, status, sent, seconds = entry
+            when, client, command, path, status, sent, seconds, cut_short = entry
             text = (f"{client} {command or '-'} {path or '-'} {status} {sent} "
-                    f"{seconds * 1000:.1f}ms")
+                    f"{seconds * 1000:.1f}ms" + (" cut-short" if cut_short else ""))
         text = redact(text)
         if self.token:  # also where a client put the token somewhere else
             text = text.replace(self.token, "<token>")
@@ -688,19 +692,21 @@ class ChannelServer(HTTPServer):
             self.close_client(client)
 
     def record(self, client: Client, complete: bool = True) -> None:
-        """Count and log the client's last answer once it is all out (or cut short)."""
+        """Count and log the client's last answer once it is all out, or once its
+        connection closed before it was (cut short: counted as far as it went)."""
         if client.answered is None or (complete and client.sending()):
             return
-        command, path, status, sent, started = client.answered
+        command, path, status, sent, started, cut_short = client.answered
         client.answered = None
-        if client.body is not None:  # the client left before taking all of it
-            sent -= client.body[2]
+        unsent = client.unsent()  # the answer's end: its body, and its head if that is left
+        sent = max(0, sent - unsent)
+        cut_short = cut_short or unsent > 0
         with self.lock:
             self.requests_served += 1
             self.bytes_sent += sent
         if self.log is not None:
             self.log.request(client.address[0], command, path, status, sent,
-                             time.perf_counter() - started)
+                             time.perf_counter() - started, cut_short)
 
     def write_log(self, line: str) -> None:
         if self.log is not None:
