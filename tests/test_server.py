@@ -32,6 +32,7 @@ from rattler import Gateway, SourceConfig
 from rattler.index import index_fs
 from rattler_build import Stage0Recipe
 
+from tasks.channel.connections import MAX_HEAD
 from tasks.channel.server import (SMALL_FILE, ConnectionLimits, channel_server_from_settings,
                                   channel_token, printable_url, served_channel)
 from tasks.core.errors import HubworksError
@@ -339,6 +340,74 @@ def test_a_large_or_chunked_body_is_answered_then_the_connection_closed(server, 
     assert head.startswith(b"HTTP/1.1 200 ")
     body = b"" if method == "HEAD" else b"<h1>channel</h1>"
     assert rest == body, answers  # one answer, nothing for the body's "request"
+
+
+NEXT = b"GET /noarch/index.html HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("first", [
+    b"GET /index.html HTTP/1.1\nHost: x\n\n",
+    b"GET /index.html HTTP/1.1\r\nHost: x\n\r\n",
+    b"GET /index.html HTTP/1.1\nHost: x\r\n\n",
+], ids=["lf", "crlf-then-lf", "lf-then-crlf"])
+def test_a_request_in_bare_lf_lines_is_answered_and_so_is_the_next(server, first):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(first + NEXT)
+        answers = read_to_end(sock)
+    assert answers.startswith(b"HTTP/1.1 200 ") and answers.count(b"HTTP/1.1 200 ") == 2
+    assert answers.endswith(b"\r\n\r\n<h1>noarch</h1>"), answers
+
+
+@pytest.mark.parametrize("then", [b"", NEXT], ids=["alone", "then-another"])
+def test_a_bare_lf_request_with_a_body_is_answered_at_once(server, then):
+    # The body holds an empty CRLF line: the head still ends at the first empty line.
+    closing = b"" if then else b"Connection: close\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /index.html HTTP/1.1\nHost: x\n" + closing
+                     + f"Content-Length: {len(SMUGGLED)}\n\n".encode() + SMUGGLED + then)
+        answers = read_to_end(sock)  # before the header deadline: the socket's timeout is 5 s
+    assert answers.startswith(b"HTTP/1.1 405 ")
+    assert answers.count(b"HTTP/1.1 ") == (2 if then else 1), answers  # none for the body
+    assert answers.endswith(b"<h1>noarch</h1>" if then else b"405 Method Not Allowed\n")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /index.html HTTP/2.0\r\nHost: x\r\n\r\n",
+    # the preface of HTTP/2 with prior knowledge, and the empty SETTINGS frame after it
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+], ids=["request-line", "preface"])
+def test_http2_gets_an_http1_505_status_line_and_a_close(server, request_bytes):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        answer = read_to_end(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 505 HTTP Version Not Supported", answer
+    assert b"Connection: close" in lines
+    assert f"Content-Length: {len(body)}".encode() in lines
+
+
+def head_of(size: int, ends: bool) -> bytes:
+    """A GET for /index.html whose head is ``size`` bytes; ``ends``: with its empty line."""
+    start, end = b"GET /index.html HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n" if ends else b""
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("size, ends, status", [
+    (MAX_HEAD, True, b"200"),
+    (MAX_HEAD + 1, True, b"431"),
+    (1 << 20, True, b"431"),
+    (100_000, False, b"431"),  # a head that never ends is refused all the same
+], ids=["at-the-limit", "one-byte-over", "a-megabyte", "never-ending"])
+def test_a_request_head_over_the_limit_gets_431_and_a_close(server, size, ends, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head_of(size, ends))
+        answer = sock.recv(65536)  # answered while this end still sends, or might
+        sock.shutdown(socket.SHUT_WR)
+        answer += read_to_end(sock)  # and closed: a keep-alive one would time out here
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+    if status == b"431":
+        assert b"\r\nConnection: close\r\n" in answer
 
 
 def test_token_guards_every_path_and_stays_out_of_the_log(channel, tmp_path):

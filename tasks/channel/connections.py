@@ -26,6 +26,21 @@ from typing import BinaryIO, Callable
 SMALL_BODY = 64 * 1024  # a request body up to this size is read and dropped; larger: close
 MAX_HEAD = 64 * 1024  # request line and headers
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:[ \t]*([^\r\n]*)")
+_HEAD_END = re.compile(rb"\n\r?\n")  # the first empty line, whichever line ending it has
+
+
+def head_length(data: bytes) -> int | None:
+    """Bytes of the request line and headers at the start of ``data``, blank line included;
+    None: the blank line has not arrived. A line ends at LF, with or without a CR before it,
+    the rule the handler reads lines by, so both agree on where every request ends."""
+    match = _HEAD_END.search(data)
+    return None if match is None else match.end()
+
+
+def head_too_large(data: bytes) -> bool:
+    """The request head at the start of ``data`` is, or is bound to be, over MAX_HEAD."""
+    end = head_length(data)
+    return (len(data) if end is None else end) > MAX_HEAD
 
 
 def request_length(data: bytes) -> int | None:
@@ -36,12 +51,9 @@ def request_length(data: bytes) -> int | None:
     ``Expect: 100-continue``, or with an unclear length) is not counted: the handler
     answers the headers, then closes the connection.
     """
-    end = data.find(b"\r\n\r\n") + 4
-    if end == 3:
-        match = re.search(rb"\r?\n\r?\n", data)
-        if match is None:
-            return None
-        end = match.end()
+    end = head_length(data)
+    if end is None:
+        return None
     head = data[:end].lower()
     if b"\ncontent-length" not in head:
         return end
@@ -150,14 +162,20 @@ class Client:
             os.close(self.body[0])
             self.body = None
 
-    def take_request(self) -> bytes:
-        """The first whole request received (the waiting room made sure there is one)."""
+    def take_request(self) -> bytes | None:
+        """The first whole request received (the waiting room made sure there is one), or
+        None for a head over MAX_HEAD: refused, with everything received after it."""
+        if head_too_large(self.pending):
+            self.pending = b""
+            return None
         length = request_length(self.pending) or 0
-        request, self.pending = self.pending[:length], self.pending[length:]
+        # Empty lines between requests are allowed (RFC 9112, 2.2): the next starts after.
+        request, self.pending = self.pending[:length], self.pending[length:].lstrip(b"\r\n")
         return request
 
     def has_request(self) -> bool:
-        return request_length(self.pending) is not None
+        """Something for a worker: a whole request, or a head too large to wait for."""
+        return request_length(self.pending) is not None or head_too_large(self.pending)
 
 
 class WaitingRoom:
@@ -249,12 +267,9 @@ class WaitingRoom:
                 data = data.lstrip(b"\r\n")  # blank lines before a request are allowed
                 client.request_started = time.monotonic()
             client.pending += data
-            if client.has_request():
+            if client.has_request():  # a head too large goes too: it gets its 431
                 if self.leave(client):
                     self.ready(client)
-                return
-            if len(client.pending) > MAX_HEAD:
-                self.leave(client) and self.close(client)
                 return
         with self.lock:
             if self.clients.get(client.fd) is client:

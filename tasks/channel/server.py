@@ -13,7 +13,8 @@ of a small pool of worker threads only once all of it has arrived, and what a cl
 not take at once of its answer goes out as it takes it, so idle, slow-sending and
 slow-reading clients hold no worker. ``ConnectionLimits`` cap open connections (at the cap
 the one idle longest is closed to make room, never one taking an answer), idle time, header
-time and send time.
+time and send time. A request head over 64 KiB gets 431, an HTTP/2 request 505, and the
+connection closes.
 
 Tokens: ``serve_channel`` uses the ``channel.token`` setting. The server that image builds
 share never does: it has no token on loopback, else a fresh random one per run that dies
@@ -53,7 +54,8 @@ from ..core.netaddr import (ip_address, is_loopback, listens_everywhere, local_a
 from ..core.reporter import print_line
 from ..core.settings import TOKEN_PATTERN, Settings
 from ..core.workspace import current_settings
-from .connections import Client, ClientWriter, ConnectionLimits, WaitingRoom, open_file_budget
+from .connections import (MAX_HEAD, Client, ClientWriter, ConnectionLimits, WaitingRoom,
+                          open_file_budget)
 
 NO_CACHE = "no-cache"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -299,15 +301,22 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.connection = self.request.sock
-        self.rfile = io.BytesIO(self.request.take_request())
+        request = self.request.take_request()
+        self.head_too_large = request is None
+        self.rfile = io.BytesIO(request or b"")
         self.wfile = ClientWriter(self.request)
 
     def handle(self) -> None:
         self.close_connection = True
         self.command, self.path, self.status, self.sent = None, "", None, 0
+        self.raw_requestline, self.request_version = b"", self.default_request_version
         self.cut_short = False
         started = time.perf_counter()
-        self.handle_one_request()
+        if self.head_too_large:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            f"Request head over {MAX_HEAD} bytes")
+        else:
+            self.handle_one_request()
         if self.status is not None:  # logged once the whole answer is out
             self.request.answered = (self.command, self.path, self.status, self.sent, started,
                                      self.cut_short)
@@ -317,6 +326,9 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
         target, HTTP/1.0 or 1.1), without its email parser: headers are split straight
         from the request, which arrived whole. Other forms go to the standard library."""
         words = self.raw_requestline.split()
+        if not words:  # the standard library would close without a word
+            self.send_error(HTTPStatus.BAD_REQUEST, "Empty request line")
+            return False
         if len(words) != 3 or words[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             return super().parse_request()
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -360,6 +372,17 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         return True  # no 100 Continue: the body is never read, and the connection closes
+
+    def send_error(self, code: int, message: str | None = None, explain=None) -> None:
+        """Refuse the request and close: a status line always (the standard library sends
+        none when it could not read the version, as for HTTP/2.0), a short text body."""
+        self.close_connection = True
+        self.request.unread_body = True  # the client may send on: let it read this first
+        if message:
+            self.log_error("code %d, message %s", code, message)
+        if self.request_version == "HTTP/0.9":  # the standard library's: version unread
+            self.request_version = self.protocol_version
+        self.send_status(code, with_body=self.command != "HEAD")
 
     def do_GET(self) -> None:
         self.answer(with_body=True)
