@@ -786,24 +786,24 @@ class ServeChannel:
             env={**ws.env, "HUBWORKS_CHANNEL_PORT": "0"}, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.printed = line = ""
-        try:
-            while "Serving" not in line:
+        try:  # up to the last line before it waits: a signal then finds it serving
+            while "Press Ctrl-C to stop." not in line:
                 line = self.process.stdout.readline()
                 assert line, self.printed + self.process.stderr.read()
                 self.printed += line
         except BaseException:
             self.process.kill()
             raise
-        self.url = line.split(" at ")[1].split()[0]
+        self.url = self.printed.split("Serving ")[1].split(" at ")[1].split()[0]
 
     def repodata(self, subdir: str = "noarch") -> dict:
         response = requests.get(self.url + f"{subdir}/repodata.json")
         assert response.status_code == 200, f"{subdir}/repodata.json is not served"
         return response.json()
 
-    def stop(self) -> tuple[str, str]:
-        """Ctrl-C; what it printed on stdout and stderr."""
-        self.process.send_signal(signal.SIGINT)
+    def stop(self, signum: int = signal.SIGINT) -> tuple[str, str]:
+        """Ctrl-C (or another signal); what it printed on stdout and stderr."""
+        self.process.send_signal(signum)
         out, err = self.process.communicate(timeout=30)
         return self.printed + out, err
 
@@ -827,8 +827,9 @@ def serve_channel():
         serving.process.wait()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_doit_serve_channel_indexes_first_prints_the_url_and_stops_on_ctrl_c(
-        channel, tmp_path, serve_channel):
+        channel, tmp_path, serve_channel, signum):
     ws = Workspace(tmp_path / "ws")
     listed = ws.doit("list").output
     assert re.search(r"^serve_channel +Serve the channel over HTTP until Ctrl-C", listed, re.M)
@@ -841,9 +842,9 @@ def test_doit_serve_channel_indexes_first_prints_the_url_and_stops_on_ctrl_c(
     serving = serve_channel(ws)
     records = serving.repodata()["packages.conda"].values()
     assert sorted(r["name"] for r in records) == ["hw-app", "hw-dep"]
-    out, err = serving.stop()
-    assert serving.process.returncode == 0, out + err
-    assert "Stopping the channel server" in out
+    out, err = serving.stop(signum)
+    assert serving.process.returncode == 130, out + err  # as every interrupted run
+    assert "Stopping the channel server" in out and "Traceback" not in out + err
     assert "GET /noarch/repodata.json 200" in err
     assert port_refuses(serving.port)
 
@@ -862,7 +863,7 @@ def test_an_unreadable_package_does_not_stop_serving_and_is_named_at_the_end(
     records = serving.repodata()["packages.conda"]
     assert sorted(r["name"] for r in records.values()) == ["hw-app", "hw-dep"]
     out, err = serving.stop()
-    assert serving.process.returncode == 1, out + err    # served, but the run is not clean
+    assert serving.process.returncode == 130, out + err  # interrupted, and says what it met
     assert "problem: 1 package file(s) in the channel are unreadable" in out
     assert str(garbage) in out.rpartition("problem: ")[2]
     assert "Traceback" not in out + err

@@ -933,16 +933,17 @@ def printable_url(settings: Settings, channel: ServedChannel) -> str:
 def serve_until_interrupted(settings: Settings) -> None:
     log = sys.__stderr__ or sys.stderr  # past doit's capture: one line per request, live
     with channel_server_from_settings(settings, access_log=log) as channel:
-        print_line(f"Serving {channel.channel_dir} at {printable_url(settings, channel)}")
-        public = settings.channel.public_url
-        if public and public.rstrip("/") != channel.url.rstrip("/"):
-            print_line(f"Public URL: {public}")
-        print_line("Press Ctrl-C to stop.")
-        try:
+        try:  # from the first line printed: a stop signal may come as soon as it is read
+            print_line(f"Serving {channel.channel_dir} at {printable_url(settings, channel)}")
+            public = settings.channel.public_url
+            if public and public.rstrip("/") != channel.url.rstrip("/"):
+                print_line(f"Public URL: {public}")
+            print_line("Press Ctrl-C to stop.")
             threading.Event().wait()
         except KeyboardInterrupt:
             print_line(f"Stopping the channel server ({channel.requests_served} requests, "
                        f"{channel.bytes_sent} bytes sent).")
+            raise  # the run ends as an interrupted one: status 130, as for every task
 
 
 def task_serve_channel():
@@ -953,4 +954,5 @@ def task_serve_channel():
         "task_dep": ["index_channel"],
         "uptodate": [False],
         "verbosity": 2,
+        "meta": {"interrupted": "serving stops this way; the channel is left as it was"},
     }

@@ -143,6 +143,8 @@ class ProgressReporter(ConsoleReporter):
         problems = ended.problems
         super().complete_run()
         if interrupted:
+            for problem in problems:  # met before the interruption: still there to fix
+                self.write(f"problem: {problem}\n")
             self._report_interruption(ended.stopped)
             _end_output()
             raise SystemExit(130)  # replaces the KeyboardInterrupt: no traceback
