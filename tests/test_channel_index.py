@@ -228,23 +228,40 @@ def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace
     assert sharded_names(ws) == {"tool"}
 
 
+def whole_zstd(data: bytes) -> bytes:
+    """The text of one zstd frame; a frame cut short is an error, not a shorter text."""
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    text = decompressor.decompress(data)
+    if not decompressor.eof:
+        raise ValueError("zstd frame cut short")
+    return text
+
+
+# What a conda client reads first, each decoded whole as the client does.
+INDEX_FILES = {
+    "repodata.json": json.loads,
+    "repodata.json.zst": lambda data: json.loads(whole_zstd(data)),
+    "repodata_shards.msgpack.zst": lambda data: msgpack.unpackb(whole_zstd(data)),
+}
+
+
 def test_readers_never_see_a_partial_index(workspace):
     ws = workspace
     for n in range(3):
         ws.add_recipe(f"pkg{n}")
     ws.doit("build_recipes", "index_channel")
     settings = load_settings(ws.root)
-    target = ws.channel / "noarch" / "repodata.json"
     stop = threading.Event()
-    failures, reads = [], [0]
+    failures, reads = [], dict.fromkeys(INDEX_FILES, 0)
 
     def reader():
         while not stop.is_set():
-            try:
-                json.loads(target.read_bytes())
-                reads[0] += 1
-            except ValueError as exc:
-                failures.append(str(exc))
+            for name, decode in INDEX_FILES.items():
+                try:
+                    decode((ws.channel / "noarch" / name).read_bytes())
+                    reads[name] += 1
+                except Exception as exc:  # missing included: a file is replaced, never removed
+                    failures.append(f"{name}: {type(exc).__name__}: {exc}")
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -256,7 +273,7 @@ def test_readers_never_see_a_partial_index(workspace):
     finally:
         stop.set()
         thread.join()
-    assert reads[0] > 0 and failures == []
+    assert failures == [] and all(reads.values()), (failures[:5], reads)
     assert len(repodata(ws)) == 18
 
 
