@@ -200,6 +200,16 @@ SETTINGS: list[Setting] = [
     Setting("hub", "spawn_timeout", 60,
             "spawner = docker: seconds a user's server may take to answer after its container "
             "starts; then it is stopped and removed and the user is told.", minimum=1),
+    # the Images page (/services/images/): the images, their state, builds
+    Setting("hub", "workspace", "",
+            "spawner = docker: the hubworks workspace whose images the Images page shows and "
+            "builds; empty: the one install_hub runs from.", kind="path"),
+    Setting("hub", "image_builders", [],
+            "Users who may build on the Images page besides the hub's admins; @name: the "
+            "members of the group name."),
+    Setting("hub", "images_port", 8002,
+            "spawner = docker: port of the Images page's service (loopback; the proxy routes "
+            "/services/images/ to it).", kind="port"),
     Setting("hub", "values_file", "hub-values.yaml",
             "Where hub_values writes the zero-to-jupyterhub values (helm upgrade --values).",
             kind="path"),
@@ -250,6 +260,14 @@ SETTINGS: list[Setting] = [
             "without systemd.", minimum=0, zero="sets no limit"),
     Setting("hub", "systemdspawner_version", "1.0.2",
             "jupyterhub-systemdspawner release (local servers with limits under systemd only)."),
+    # hub backups (hub_backup, hub_restore, and the one an upgrade takes first)
+    Setting("hub", "backup_dir", "",
+            "Where hub_backup writes its archives (root-only); empty: backups/ under the prefix.",
+            kind="path"),
+    Setting("hub", "backup_keep", 7, "hub_backup keeps this many newest archives.", minimum=1),
+    Setting("hub", "backup_homes", False,
+            "spawner = local: also back up the users' home folders (the docker spawner's home "
+            "volumes are always in the backup)."),
 ]
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
