@@ -15,7 +15,7 @@ against what the settings make, the database's schema revision, the running hub'
 ``-- install_hub:python: up to date: Python 3.11.2 at /usr/bin/python3 ...``.
 
 Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner, engine,
-images (these three with spawner = docker only), idle_culler (culling on), systemdspawner
+images, images_page (these four with spawner = docker only), idle_culler (culling on), systemdspawner
 (local servers with limits under systemd), certbot (letsencrypt), proxy, secrets, tls (HTTPS
 on), config, database, service, tls_renewal (letsencrypt under systemd), health. ``steps.py``
 has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of

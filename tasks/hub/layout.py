@@ -121,6 +121,19 @@ class HubLayout:
     def tls_service_script(self) -> Path:
         return self.libexec / "hubworks_tls_service.py"
 
+    @property
+    def images_service_script(self) -> Path:
+        """The Images page (/services/images/), run by the hub as its service ``images``."""
+        return self.libexec / "hubworks_images_service.py"
+
+    @property
+    def images_service_templates(self) -> Path:
+        return self.libexec / "hubworks_images_templates"
+
+    @property
+    def images_service_conf(self) -> Path:
+        return self.etc / "hubworks_images.json"
+
     # secrets: root only
     @property
     def secrets(self) -> Path:

@@ -167,3 +167,22 @@ def _require_offerable(content: dict, records: list[dict], wanted: str) -> None:
         reasons = "; ".join(f"{i['name']}: {i['reason']}" for i in content["left_out"])
         raise HubworksError(f"no built image can serve users ({reasons}).",
                             fix="; ".join(dict.fromkeys(i["fix"] for i in content["left_out"])))
+
+
+def main() -> int:
+    """``python -m tasks.hub.offered``: the images step of install_hub on its own, for the
+    workspace in the current folder (the Images page runs it after each build)."""
+    import sys
+
+    from ..core.workspace import current_settings
+
+    try:
+        print(write_images_file(HubLayout(current_settings())))
+    except HubworksError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

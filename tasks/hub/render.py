@@ -172,6 +172,8 @@ def ports_in_config(data: dict) -> dict[str, int]:
         command = service.get("command", [])
         if service.get("name") == "hubworks-http" and "--http-port" in command:
             found["http_port"] = int(command[command.index("--http-port") + 1])
+        if service.get("name") == "images" and service.get("url"):
+            found["images_port"] = urlsplit(service["url"]).port
     return {key: port for key, port in found.items() if port}
 
 

@@ -17,6 +17,9 @@ ACTIVITY_SECONDS = 300
 CULLER_SCOPES = ["list:users", "read:users:activity", "read:servers", "delete:servers"]
 STATUS_SCOPES = ["list:users", "read:users", "read:users:activity", "read:servers",
                  "admin:server_state", "list:services", "read:services"]
+IMAGES_SERVICE = "images"
+IMAGES_BUILD_SCOPE = "custom:images:build"
+IMAGES_SERVICE_SCOPES = ["list:users", "read:users", "read:servers"]
 
 Section = dict[str, Any]
 
@@ -28,7 +31,7 @@ def section(name: str, about: str, **items: Any) -> Section:
 
 def network_sections(hub: HubLayout) -> list[Section]:
     found = (part(hub) for part in (https_section, culling_section, limits_section,
-                                    status_section, config_d_section))
+                                    status_section, images_page_section, config_d_section))
     return [part for part in found if part]
 
 
@@ -114,6 +117,31 @@ def status_section(hub: HubLayout) -> Section:
         services=[{"name": "hubworks-status", "api_token_file": str(hub.status_token)}],
         roles=[{"name": "hubworks-status", "scopes": STATUS_SCOPES,
                 "services": ["hubworks-status"]}])
+
+
+def images_page_section(hub: HubLayout) -> Section | None:
+    """The Images page (payload/images_service.py): everyone who logs in may see it; admins
+    and hub.image_builders may build. Its own token only reads users and their servers."""
+    if not hub.uses_docker:
+        return None
+    builders = hub.hub_settings.image_builders
+    users = sorted(set(hub.hub_settings.admin_users) | {b for b in builders if b[:1] != "@"})
+    url = f"http://127.0.0.1:{hub.hub_settings.images_port}"
+    return section(
+        "images page", "the Images page at /services/images/: each image's state and users, "
+                       "and builds (payload/images_service.py)",
+        set={"JupyterHub.custom_scopes": {IMAGES_BUILD_SCOPE: {
+                 "description": "Build images on the Images page."}},
+             "JupyterHub.extra_user_scopes": [f"access:services!service={IMAGES_SERVICE}"]},
+        services=[{"name": IMAGES_SERVICE, "url": url,
+                   "command": [str(hub.venv_python), str(hub.images_service_script),
+                               str(hub.images_service_conf)],
+                   "oauth_no_confirm": True,
+                   "oauth_client_allowed_scopes": [IMAGES_BUILD_SCOPE]}],
+        roles=[{"name": "images-builders", "scopes": [IMAGES_BUILD_SCOPE], "users": users,
+                "groups": sorted({b[1:] for b in builders if b[:1] == "@"})},
+               {"name": "images-service", "scopes": IMAGES_SERVICE_SCOPES,
+                "services": [IMAGES_SERVICE]}])
 
 
 def config_d_section(hub: HubLayout) -> Section:

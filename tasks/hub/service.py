@@ -62,6 +62,8 @@ def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:
               "proxy_api_port": ("127.0.0.1", s.proxy_api_port)}
     if hub.redirects_http:
         owners["http_port"] = (s.ip, s.http_port)
+    if hub.uses_docker:
+        owners["images_port"] = ("127.0.0.1", s.images_port)  # the Images page's service
     return owners
 
 

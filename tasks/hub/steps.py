@@ -28,6 +28,7 @@ from .containers import (DockerAPI, api_problem, docker_api, podman_environment,
                          recorded_podman_env, running_podman_pid, start_podman_service,
                          stop_podman_service, write_podman_env)
 from .interpreters import Python, npm_for, probe_python, python_candidates, python_on_disk
+from .images_page import check_images_page, write_images_page
 from .layout import PODMAN_UNIT_NAME, PROXY_PACKAGE, UNIT_NAME, HubLayout, systemd_is_running
 from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
@@ -556,6 +557,17 @@ def ensure_images(hub: HubLayout) -> str:
     return write_images_file(hub)
 
 
+# ---- the Images page (spawner = docker): the service the hub runs, and its files --------
+
+def check_images_page_files(hub: HubLayout) -> Check:
+    return Check(*check_images_page(hub))
+
+
+@checks_first(check_images_page_files)
+def ensure_images_page(hub: HubLayout) -> str:
+    return write_images_page(hub)
+
+
 # ---- the hub's configuration: its data and the fixed jupyterhub_config.py ----------------
 
 def _wanted_config(hub: HubLayout) -> dict[Path, str] | None:
@@ -700,7 +712,8 @@ def _changed_since_start(hub: HubLayout) -> str | None:
     # the office's own config (a file added, changed or removed) and the TLS service; not the
     # certificate, which reaches the proxy without a restart
     inputs += [hub.config_d, *hub.config_d.glob("*.py"), hub.tls_service_script,
-               hub.tls_service_conf]
+               hub.tls_service_conf, hub.images_service_script, hub.images_service_conf,
+               *hub.images_service_templates.glob("*.html")]
     for path in inputs:
         try:
             if os.stat(path).st_mtime > started:
@@ -764,6 +777,10 @@ STEPS: list[Step] = [
                    "(spawner = docker).",
          check_images, ensure_images, after=("engine",),
          wanted=lambda hub: hub.uses_docker),
+    Step("images_page", "The Images page at /services/images/: a service of the hub that "
+                        "shows and builds the workspace's images (spawner = docker).",
+         check_images_page_files, ensure_images_page, after=("jupyterhub", "images"),
+         wanted=lambda hub: hub.uses_docker),
     Step("idle_culler", "jupyterhub-idle-culler in the venv (culling on only).",
          check_idle_culler, ensure_idle_culler, after=("jupyterlab",),
          wanted=lambda hub: bool(hub.hub_settings.cull_idle_minutes
@@ -793,5 +810,6 @@ STEPS: list[Step] = [
          check_renewal_timer, ensure_renewal_timer, after=("tls",),
          wanted=lambda hub: hub.https == "letsencrypt" and hub.uses_systemd),
     Step("health", "The hub runs the current install and /hub/health answers 200.",
-         check_health, ensure_health, after=("database", "service", "jupyterlab", "images")),
+         check_health, ensure_health, after=("database", "service", "jupyterlab", "images",
+                                             "images_page")),
 ]

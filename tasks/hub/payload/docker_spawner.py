@@ -141,6 +141,8 @@ class HubworksSpawner(DockerSpawner):
                                "no image is offered")
         self.user_options = {**self.user_options, "image": name}
         tag = await self.check_allowed(name)
+        # the server model shows it (read:servers): the Images page marks users on older tags
+        self.user_options = {**self.user_options, "tag": tag}
         image = self._offered(name)
         self.volumes = {self.home_volume: image["home"]}
         self.notebook_dir = image["home"]
