@@ -34,7 +34,13 @@ class HubLayout:
     # venv: readable and executable by every user, their servers run from it
     @property
     def venv(self) -> Path:
+        """A link to the venv in use (one of venvs/): config, units and servers name this."""
         return self.prefix / "venv"
+
+    @property
+    def venvs(self) -> Path:
+        """Every venv install_hub built, each beside the last: an upgrade can switch back."""
+        return self.prefix / "venvs"
 
     @property
     def venv_bin(self) -> Path:
@@ -56,6 +62,11 @@ class HubLayout:
     @property
     def node_modules(self) -> Path:
         return self.prefix / "node_modules"
+
+    @property
+    def proxies(self) -> Path:
+        """Each proxy release under its own npm prefix; node_modules links to the one in use."""
+        return self.prefix / "proxies"
 
     @property
     def proxy_dir(self) -> Path:
@@ -190,6 +201,16 @@ class HubLayout:
     @property
     def log_file(self) -> Path:
         return self.var / "jupyterhub.log"
+
+    @property
+    def upgrade_file(self) -> Path:
+        """An upgrade under way: what to switch back to if the new version fails."""
+        return self.var / "upgrade.json"
+
+    @property
+    def backup_dir(self) -> Path:
+        """hub_backup's archives, root-only."""
+        return self.hub_settings.backup_dir or self.prefix / "backups"
 
     # podman's Docker-compatible API service: its socket lives in root-only var/
     @property
