@@ -40,6 +40,9 @@ from .render import config_files, hub_search_path, render_podman_unit, render_un
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
 from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
+from .upgrade import (adopt_old_layout, begin, check_routes, finish, has_run, hub_side_change,
+                      in_place, link_target, matching_venv, needs_restart, new_venv_dir, pending,
+                      point, rolls_back, running_venv, staged, venv_base)
 from .versions import parse_version, show_version
 
 MIN_PYTHON = (3, 10)
@@ -63,8 +66,8 @@ def _log(hub: HubLayout, step: str) -> Path:
 
 def _prefix_folders(hub: HubLayout) -> dict[Path, int]:
     """The folders the prefix step makes, with their modes: secrets and state are root's."""
-    return {hub.prefix: 0o755, hub.etc: 0o755, hub.config_d: 0o755,
-            hub.secrets: 0o700, hub.var: 0o700}
+    return {hub.prefix: 0o755, hub.etc: 0o755, hub.config_d: 0o755, hub.venvs: 0o755,
+            hub.proxies: 0o755, hub.secrets: 0o700, hub.var: 0o700}
 
 
 def check_prefix(hub: HubLayout) -> Check:
@@ -131,7 +134,7 @@ def _make_prefix_folders(hub: HubLayout) -> None:
 
 def _close_to_writes_by_others(hub: HubLayout) -> None:
     """Nobody but root writes under the prefix; what users run from stays readable."""
-    for public in (hub.venv, hub.node_modules, hub.etc):
+    for public in (hub.venvs, hub.proxies, hub.etc):
         if public.exists():
             make_readable_not_writable(public)
     for private in (hub.secrets, hub.var):
@@ -307,9 +310,14 @@ def check_venv(hub: HubLayout) -> Check:
     base = _venv_base(hub)
     if base is None or not hub.venv_python.exists():
         return Check(False, f"no venv at {hub.venv} yet")
+    if link_target(hub.venv) is None:
+        return Check(False, f"{hub.venv} is a folder; it moves to {hub.venvs}/ and becomes a "
+                            f"link, so that an upgrade can build beside it")
     python = hub_python(hub)
     if python is None or os.path.realpath(base) != os.path.realpath(python.path):
-        return Check(False, f"{hub.venv} was made from {base}, not the hub's Python")
+        upgrade = "upgrade " if has_run(hub) else ""
+        return Check(False, f"{upgrade}{hub.venv} was made from {base}, not the hub's Python"
+                     + (f" {python.describe()}" if python else ""))
     if not (hub.venv_bin / "pip").exists():
         return Check(False, f"{hub.venv} has no pip")
     return Check(True, f"{hub.venv}, made from {base}")
@@ -321,15 +329,57 @@ def ensure_venv(hub: HubLayout) -> str:
     if python is None or _python_problem(python):
         raise HubworksError("no usable Python for the hub's venv.",
                             fix="run doit install_hub:python first; it says what is missing")
+    moved = adopt_old_layout(hub)
+    if moved and check_venv(hub).ok:
+        return f"{moved}; {hub.venv} links to it"
     old = _venv_base(hub)
-    if hub.venv.exists():
-        if running_hub_pid(hub):
-            stop_hub(hub)  # it runs from this venv; the health step starts it again
-        shutil.rmtree(hub.venv)
-    run([python.path, "-m", "venv", hub.venv], log=_log(hub, "venv"), env=_pip_env())
-    make_readable_not_writable(hub.venv)
-    made = f"{hub.venv} from {python.describe()}"
+    if old and has_run(hub):
+        return _venv_beside(hub, f"Python {old} -> {python.path}")
+    target = new_venv_dir(hub)
+    run([python.path, "-m", "venv", target], log=_log(hub, "venv"), env=_pip_env())
+    make_readable_not_writable(target)
+    point(hub.venv, target)
+    made = f"{target} from {python.describe()}, linked as {hub.venv}"
     return f"rebuilt {made} (it was made from {old})" if old else f"created {made}"
+
+
+def _wanted_pins(hub: HubLayout) -> tuple[dict[str, str], list[str]]:
+    """Every pinned package this hub wants (name: version), and pip's arguments for them."""
+    pins, args = {}, []
+    for step in STEPS:
+        if step.name in PINNED and step.wanted(hub):
+            dist, key, beside = PINNED[step.name]
+            pins[dist] = getattr(hub.hub_settings, f"{key}_version")
+            args += [f"{dist}=={pins[dist]}", *(f"{n}>={low}" for n, low in beside.items())]
+    return pins, args
+
+
+def _venv_beside(hub: HubLayout, what: str) -> str:
+    """An upgrade: back up, build a venv with every pin beside the one in use (the hub keeps
+    running on that), switch the link; the database and health steps finish it."""
+    python = hub_python(hub) or _search_python()[1]
+    backed_up = begin(hub, what)
+    before = link_target(hub.venv)
+    pins, args = _wanted_pins(hub)
+    log = _log(hub, "upgrade")
+    built = new_venv_dir(hub)
+    run([python.path, "-m", "venv", built], log=log, env=_pip_env())
+    earlier = matching_venv(hub, venv_base(built), pins)
+    if earlier is not None and earlier != built:
+        shutil.rmtree(built)
+        target, how = earlier, f"switched to {earlier}, built earlier with the same versions"
+    else:
+        target = built
+        # --compile: users cannot write __pycache__ into root's venv, so compile it now
+        run([target / "bin" / "python", "-m", "pip", "install", "--compile", *args],
+            log=log, env=_pip_env())
+        make_readable_not_writable(target)
+        how = f"built {target} beside {before} while the hub ran on it"
+    staged(hub, venv=target)
+    said = [part for part in (backed_up, how, f"{hub.venv} now links to it") if part]
+    if not needs_restart(hub):
+        said.append(finish(hub) + "; the hub does not load what changed and keeps running")
+    return f"upgrade {what}: " + "; ".join(said)
 
 
 def installed_version(hub: HubLayout, dist: str) -> str | None:
@@ -354,6 +404,9 @@ def _pip_env() -> dict[str, str]:
 def _check_package(hub: HubLayout, dist: str, key: str, beside: dict[str, str]) -> Check:
     pin = getattr(hub.hub_settings, f"{key}_version")
     have = installed_version(hub, dist)
+    if have != pin and have and not in_place(hub):
+        return Check(False, f"upgrade {dist} {have} -> {pin} (a backup first, then a new venv "
+                            f"beside the one in use)")
     if have != pin:
         return Check(False, f"{dist} {have} in {hub.venv}, pinned {pin}" if have
                      else f"{dist} is not installed; pinned {pin}")
@@ -369,6 +422,8 @@ def _check_package(hub: HubLayout, dist: str, key: str, beside: dict[str, str]) 
 def _install_package(hub: HubLayout, dist: str, key: str, beside: dict[str, str]) -> str:
     pin = getattr(hub.hub_settings, f"{key}_version")
     before = installed_version(hub, dist)
+    if not in_place(hub):
+        return _venv_beside(hub, f"{dist} {before} -> {pin}")
     # --compile: users cannot write __pycache__ into root's venv, so compile it now
     run([hub.venv_python, "-m", "pip", "install", "--compile", f"{dist}=={pin}",
          *(f"{name}>={lowest}" for name, lowest in beside.items())],
@@ -396,6 +451,15 @@ def _pinned_package(dist: str, key: str | None = None,
     return check, ensure
 
 
+# step name: (distribution, settings key, what pip installs beside it); an upgrade's new venv
+# gets every one its hub wants
+PINNED = {"jupyterhub": ("jupyterhub", "jupyterhub", tls_service.LIBRARIES),
+          "jupyterlab": ("jupyterlab", "jupyterlab", {}),
+          "dockerspawner": ("dockerspawner", "dockerspawner", {}),
+          "idle_culler": ("jupyterhub-idle-culler", "idle_culler", {}),
+          "certbot": ("certbot", "certbot", {}),
+          "systemdspawner": ("jupyterhub-systemdspawner", "systemdspawner", {})}
+
 # the hub runs payload/tls_service.py with the venv's Python: its libraries come with JupyterHub
 check_jupyterhub, ensure_jupyterhub = _pinned_package("jupyterhub",
                                                       beside=tls_service.LIBRARIES)
@@ -421,8 +485,14 @@ def check_proxy(hub: HubLayout) -> Check:
     have = installed_proxy(hub)
     if choice is None:
         return Check(False, "waits for the node step to choose a proxy release")
-    if have == choice.release:
+    if have == choice.release and link_target(hub.node_modules):
         return Check(True, f"configurable-http-proxy {have} in {hub.node_modules}")
+    if have == choice.release:
+        return Check(False, f"{hub.node_modules} is a folder; it moves to {hub.proxies}/ and "
+                            f"becomes a link, so that an upgrade can install beside it")
+    if have and has_run(hub):
+        return Check(False, f"upgrade configurable-http-proxy {have} -> {choice.release} (a "
+                            f"backup first, then the new release beside the one in use)")
     return Check(False, f"configurable-http-proxy {have or 'not installed'}; "
                         f"wanted {choice.release}")
 
@@ -430,17 +500,37 @@ def check_proxy(hub: HubLayout) -> Check:
 @checks_first(check_proxy)
 def ensure_proxy(hub: HubLayout) -> str:
     choice = chosen_node(hub)
+    moved = adopt_old_layout(hub)
+    if moved and check_proxy(hub).ok:
+        return f"{moved}; {hub.node_modules} links to it"
     before = installed_proxy(hub)
-    npm = npm_for(choice.node)
-    run([npm, "install", "--prefix", hub.prefix, "--save-exact", "--engine-strict",
-         "--no-audit", "--no-fund", f"{PROXY_PACKAGE}@{choice.release}"],
-        log=_log(hub, "proxy"), env=node_env(choice.node))
-    make_readable_not_writable(hub.node_modules)
-    for name in ("package.json", "package-lock.json"):
-        if (hub.prefix / name).exists():
-            os.chmod(hub.prefix / name, 0o644)
-    return (f"configurable-http-proxy {choice.release} installed"
-            + (f" (was {before})" if before else "") + f", run by {choice.node}")
+    backed_up = begin(hub, f"configurable-http-proxy {before} -> {choice.release}") \
+        if before and has_run(hub) else ""
+    # each release under its own npm prefix, beside the one the running proxy uses
+    place = hub.proxies / choice.release
+    if _proxy_release_in(place) != choice.release:
+        shutil.rmtree(place, ignore_errors=True)
+        place.mkdir(mode=0o755, parents=True)
+        npm = npm_for(choice.node)
+        run([npm, "install", "--prefix", place, "--save-exact", "--engine-strict",
+             "--no-audit", "--no-fund", f"{PROXY_PACKAGE}@{choice.release}"],
+            log=_log(hub, "proxy"), env=node_env(choice.node))
+        make_readable_not_writable(place)
+    if has_run(hub) and before:
+        staged(hub, proxy=place / "node_modules")
+    else:
+        point(hub.node_modules, place / "node_modules")
+    return ("; ".join(part for part in (backed_up, f"configurable-http-proxy {choice.release} "
+            f"in {place}" + (f" (was {before})" if before else "") + f", run by {choice.node}")
+                      if part))
+
+
+def _proxy_release_in(place: Path) -> str | None:
+    try:
+        package = place / "node_modules" / PROXY_PACKAGE / "package.json"
+        return json.loads(package.read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 # ---- secrets -----------------------------------------------------------------------------
@@ -648,12 +738,13 @@ def check_database(hub: HubLayout) -> Check:
 def ensure_database(hub: HubLayout) -> str:
     before = schema_in_database(hub)
     stopped = ""
-    if running_hub_pid(hub):
-        # the running hub holds the old schema in memory; it starts again in the health step
-        stopped = stop_hub(hub) + "; "
-    # upgrade-db runs `alembic` from PATH
-    run([hub.jupyterhub, "upgrade-db", "-f", hub.config_file], cwd=hub.var,
-        log=_log(hub, "database"), env=dict(_pip_env(), PATH=hub_search_path(hub)))
+    with rolls_back(hub):  # within an upgrade: a failure brings back the database of before
+        if running_hub_pid(hub):
+            # the running hub holds the old schema in memory; it starts again in the health step
+            stopped = stop_hub(hub) + "; "
+        # upgrade-db runs `alembic` from PATH
+        run([hub.jupyterhub, "upgrade-db", "-f", hub.config_file], cwd=hub.var,
+            log=_log(hub, "database"), env=dict(_pip_env(), PATH=hub_search_path(hub)))
     return (f"{stopped}upgraded {hub.database} from schema {before} to "
             f"{schema_in_database(hub)} (jupyterhub upgrade-db keeps a backup beside it)")
 
@@ -701,6 +792,12 @@ def _changed_since_start(hub: HubLayout) -> str | None:
     except OSError:
         return None
     site = hub.site_packages()
+    running = running_venv(hub)
+    if running is not None and str(running) != os.path.realpath(hub.venv):
+        changed = hub_side_change(running, hub.venv)
+        if changed:
+            return f"the venv ({changed})"
+        site = None  # the running hub's own venv stays on disk, unchanged
     inputs = [hub.config_file, hub.config_data_file, hub.spawner_module, hub.cookie_secret,
               hub.proxy_token, hub.proxy_dir]
     if site:
@@ -727,6 +824,9 @@ def check_health(hub: HubLayout) -> Check:
     pid = running_hub_pid(hub)
     if pid is None:
         return Check(False, "the hub is not running")
+    if pending(hub):
+        return Check(False, f"an upgrade waits for the hub's restart and checks "
+                            f"({hub.upgrade_file})")
     changed = _changed_since_start(hub)
     if changed:
         return Check(False, f"the hub (pid {pid}) started before {changed} changed")
@@ -741,11 +841,15 @@ def ensure_health(hub: HubLayout) -> str:
         raise HubworksError("hub.service is systemd, but systemd is not running here.",
                             fix="set hub.service = background (or auto)")
     said = []
-    if running_hub_pid(hub):
-        # a restart picks up the new config, JupyterHub or proxy; users' servers stop too
-        said.append(stop_hub(hub))
-    said.append(start_hub(hub))
-    return "; ".join(said) + f"; {hub.health_url} answers 200"
+    with rolls_back(hub):  # within an upgrade: a failure brings back the previous hub
+        if running_hub_pid(hub):
+            # a restart picks up the new config, JupyterHub or proxy; users' servers stop too
+            said.append(stop_hub(hub))
+        said.append(start_hub(hub))
+        said.append(f"{hub.health_url} answers 200")
+        if pending(hub):
+            said += [check_routes(hub), finish(hub)]
+    return "; ".join(said)
 
 
 def _limits_by_systemd(hub: HubLayout) -> bool:
