@@ -2,7 +2,7 @@
 
     recipes/ --build_recipes--> channel/ --index_channel--> repodata, shards, index.html
     images/  --build_images--> repo2docker images, the channel served while they build
-    install_hub:* / hub_start / hub_stop / hub_status: a JupyterHub on this server
+    install_hub:* / hub_start / hub_stop / hub_status / hub_backup / hub_restore: the hub
     publish_channel, image_matrix, hub_values: beyond one machine (S3, CI runners, Kubernetes)
 """
 
@@ -14,8 +14,8 @@ from tasks.channel.index import task_index_channel
 from tasks.channel.publish import task_publish_channel
 from tasks.channel.server import task_serve_channel
 from tasks.core.workspace import doit_config, task_settings
-from tasks.hub import (task_hub_start, task_hub_status, task_hub_stop, task_install_hub,
-                       task_install_hub_plan)
+from tasks.hub import (task_hub_backup, task_hub_restore, task_hub_start, task_hub_status,
+                       task_hub_stop, task_install_hub, task_install_hub_plan)
 from tasks.hub.values import task_hub_values
 from tasks.images.registry import task_image_matrix
 from tasks.images.task import task_build_images

@@ -7,6 +7,8 @@ How to use it (as root, on the server)::
     doit install_hub:config    # one step (and the steps it needs)
     doit hub_start / hub_stop  # the hub in the background, where systemd does not run
     doit hub_status            # what runs, idle times, the certificate's expiry, the URL
+    doit hub_backup            # one archive: database, secrets, config, users' homes
+    doit hub_restore --archive PATH   # verify it, then put it all back and start the hub
 
 Each step is a doit subtask ``install_hub:<step>`` whose ``uptodate`` reads the server's
 real state (dist-info folders in the venv, the proxy's package.json, the config files
@@ -32,7 +34,7 @@ from .status import hub_status
 from .steps import STEPS, Check, Step
 
 __all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop",
-           "task_hub_status"]
+           "task_hub_status", "task_hub_backup", "task_hub_restore"]
 
 
 def _wanted_steps(hub: HubLayout) -> list[Step]:
@@ -138,6 +140,36 @@ def _status(hub: HubLayout) -> None:
 def task_hub_status():
     """Show what runs: hub, proxy, services, each user's server (age, idle); the certificate."""
     return _every_time(_status)
+
+
+@reports_errors
+def _backup(hub: HubLayout) -> None:
+    from .backup import take_backup  # tarfile and sqlite only when a backup runs
+
+    print(f"wrote {take_backup(hub).says()}")
+
+
+def task_hub_backup():
+    """Write one archive of the hub (database, secrets, config, users' homes) to backup_dir."""
+    return _every_time(_backup)
+
+
+@reports_errors
+def _restore(hub: HubLayout, archive: str) -> None:
+    from .backup import restore_backup
+
+    if not archive:
+        raise HubworksError("hub_restore needs the archive to restore.",
+                            fix="doit hub_restore --archive PATH (doit hub_backup prints it)")
+    print(restore_backup(hub, archive))
+
+
+def task_hub_restore():
+    """Put back a hub_backup archive (verified first): doit hub_restore --archive PATH."""
+    task = _every_time(_restore)
+    task["params"] = [{"name": "archive", "long": "archive", "type": str, "default": "",
+                       "help": "the archive hub_backup wrote"}]
+    return task
 
 
 def _every_time(action) -> dict:
