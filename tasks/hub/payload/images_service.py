@@ -209,14 +209,17 @@ class Status:
         self.rows: list[dict] = []
         self.problem = ""
         self.asked = 0.0
+        self.generation = self.seen = 0
         self.lock = asyncio.Lock()
 
     def stale(self) -> None:
-        self.asked = 0.0
+        """Ask again next time, also when an answer is on its way (it may predate a build)."""
+        self.generation += 1
 
     async def images(self) -> list[dict]:
         async with self.lock:
-            if time.monotonic() - self.asked > STATUS_SECONDS:
+            if time.monotonic() - self.asked > STATUS_SECONDS or self.seen != self.generation:
+                self.seen = self.generation
                 code, output = await self.workspace.run("-m", "tasks.images.status", "--json")
                 try:
                     self.rows = json.loads(output.strip().splitlines()[-1])["images"]
@@ -278,6 +281,7 @@ class Runner:
         self.process = None
         if self.stopping:
             return  # stop() marks it interrupted
+        self.status.stale()
         if code != 0:
             self.builds.finish(build, "failed", code,
                                build_error(self.builds.lines(build["id"])))
@@ -288,6 +292,7 @@ class Runner:
     async def _offer(self, build: dict) -> None:
         """The new tag reaches the hub's picker: install_hub's images step, on its own."""
         code, output = await self.workspace.run("-m", "tasks.hub.offered")
+        self.status.stale()
         with self.builds.log(build["id"]).open("a") as log:
             log.write(f"# offered to the hub's picker: {output.strip()}\n")
         if code != 0:
@@ -409,6 +414,12 @@ class Base(HubOAuthenticated, web.RequestHandler):
 
 
 class Api(Base):
+    def check_xsrf_cookie(self):
+        # tornado checks before anything else; a request with a hub API token needs no XSRF
+        # token (JupyterHub's check knows once the user is known), a cookie still does
+        self.current_user
+        return super().check_xsrf_cookie()
+
     def get_current_user(self):
         user = super().get_current_user()
         if user is None:
@@ -474,7 +485,7 @@ class Page(Base):
                                                                          path),
             base_url=hub_prefix, prefix=hub, logo_url="", version_hash="",
             user=PageUser(user), parsed_scopes={"admin-ui"} if user.get("admin") else set(),
-            xsrf_token=self.xsrf_token.decode(), login_url=url_path_join(hub_prefix, "login"),
+            xsrf_token=_text(self.xsrf_token), login_url=url_path_join(hub_prefix, "login"),
             logout_url=url_path_join(hub_prefix, "logout"), no_spawner_check=True,
             services=[{"name": "images", "href": self.app.prefix}],
             # this page's own
@@ -501,6 +512,10 @@ class BuildForm(Base):
         for name in names:
             self.app.request_build(name, self.current_user["name"])
         self.redirect(self.app.prefix)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class PageUser:
