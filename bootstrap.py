@@ -42,6 +42,8 @@ TEST_TOOLS = [
     ("/usr/bin/mmdebstrap", "mmdebstrap"),         # a Debian base image with JupyterHub, offline
     ("/usr/bin/openssl", "openssl"),               # certificates for the HTTPS hub tests
     ("/usr/bin/pebble", "pebble"),                 # Let's Encrypt's test ACME server
+    ("/usr/bin/chromium", "chromium"),             # a real browser on the hub's pages
+    ("/usr/bin/chromedriver", "chromium-driver"),  # selenium drives it, no driver download
 ]
 BENCHMARK_TOOLS = [("wrk", "wrk")]  # the HTTP load generator of benchmarks/bench_server.py
 
