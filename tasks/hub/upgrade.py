@@ -183,8 +183,12 @@ def begin(hub: HubLayout, what: str) -> str:
     backup = take_backup(hub)
     copy = hub.var / "upgrade-jupyterhub.sqlite"
     copy_database(hub.database, copy)
+    # the images step offers what the new JupyterHub can serve; going back needs the old list
+    images = hub.var / "upgrade-images.json"
+    if hub.images_file.exists():
+        shutil.copy2(hub.images_file, images)
     _save(hub, {"what": [what], "started": time.time(), "backup": str(backup.path),
-                "database": str(copy),
+                "database": str(copy), "images": str(images),
                 "venv": str(link_target(hub.venv) or ""),
                 "proxy": str(link_target(hub.node_modules) or "")})
     return f"backed up to {backup.path}"
@@ -219,6 +223,8 @@ def finish(hub: HubLayout) -> str:
     if record is None:
         return ""
     Path(record["database"]).unlink(missing_ok=True)
+    if record.get("images"):
+        Path(record["images"]).unlink(missing_ok=True)
     hub.upgrade_file.unlink(missing_ok=True)
     keep_venvs = {Path(record["venv"]) if record.get("venv") else None, running_venv(hub),
                   link_target(hub.venv)}
@@ -245,9 +251,11 @@ def roll_back(hub: HubLayout, cause: HubworksError) -> HubworksError:
         point(hub.venv, Path(record["venv"]))
     if record.get("proxy"):
         point(hub.node_modules, Path(record["proxy"]))
-    copy = Path(record["database"])
+    copy, images = Path(record["database"]), Path(record.get("images", ""))
     if copy.exists():
         copy_database(copy, hub.database)
+    if record.get("images") and images.exists():
+        os.replace(images, hub.images_file)
     with open(hub.log_file, "a") as log:
         log.write(f"\n---- hubworks: the upgrade ({'; '.join(record['what'])}) failed; "
                   f"rolled back to {record.get('venv')} and the database of before ----\n")
