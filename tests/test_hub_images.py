@@ -526,7 +526,7 @@ def test_a_stopped_engine_gives_the_user_a_page_and_hub_start_brings_it_back(
 @pytest.mark.slow
 def test_without_an_engine_the_engine_step_names_the_socket_and_the_fix(docker_site):
     site = docker_site
-    config = (site.prefix / "etc" / "jupyterhub_config.py").read_text()
+    config = (site.prefix / "etc" / "hubworks_config.json").read_text()
     nowhere = f"unix://{site.prefix}/var/no-engine.sock"
     run = site.doit("install_hub", env={"HUBWORKS_HUB_DOCKER_URL": nowhere})
     assert run.returncode != 0
@@ -534,7 +534,7 @@ def test_without_an_engine_the_engine_step_names_the_socket_and_the_fix(docker_s
     assert (f"users' servers run through the Docker API at {nowhere} (hub.docker_url), which "
             f"does not answer: the socket does not exist.") in run.output, run.output
     assert "fix: start the engine behind it, or correct hub.docker_url" in run.output
-    assert (site.prefix / "etc" / "jupyterhub_config.py").read_text() == config
+    assert (site.prefix / "etc" / "hubworks_config.json").read_text() == config
     assert steps_run(site.install()) == set()
 
 
