@@ -12,7 +12,10 @@ For every image that is out of date:
    modified;
 4. repo2docker builds it (Docker with buildx, or podman), with ``CHANNEL_URL`` as a build
    argument for Dockerfile images and the host network so a loopback channel is reachable;
-5. the image is tagged ``<prefix>/<name>:<hash>`` and ``:latest`` (and pushed if asked).
+5. the image is tagged ``<prefix>/<name>:<hash>``, and its tests (``images/<name>/tests/``,
+   when it has them) run against that tag;
+6. only when they pass is it tagged ``:latest``, pushed if asked, and recorded (which is what
+   the hub offers); when they fail the record says so and users keep the previous build.
 
 Tokens: on the host network (the default) builds reach the server on loopback and carry no
 token (the build server lets this machine in without one). A token reaches a build only
@@ -38,6 +41,8 @@ hub can read build records without loading YAML, rattler or repo2docker):
 - ``repo2docker_cli``: the repo2docker command line, its config file and environment;
 - ``diagnosis``: what a failed build's log says a user can act on;
 - ``build``: one image build, as its steps;
+- ``image_tests``: running an image's tests after its build, and removing what they started;
+  ``image_fixtures`` and ``compose_fixtures``, the pytest plugin that gives them fixtures;
 - ``task``: the doit task creator ``task_build_images``;
 - ``engines``: the container engines (Docker, podman) behind one interface, and
   ``podman_engine``, the repo2docker engine registered for podman 4.x;

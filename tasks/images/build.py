@@ -1,5 +1,5 @@
 """One image build, as its steps: the channel it uses, preflight, the hash and tags, a staged
-copy, repo2docker, then tagging, pushing and the build record."""
+copy, repo2docker, the image's tests, then tagging, pushing and the build record."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from .diagnosis import build_failure
 from .discovery import Image
 from .engines import Engine, select_engine
 from .hashing import image_hash, tags_for
-from .records import read_image_record, write_image_record
+from .image_tests import recorded_failures, run_image_tests, tests_failure
+from .records import read_image_record, record_failed_tests, write_image_record
 from .repo2docker_cli import repo2docker_command, repo2docker_environment, write_repo2docker_config
 from .singleuser import singleuser_appendix
 from .solve import Resolution, resolve_internal
@@ -37,7 +38,8 @@ class BuildChannel:
 
 @reports_errors
 def build_image(settings: Settings, image: Image) -> None:
-    """Build ``image`` with repo2docker against the internal channel; tag, push, record it."""
+    """Build ``image`` with repo2docker against the internal channel; run its tests; tag,
+    push, record it."""
     started = time.monotonic()
     if image.problem:
         raise image.problem
@@ -68,10 +70,22 @@ def build_image(settings: Settings, image: Image) -> None:
         print_line(f"   image {image.name}: failed ({time.monotonic() - started:.1f} s)")
         raise build_failure(settings, image.name, returncode, log)
 
+    tests = run_image_tests(settings, image, tag, engine.cli, log)
+    if tests and not tests.ok:
+        kept = record_failed_tests(settings, image.name, tag=tag, content_hash=content_hash,
+                                   summary=tests.summary(), failures=recorded_failures(tests),
+                                   log=str(log))
+        print_line(f"   image {image.name}: tests failed ({tests.summary()}; "
+                   f"{time.monotonic() - started:.1f} s)")
+        raise tests_failure(image, tag, tests, log, kept.get("tag", ""), engine.cli)
+
     tag_and_push(settings, engine, tag, latest)
     write_image_record(settings, image.name, tag=tag, latest=latest, content_hash=content_hash,
-                       engine=engine.name, internal_packages=resolution.packages)
-    print_line(f"   image {image.name}: built {tag} ({time.monotonic() - started:.1f} s)")
+                       engine=engine.name, internal_packages=resolution.packages,
+                       tests=tests.as_record(log) if tests else None)
+    tested = f"; tests: {tests.summary()}" if tests else ""
+    print_line(f"   image {image.name}: built {tag}{tested} "
+               f"({time.monotonic() - started:.1f} s)")
 
 
 def build_channel(settings: Settings) -> BuildChannel:

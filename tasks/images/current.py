@@ -23,7 +23,8 @@ def image_is_current(settings: Settings, image: Image) -> bool:
 
         return image_in_registry(settings, image)
     record = read_image_record(settings, image.name)
-    if not record or image.problem:
+    # after failed tests the record is of the build users keep: build (or reuse) and test again
+    if not record or image.problem or record.get("state", "built") != "built":
         return False
     try:
         resolution = resolve_internal(settings, image, preflight_channel_url(settings),

@@ -1,8 +1,9 @@
 """The content hash of an image, and the tags named by it.
 
-The hash covers the image folder, the exact internal packages it resolves to, the settings
-that shape the build and repo2docker's version: a rebuilt internal package rebuilds exactly
-the images that use it, and repo2docker's reuse of an existing tag never serves a stale image.
+The hash covers the image folder (its tests folder too: changed tests run again, against a
+new tag), the exact internal packages it resolves to, the settings that shape the build and
+repo2docker's version: a rebuilt internal package rebuilds exactly the images that use it, and
+repo2docker's reuse of an existing tag never serves a stale image.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import functools
 import hashlib
 import json
 
-from ..core.fsutil import tree_digest
+from ..core.fsutil import folder_files, tree_digest
 from ..core.settings import Settings
 from .discovery import Image
 from .singleuser import singleuser_appendix
@@ -28,7 +29,9 @@ def _repo2docker_version() -> str:
 
 def image_hash(settings: Settings, image: Image, resolution: Resolution) -> str:
     digest = hashlib.sha256()
-    digest.update(tree_digest(image.folder).encode())
+    files = [path for path in folder_files(image.folder)
+             if ".pytest_cache" not in path.relative_to(image.folder).parts]  # pytest by hand
+    digest.update(tree_digest(image.folder, files).encode())
     digest.update(json.dumps({
         "internal": resolution.packages,
         "alias": settings.images.channel_alias,

@@ -1,7 +1,9 @@
 """The staged copy of an image folder that repo2docker builds; ``images/`` is never modified.
 
 In the copy the channel alias in every environment.yml is replaced by the channel URL for
-builds, and a comment names the exact internal packages the build resolved.
+builds, and a comment names the exact internal packages the build resolved. The image's tests
+folder is left out: tests run against the image, they are not part of it, and changing them
+then rebuilds no layer.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ import shutil
 from pathlib import Path
 
 from .discovery import ENVIRONMENT_FILE, Image
+from .image_tests import TESTS_FOLDER
 from .solve import Resolution
+
+
+def _tests_folder(root: Path):
+    """shutil.copytree's ignore: the tests folder at the image folder's top only."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [TESTS_FOLDER] if Path(folder) == root and TESTS_FOLDER in names else []
+    return ignore
 
 
 def stage_image(image: Image, target: Path, alias: str, channel_url: str,
@@ -24,7 +34,7 @@ def stage_image(image: Image, target: Path, alias: str, channel_url: str,
     from ruamel.yaml import YAML
 
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(image.folder, target, symlinks=True)
+    shutil.copytree(image.folder, target, symlinks=True, ignore=_tests_folder(image.folder))
     yaml = YAML()  # round-trip: comments and layout survive
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
