@@ -45,7 +45,6 @@ from tornado.ioloop import IOLoop
 
 BUILD_SCOPE = "custom:images:build"
 LOG_TAIL = 25  # lines of a failed build's log the page shows
-STATUS_SECONDS = 5  # the workspace's status is asked again after this long at most
 STOP_SECONDS = 8  # a build gets this long to stop at SIGTERM (the hub waits 10 s)
 DONE = ("succeeded", "failed", "interrupted")
 IMAGE_NAME = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
@@ -202,24 +201,21 @@ class Workspace:
 
 
 class Status:
-    """The workspace's answer to ``tasks.images.status``, asked at most every few seconds."""
+    """The workspace's answer to ``tasks.images.status``: asked for each request, and shared
+    by the requests that arrived before one asking began (a recipe may change any time)."""
 
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         self.rows: list[dict] = []
         self.problem = ""
-        self.asked = 0.0
-        self.generation = self.seen = 0
+        self.asked = -1.0
         self.lock = asyncio.Lock()
 
-    def stale(self) -> None:
-        """Ask again next time, also when an answer is on its way (it may predate a build)."""
-        self.generation += 1
-
     async def images(self) -> list[dict]:
+        arrived = time.monotonic()
         async with self.lock:
-            if time.monotonic() - self.asked > STATUS_SECONDS or self.seen != self.generation:
-                self.seen = self.generation
+            if self.asked < arrived:
+                self.asked = time.monotonic()
                 code, output = await self.workspace.run("-m", "tasks.images.status", "--json")
                 try:
                     self.rows = json.loads(output.strip().splitlines()[-1])["images"]
@@ -227,7 +223,6 @@ class Status:
                 except (ValueError, IndexError, KeyError):
                     self.problem = (f"the workspace's status could not be read (exit {code}): "
                                     f"{output.strip()[-600:]}")
-                self.asked = time.monotonic()
             return self.rows
 
 
@@ -252,8 +247,7 @@ class Runner:
                 await self.run(queued[0])
             except Exception as exc:  # one build's trouble never stops the queue
                 self.builds.finish(queued[0], "failed", None, f"the service failed: {exc}")
-            self.status.stale()
-
+    
     async def run(self, build: dict) -> None:
         self.current = build
         build.update(state="running", started_at=now(), command=self.workspace.build_command(
@@ -281,7 +275,6 @@ class Runner:
         self.process = None
         if self.stopping:
             return  # stop() marks it interrupted
-        self.status.stale()
         if code != 0:
             self.builds.finish(build, "failed", code,
                                build_error(self.builds.lines(build["id"])))
@@ -292,7 +285,6 @@ class Runner:
     async def _offer(self, build: dict) -> None:
         """The new tag reaches the hub's picker: install_hub's images step, on its own."""
         code, output = await self.workspace.run("-m", "tasks.hub.offered")
-        self.status.stale()
         with self.builds.log(build["id"]).open("a") as log:
             log.write(f"# offered to the hub's picker: {output.strip()}\n")
         if code != 0:
