@@ -16,8 +16,9 @@ creators. A module imports from its own stage and the stages before it, never af
   container ``engines`` (and the repo2docker ``podman_engine``), ``singleuser`` (can the hub
   start it), ``registry`` (image_matrix).
 - ``hub``: install_hub and the running hub: ``steps`` (one check/ensure pair per state),
-  ``render`` (the hub's configuration), ``values`` (hub_values for Kubernetes), and
-  ``payload/``, the files copied into the installed hub and run by its own Python.
+  ``render`` (the hub's configuration), ``values`` (hub_values for Kubernetes), ``backup``
+  (hub_backup, hub_restore), ``upgrade`` (venvs and proxies beside the ones in use, the way
+  back), and ``payload/``, the files copied into the installed hub and run by its own Python.
 
 Values flow one way: a task creator reads the settings once and passes them to its actions.
 """
