@@ -10,9 +10,7 @@
 from tasks.core.workspace import quiet_ctrl_c_while_loading
 
 quiet_ctrl_c_while_loading()  # first: Ctrl-C while the rest loads is one line, no traceback
-from tasks.channel.index import task_index_channel
-from tasks.channel.publish import task_publish_channel
-from tasks.channel.server import task_serve_channel
+from tasks.channel.task import task_index_channel, task_publish_channel, task_serve_channel
 from tasks.core.workspace import doit_config, task_settings
 from tasks.hub import (task_hub_backup, task_hub_restore, task_hub_start, task_hub_status,
                        task_hub_stop, task_install_hub, task_install_hub_plan)

@@ -41,7 +41,6 @@ from ..core.errors import HubworksError, reports_errors
 from ..core.fsutil import atomic_write_json, exclusive_lock, is_package, read_json
 from ..core.reporter import print_line
 from ..core.settings import Settings
-from ..core.workspace import current_settings
 from .repodata import read_repodata, records, repodata_files
 
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -496,13 +495,3 @@ def _index_until_listed(target: Target, wanted: set[str]) -> None:
 def run_publish_channel(settings: Settings) -> None:
     print_line(f"   {publish_channel(settings)}")
 
-
-def task_publish_channel():
-    """Copy the packages publish.url lacks there (S3 or a folder) and index it there."""
-    settings = current_settings()
-    return {
-        "actions": [(run_publish_channel, [settings])],
-        "task_dep": ["build_recipes", "index_channel"],  # publishes what the recipes make
-        "uptodate": [(publish_is_current, [settings])],
-        "verbosity": 2,
-    }

@@ -53,7 +53,6 @@ from ..core.netaddr import (ip_address, is_loopback, listens_everywhere, local_a
                             machine_name, url_host)
 from ..core.reporter import print_line
 from ..core.settings import TOKEN_PATTERN, Settings
-from ..core.workspace import current_settings
 from .connections import (MAX_HEAD, Client, ClientWriter, ConnectionLimits, WaitingRoom,
                           open_file_budget)
 
@@ -945,14 +944,3 @@ def serve_until_interrupted(settings: Settings) -> None:
                        f"{channel.bytes_sent} bytes sent).")
             raise  # the run ends as an interrupted one: status 130, as for every task
 
-
-def task_serve_channel():
-    """Serve the channel over HTTP until Ctrl-C (prints its URL; access log on stderr)."""
-    settings = current_settings()
-    return {
-        "actions": [(serve_until_interrupted, [settings])],
-        "task_dep": ["index_channel"],
-        "uptodate": [False],
-        "verbosity": 2,
-        "meta": {"interrupted": "serving stops this way; the channel is left as it was"},
-    }

@@ -26,18 +26,28 @@ has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from doit import create_after
+
 from ..core.errors import HubworksError, reports_errors
 from ..core.workspace import current_settings
+from .checks import Check
 from .layout import HubLayout
-from .service import start_hub, stop_hub
-from .status import hub_status
-from .steps import STEPS, Check, Step
+
+if TYPE_CHECKING:
+    from .steps import Step
+
+# The steps, the service and the status import most of this stage: each task loads what it
+# runs when it runs, so other doit commands never pay for them.
 
 __all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop",
            "task_hub_status", "task_hub_backup", "task_hub_restore"]
 
 
 def _wanted_steps(hub: HubLayout) -> list[Step]:
+    from .steps import STEPS
+
     return [step for step in STEPS if _wanted(step, hub)]
 
 
@@ -80,6 +90,7 @@ def _run_step(step: Step, hub: HubLayout) -> None:
     print(f"install_hub:{step.name}: {step.ensure(hub)}")
 
 
+@create_after()  # `doit list` makes every step; a run makes them once the task is due
 def task_install_hub():
     """Install JupyterHub on this server; every step checks first and skips what holds."""
     hub = HubLayout(current_settings())
@@ -114,11 +125,15 @@ def task_install_hub_plan():
 
 @reports_errors
 def _start(hub: HubLayout) -> None:
+    from .service import start_hub
+
     print(start_hub(hub))
 
 
 @reports_errors
 def _stop(hub: HubLayout) -> None:
+    from .service import stop_hub
+
     print(stop_hub(hub, with_engine=True))
 
 
@@ -134,6 +149,8 @@ def task_hub_stop():
 
 @reports_errors
 def _status(hub: HubLayout) -> None:
+    from .status import hub_status
+
     print(hub_status(hub))
 
 

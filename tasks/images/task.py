@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import suppress
+
+from ..core.deferred import deferred
 from ..core.errors import HubworksError
+from ..core.fsutil import atomic_write_json, folder_files, read_json
 from ..core.settings import Settings
 from ..core.workspace import current_settings
 from ..recipes.build import package_makers
 from ..recipes.recipe import spec_name
-from .build import build_image
-from .current import image_is_current
-from .discovery import Image, discover_images
-from .specs import internal_specs
+from .discovery import ENVIRONMENT_FILE, Image, discover_images
+
+NEEDED_FILE = "images-recipes-needed.json"  # in the state folder: what the last load found
 
 
 def recipes_needed(settings: Settings, image: Image, makers: dict[str, str]) -> list[str]:
@@ -18,11 +22,37 @@ def recipes_needed(settings: Settings, image: Image, makers: dict[str, str]) -> 
     name -> recipe). Their packages' own dependencies follow from the recipes' graph."""
     if image.problem:
         return []
+    from .specs import internal_specs  # YAML and rattler: only when the files changed
+
     try:
         specs = internal_specs(image, settings.images.channel_alias, set(makers))
     except HubworksError:
         return []  # an unreadable environment.yml: the image's build names it
     return sorted({makers[name] for name in map(spec_name, specs) if name in makers})
+
+
+def kept_recipes_needed(settings: Settings, images: dict[str, Image],
+                        makers: dict[str, str]) -> dict[str, list[str]]:
+    """recipes_needed() of every image, read again only for an image whose environment
+    files or Dockerfile, or the recipes' outputs, changed since the last load."""
+    path = settings.state(NEEDED_FILE)
+    kept = read_json(path, {}) or {}
+    found = {}
+    for name, image in images.items():
+        digest = hashlib.sha256(repr((settings.images.channel_alias, sorted(makers.items()),
+                                      str(image.problem or ""))).encode())
+        files = [p for p in folder_files(image.folder) if p.name == ENVIRONMENT_FILE]
+        for file in files + ([image.dockerfile] if image.dockerfile else []):
+            digest.update(f"|{file}|".encode() + file.read_bytes())
+        key = digest.hexdigest()
+        entry = kept.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == key):
+            entry = [key, recipes_needed(settings, image, makers)]
+        found[name] = entry
+    if found != kept:
+        with suppress(OSError):  # unwritten, it is only read again next time
+            atomic_write_json(path, found)
+    return {name: entry[1] for name, entry in found.items()}
 
 
 def task_build_images():
@@ -33,6 +63,7 @@ def task_build_images():
     # index to wait for (an image runner has neither).
     local = not settings.channel.url
     makers = package_makers(settings) if images and local else {}
+    needed = kept_recipes_needed(settings, images, makers) if local else {}
     # Every recipe first, so `doit build_images` fails at its end when one failed; an image
     # waits only for the recipes it uses, so under --continue the others still build.
     yield {"name": None, "doc": task_build_images.__doc__,
@@ -41,11 +72,12 @@ def task_build_images():
         task = {
             "name": name,
             "doc": f"build images/{name} ({image.kind})",
-            "actions": [(build_image, [settings, image])],
+            "actions": [(deferred("tasks.images.build", "build_image"), [settings, image])],
             "task_dep": ["index_channel"] + [f"build_recipes:{recipe}" for recipe
-                                             in recipes_needed(settings, image, makers)]
+                                             in needed[name]]
                         if local else [],
-            "uptodate": [lambda task, values, image=image: image_is_current(settings, image)],
+            "uptodate": [(deferred("tasks.images.current", "image_is_current"),
+                          [settings, image])],
             "meta": {"what": f"image '{name}'",
                      "interrupted": "nothing is tagged or recorded; the next run builds it "
                                     "again"},

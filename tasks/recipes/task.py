@@ -23,10 +23,13 @@ from __future__ import annotations
 
 from doit.tools import config_changed
 
+from ..core.deferred import deferred
 from ..core.fsutil import folder_files
 from ..core.workspace import current_settings
-from .build import build_recipe, packages_still_in_channel, recipe_record_path
+from .build import recipe_record_path
 from .recipe import dependency_closure, workspace_recipes
+
+_BUILD = "tasks.recipes.build"  # loads when a recipe is checked or built
 
 
 def task_build_recipes():
@@ -47,7 +50,8 @@ def task_build_recipes():
         yield {
             "name": name,
             "doc": recipe.summary or f"build recipes/{name}",
-            "actions": [(build_recipe, [settings, recipe, closure, needs_upstream])],
+            "actions": [(deferred(_BUILD, "build_recipe"),
+                         [settings, recipe, closure, needs_upstream])],
             "file_dep": [str(p) for p in folder_files(recipe.folder)]
                         + [str(recipe_record_path(settings, dep)) for dep in closure],
             "task_dep": [f"build_recipes:{dep}" for dep in uses],
@@ -60,7 +64,7 @@ def task_build_recipes():
                     "uses": closure,
                     "problem": str(recipe.problem or ""),  # text: config_changed takes JSON values
                 }),
-                (packages_still_in_channel, [settings, name]),
+                (deferred(_BUILD, "packages_still_in_channel"), [settings, name]),
             ],
             "clean": True,
             "meta": {"what": f"recipe '{name}'",
