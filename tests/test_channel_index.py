@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import zstandard
 from tasks.channel.index import STATE_VERSION, index_channel
 from tasks.core.settings import load_settings
 from tests.conftest import DODO, interrupted_output
+from tests.package_copies import package_as
 
 
 def repodata(ws, subdir: str = "noarch") -> dict:
@@ -76,7 +78,8 @@ def test_index_is_incremental(workspace):
 
     # A file dropped in by hand is indexed too; a deleted one (recipe gone) leaves the index.
     one, two = ws.packages()
-    shutil.copy(ws.channel / "noarch" / one, ws.channel / "noarch" / "by-hand-1.0-0.conda")
+    package_as(ws.channel / "noarch" / one, ws.channel / "noarch", name="by-hand",
+               version="1.0", build="0")
     (ws.channel / "noarch" / one).unlink()
     shutil.rmtree(ws.root / "recipes" / "one")
     ws.doit("index_channel")
@@ -99,7 +102,10 @@ def test_a_file_replaced_under_the_same_name_gets_new_metadata(workspace):
     ws.add_recipe("tool", script=["echo more > $PREFIX/share/tool/more.txt"])
     ws.doit("build_recipes")
     [rebuilt] = [name for name in ws.packages() if name != filename]
-    (ws.channel / "noarch" / rebuilt).replace(ws.channel / "noarch" / filename)
+    # Moved over it, its index.json saying the replaced file's build: the name stays true.
+    package_as(ws.channel / "noarch" / rebuilt, ws.state, build=old["build"]).replace(
+        ws.channel / "noarch" / filename)
+    (ws.channel / "noarch" / rebuilt).unlink()
     index_channel(load_settings(ws.root))  # the index alone: a build would make it again
     [(same_name, new)] = repodata(ws).items()
     assert same_name == filename
@@ -208,7 +214,7 @@ def test_many_packages_are_read_side_by_side_and_damage_is_still_named(workspace
     noarch = ws.channel / "noarch"
     [built] = noarch.glob("*.conda")
     for n in range(300):  # enough for reading side by side and for the early index
-        os.link(built, noarch / f"tool{n}-1.0.0-0.conda")
+        package_as(built, noarch, build=f"copy{n}_0")
     damaged = []
     for path in _damaged_copies(built, noarch):
         if any(path.name.startswith(f"tool{kind}-") for kind in kinds):
@@ -268,7 +274,7 @@ def test_readers_never_see_a_partial_index(workspace):
     try:
         source = ws.channel / "noarch" / ws.packages()[0]
         for n in range(15):  # each pass adds a package, so every pass rewrites the index
-            shutil.copy(source, ws.channel / "noarch" / f"copy{n}-1.0-0.conda")
+            package_as(source, ws.channel / "noarch", build=f"copy{n}")
             index_channel(settings)
     finally:
         stop.set()
@@ -283,7 +289,7 @@ def test_ctrl_c_during_index_channel_says_what_is_left_and_exits_130(workspace):
     ws.doit("build_recipes")
     noarch = ws.channel / "noarch"
     before = (noarch / "repodata.json").read_bytes()
-    shutil.copy(noarch / ws.packages()[0], noarch / "two-1.0-0.conda")
+    package_as(noarch / ws.packages()[0], noarch, name="two", version="1.0", build="0")
     # Another run holds the index: this one waits inside index_channel, where Ctrl-C lands.
     with (ws.state / "index" / "lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -385,6 +391,91 @@ def test_package_in_a_folder_its_subdir_disagrees_with_is_refused_by_name(worksp
     assert "linux-64/" + built.name in (ws.channel / "index.html").read_text()
 
 
+def test_a_package_whose_file_name_disagrees_with_its_index_json_is_refused_by_name(workspace):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    noarch = ws.channel / "noarch"
+    [built] = ws.packages()
+    # Each copy's file name says another name, version or build than its index.json.
+    misnamed = [noarch / name for name in ("toolz-1.0.0-h4616a5c_0.conda",
+                                           "tool-2.0.0-h4616a5c_0.conda",
+                                           "tool-1.0.0-h4616a5c_1.conda")]
+    for path in misnamed:
+        shutil.copy(noarch / built, path)
+
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0
+    problem = run.output[run.output.index("problem: "):]
+    for path in misnamed:
+        assert f"{path}: its index.json says it is {built} (name, version, build), not " \
+               f"{path.name}" in problem, problem
+    assert "are unreadable, misplaced or misnamed" in problem
+    assert "rename a misnamed one to the file name it gives" in problem
+    assert "the other 1 are indexed and served" in problem
+    assert list(repodata(ws)) == [built] and sharded_names(ws) == {"tool"}
+    page = (ws.channel / "index.html").read_text()
+    not_indexed = page[page.index("Not indexed"):page.index("<table>")]
+    assert all(f"noarch/{path.name}" in not_indexed for path in misnamed)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 2 MiB tmpfs: a real filesystem that runs out of space."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill_disk(folder) -> None:
+    """Write a file in ``folder`` until its filesystem has no block left."""
+    with (folder / "filler").open("wb", buffering=0) as filler:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    filler.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+
+
+def test_index_channel_on_a_full_disk_keeps_the_index_and_names_the_folder(workspace,
+                                                                          small_disk):
+    ws = workspace
+    ws.add_recipe("one")
+    ws.add_recipe("two")
+    ws.doit("build_recipes")
+    one, two = ws.packages()
+    # The channel on a disk of its own (a volume or a share); doit's state is elsewhere.
+    channel = small_disk / "channel"
+    ws.env["HUBWORKS_CHANNEL_DIR"] = str(channel)
+    noarch = channel / "noarch"
+    noarch.mkdir(parents=True)
+    shutil.copy(ws.channel / "noarch" / one, noarch)
+    ws.doit("index_channel")
+    before = {name: (noarch / name).read_bytes() for name in INDEX_FILES}
+
+    shutil.copy(ws.channel / "noarch" / two, noarch)
+    fill_disk(small_disk)
+    run = ws.doit("index_channel", check=False)
+    assert run.returncode != 0
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert f"index_channel ran out of disk space writing in {channel}" in run.output
+    assert f"the channel {channel} keeps its previous index" in run.output
+    assert f"fix: free space on the disk that holds {channel}" in run.output
+    assert {name: (noarch / name).read_bytes() for name in INDEX_FILES} == before
+
+    (small_disk / "filler").unlink()
+    assert "indexed 2 packages" in ws.doit("index_channel").output
+    assert sorted(json.loads((noarch / "repodata.json").read_text())["packages.conda"]) == \
+        [one, two]
+
+
 class PageParts(HTMLParser):
     """The tags, attributes, link targets and text of a page, as a browser would parse it."""
 
@@ -427,8 +518,8 @@ def test_index_page_escapes_every_value_and_encodes_every_link(workspace):
     ws.doit("build_recipes")
     [built] = ws.packages()
     assert "<b onmouseover" in built
-    hostile_file = "<img src=x onerror=alert(2)>-1.0-0.conda"
-    shutil.copy(ws.channel / "noarch" / built, ws.channel / "noarch" / hostile_file)
+    hostile_file = package_as(ws.channel / "noarch" / built, ws.channel / "noarch",
+                              build="<img src=x onerror=alert(2)>").name
     ws.doit("index_channel")
     shown = ["<script>alert('summary')</script>", "x<b onmouseover=alert(1)>&amp;_0",
              hostile_file]

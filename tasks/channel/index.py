@@ -9,8 +9,9 @@ at 20,000 packages), and writes into the directory clients are reading. So here:
   core (``tasks.package_files``: every compressed stream, checksum and archive header, and
   index.json and about.json for the page); an unreadable one is left out and named in the
   error, and the rest of the channel is still indexed and served;
-- a package whose index.json names another subdir than the folder it is in is refused
-  the same way (it would land in the wrong repodata);
+- a package whose index.json names another subdir than the folder it is in, or another
+  name, version or build than its file name says, is refused the same way (it would land
+  in the wrong repodata, or clients would download it under a name it does not have);
 - only the package names a change touches go to rattler, in a fresh folder of hard links
   (so a package replaced under the same file name is read again); their records and shards
   replace the old ones in a staged copy of the index under ``<state_dir>/index/``, whose
@@ -34,6 +35,7 @@ one last indexed (``indexed.json``): one directory scan, no hashing of packages.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import gc
 import hashlib
 import html
@@ -62,7 +64,7 @@ from ..core.workspace import current_settings
 from .package_files import conda_zip_opens, read_package
 from .repodata import SECTIONS, section_records
 
-STATE_VERSION = 4  # 4: staged files are checked by stamp, page rows kept; read all again
+STATE_VERSION = 5  # 5: file names are checked against index.json; read all again
 READ_PROCESSES = min(8, os.cpu_count() or 1)
 PACKAGES_PER_PROCESS = 64  # fewer packages than that are read faster than a process starts
 EARLY_INDEX_MIN = 200  # below this many packages, rattler after the check is as fast
@@ -183,6 +185,13 @@ def _check_package(channel_dir: Path, check: PackageCheck) -> None:
             raise RefusedPackage(
                 f"its index.json says subdir '{subdir}' but it is in the folder '{folder}' "
                 f"(clients of '{folder}' could not install it)")
+        stem = meta.pop("stem")
+        suffix = next(end for end in PACKAGE_SUFFIXES if check.filename.endswith(end))
+        if check.filename != stem + suffix:
+            raise RefusedPackage(
+                f"its index.json says it is {stem}{suffix} (name, version, build), not "
+                f"{check.filename} (clients download a package by the file name its "
+                f"index.json gives)")
         check.meta = meta
     except Exception as exc:  # any failure to read it means clients cannot either
         check.error = " ".join(str(exc).split()) or type(exc).__name__
@@ -721,6 +730,45 @@ def index_channel(settings: Settings) -> IndexReport:
     cannot be trusted is indexed whole.
     """
     run = IndexPass(settings)
+    try:
+        return _index_pass(run, settings)
+    except Exception as exc:
+        if not _out_of_space(exc):
+            raise
+        # Every file is replaced whole, so what clients read is still the previous index.
+        where = _fullest(Path(exc.filename).parent if isinstance(exc, OSError) and
+                         exc.filename else None, run.channel_dir, run.work.parent)
+        raise HubworksError(
+            f"index_channel ran out of disk space writing in {where}; the channel "
+            f"{run.channel_dir} keeps its previous index, which is still served.",
+            fix=f"free space on the disk that holds {where} (`df -h {where}`), then run "
+                f"doit index_channel again") from None
+
+
+def _fullest(*folders: Path | None) -> Path:
+    """The folder named by the error (the first) if any, else the one of the others whose
+    disk has the least space left: a failed write rarely says where it was."""
+    def free(folder: Path) -> int:
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            return 1 << 62
+        return stat.f_bavail * stat.f_frsize
+
+    named, *others = folders
+    return named or min(others, key=free)
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """A full disk or quota, raised by Python or by rattler (whose errors carry the OS
+    error only in their text)."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return f"(os error {errno.ENOSPC})" in text or f"(os error {errno.EDQUOT})" in text
+
+
+def _index_pass(run: IndexPass, settings: Settings) -> IndexReport:
     with exclusive_lock(settings.state("index", "lock"), "the channel index"), \
             ExitStack() as cleanup, _no_cycle_collection():
         _ensure_folder(run.channel_dir / "noarch")
@@ -977,7 +1025,7 @@ tr:nth-child(even) {{ background: #f3f3f3; }} td.n {{ text-align: right; }}
 </style></head><body>
 <h1>conda channel</h1>
 <p>{facts.packages} packages. Repodata: {links}. Indexed {generated}.</p>
-{"<h2>Not indexed (unreadable or misplaced files)</h2><ul>" + "".join(bad) + "</ul>" if bad else ""}
+{"<h2>Not indexed (unreadable, misplaced or misnamed files)</h2><ul>" + "".join(bad) + "</ul>" if bad else ""}
 <table>
 <tr><th>Package</th><th>Version</th><th>Build</th><th>Subdir</th><th>Size</th><th>Date</th>\
 <th>Summary</th><th>File</th></tr>
@@ -1009,14 +1057,15 @@ def index_and_report(settings: Settings) -> IndexReport:
         lines = "\n".join(f"    {settings.channel_dir / key}: {error}"
                           for key, error in sorted(report.bad.items()))
         problem = HubworksError(
-            f"{len(report.bad)} package file(s) in the channel are unreadable or misplaced and "
-            f"were left out of the index (the other {report.packages} are indexed and served):"
-            f"\n{lines}",
-            fix="move a misplaced file to the folder its index.json names; delete any other "
-                "file named, or rebuild the recipe that makes it "
+            f"{len(report.bad)} package file(s) in the channel are unreadable, misplaced or "
+            f"misnamed and were left out of the index (the other {report.packages} are "
+            f"indexed and served):\n{lines}",
+            fix="move a misplaced file to the folder its index.json names, and rename a "
+                "misnamed one to the file name it gives; delete any other file named, or "
+                "rebuild the recipe that makes it "
                 "(doit forget build_recipes:<recipe>; doit build_recipes)")
         print(f"   left out of the index: {problem.message}")
-    RUN.note_problem("channel index: unreadable or misplaced files", problem)
+    RUN.note_problem("channel index: unreadable, misplaced or misnamed files", problem)
     return report
 
 

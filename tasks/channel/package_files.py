@@ -312,4 +312,6 @@ def read_package(path: Path) -> dict:
         if index.timestamp else ""
     return {"name": str(index.name.normalized), "version": str(index.version),
             "build": str(index.build), "date": built, "summary": about.summary or "",
-            "subdir": index.subdir or ""}
+            "subdir": index.subdir or "",
+            # the file name conda tools give it: <name>-<version>-<build>, as written there
+            "stem": f"{index.name.source}-{index.version}-{index.build}"}
