@@ -54,7 +54,7 @@ from ..core.netaddr import (ip_address, is_loopback, listens_everywhere, local_a
 from ..core.reporter import print_line
 from ..core.settings import TOKEN_PATTERN, Settings
 from .connections import (MAX_HEAD, Client, ClientWriter, ConnectionLimits, WaitingRoom,
-                          open_file_budget)
+                          head_length, open_file_budget)
 
 NO_CACHE = "no-cache"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -211,6 +211,8 @@ class FileFacts:
     header_lines: str  # ETag, Last-Modified, Cache-Control, Content-Type, Accept-Ranges
     validator_lines: str  # ETag, Last-Modified, Cache-Control: what a 304 carries
     content: bytes | None
+    ok_lines: bytes = b""  # header_lines with Content-Length and the blank line, encoded
+    fresh_lines: bytes = b""  # validator_lines and the blank line, encoded
 
     @classmethod
     def of(cls, path: Path, stat: os.stat_result, content: bytes | None) -> FileFacts:
@@ -218,10 +220,12 @@ class FileFacts:
         validators = (f"ETag: {etag}\r\n"
                       f"Last-Modified: {formatdate(stat.st_mtime, usegmt=True)}\r\n"
                       f"Cache-Control: {cache_control(path)}\r\n")
+        lines = (f"{validators}Content-Type: {content_type(path.name)}\r\n"
+                 "Accept-Ranges: bytes\r\n")
         return cls(version=_version(stat), etag=etag, mtime=stat.st_mtime,
-                   header_lines=(f"{validators}Content-Type: {content_type(path.name)}\r\n"
-                                 "Accept-Ranges: bytes\r\n"),
-                   validator_lines=validators, content=content)
+                   header_lines=lines, validator_lines=validators, content=content,
+                   ok_lines=f"{lines}Content-Length: {stat.st_size}\r\n\r\n".encode("latin-1"),
+                   fresh_lines=f"{validators}\r\n".encode("latin-1"))
 
     @property
     def size(self) -> int:
@@ -421,8 +425,10 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
 
     def send_file(self, path: str, stat: os.stat_result, with_body: bool) -> None:
         facts = self.server.files.lookup(path, stat)
-        if facts.content is not None:
-            self.send_facts(facts, facts.content, with_body)
+        if self.request_version == "HTTP/1.1":
+            self.server.remember_route(self.path, path)
+        if facts.content is not None or self.is_fresh(facts):
+            self.send_facts(facts, facts.content or b"", with_body)
             return
         with open(path, "rb") as file:
             stat = os.fstat(file.fileno())  # the validators describe the bytes we send
@@ -516,6 +522,39 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
 _PHRASES = {status.value: status.phrase for status in HTTPStatus}
 _SERVER_HEADER = f"{ChannelRequestHandler.server_version} Python/{sys.version.split()[0]}"
 _date_second, _date_text = 0, ""
+# Headers after which a request is no longer a plain GET or HEAD of a whole file: a handler
+# reads it (a body, a range, a date condition, a close).
+_NOT_PLAIN = (b"content-length", b"transfer-encoding", b"expect", b"range", b"if-range",
+              b"if-modified-since", b"connection")
+_MAX_PLAIN_HEADERS = 100
+
+
+def plain_request(head: bytes) -> tuple[bytes, str, bytes | None] | None:
+    """(method, target, If-None-Match) of a request head (its blank line included) that is
+    a keep-alive HTTP/1.1 GET or HEAD of a whole file with no body; None for any other
+    request, which a handler reads in full."""
+    lines = head.split(b"\n")
+    words = lines[0].split()
+    if len(words) != 3 or words[2] != b"HTTP/1.1" or words[0] not in (b"GET", b"HEAD") \
+            or not words[1].startswith(b"/") or words[1].startswith(b"//") \
+            or len(lines) > _MAX_PLAIN_HEADERS + 3:
+        return None
+    tags = None
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return None  # a folded line
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name == b"if-none-match":
+            if tags is not None:
+                return None  # repeated: the handler joins the values
+            tags = value.strip()
+        elif name in _NOT_PLAIN:
+            if name != b"connection" or value.strip().lower() != b"keep-alive":
+                return None
+    return words[0], str(words[1], "iso-8859-1"), tags
 
 
 def http_date() -> str:
@@ -588,6 +627,7 @@ class ChannelServer(HTTPServer):
         self.lock = threading.Lock()
         self.open_clients: set[Client] = set()
         self.files = FileCache()
+        self.routes: dict[str, str] = {}  # request target -> the file it names
         # Each connection is a file; leave room for files being sent and the rest.
         self.max_connections = max(1, min(limits.max_connections,
                                           (open_file_budget() - 64) // 2 - limits.workers))
@@ -628,8 +668,74 @@ class ChannelServer(HTTPServer):
             return
         self.waiting.park(client)
 
+    def remember_route(self, target: str, path: str) -> None:
+        """``target`` names the file at ``path``: later requests for it can be answered
+        without a handler. Only targets whose answer does not depend on the client: with a
+        token, those that carry it."""
+        if self.token is None or target.startswith("/t/"):
+            if len(self.routes) > 100_000:
+                self.routes.clear()  # a crude bound, as for the file cache
+            self.routes[target] = path
+
+    def answer_at_once(self, client: Client) -> bool:
+        """Answer the client's first request now, on this thread, if it is a plain GET or
+        HEAD of a remembered file whose answer is a 304 or held in memory: a dict lookup,
+        a stat and a send. False: a handler on a worker must read it."""
+        pending = client.pending
+        end = head_length(pending)
+        request = plain_request(pending[:end]) if end is not None and end <= MAX_HEAD else None
+        if request is None:
+            return False
+        method, target, tags = request
+        path = self.routes.get(target)
+        if path is None:
+            return False
+        try:
+            stat = os.stat(path)  # a replaced file has another inode, size or time
+        except OSError:
+            return False
+        facts = self.files.facts.get(path)
+        if facts is None or facts.version != _version(stat):
+            return False  # a handler reads the new version, checks and caches it
+        started = time.perf_counter()
+        if tags is not None and (tags == facts.etag.encode() or self._fresh(facts, tags)):
+            status, answer, body = 304, facts.fresh_lines, b""
+        elif facts.content is not None:
+            status, answer = 200, facts.ok_lines
+            body = facts.content if method == b"GET" else b""
+        elif method == b"HEAD":
+            status, answer, body = 200, facts.ok_lines, b""
+        else:
+            return False  # sent from disk by a worker, which may wait for the disk
+        client.pending = pending[end:].lstrip(b"\r\n")
+        phrase = "OK" if status == 200 else "Not Modified"
+        client.answered = (method.decode(), target, status, len(body), started, False)
+        client.close_after = False
+        client.send(f"HTTP/1.1 {status} {phrase}\r\nServer: {_SERVER_HEADER}\r\n"
+                    f"Date: {http_date()}\r\n".encode("latin-1") + answer + body)
+        return True
+
+    @staticmethod
+    def _fresh(facts: FileFacts, tags: bytes) -> bool:
+        given = {tag.strip().removeprefix("W/") for tag in str(tags, "latin-1").split(",")}
+        return "*" in given or facts.etag in given
+
     def dispatch(self, client: Client) -> None:
-        """Queue a connection whose request has arrived (called by the waiting room)."""
+        """Answer a connection whose request has arrived (called by the waiting room, and
+        after each answer): plain requests of remembered files at once, the others on a
+        worker."""
+        try:
+            while self.answer_at_once(client):
+                if client.sending():
+                    self.waiting.park(client)  # the room sends the rest, then comes back
+                    return
+                self.record(client)
+                if not client.has_request():
+                    self.waiting.park(client)
+                    return
+        except OSError:  # reset, or gone
+            self.close_client(client)
+            return
         self.ready.put(client)
         # The pool grows when requests queue up: a server that sees few starts quickly.
         if self.ready.qsize() > 1 and len(self.workers) < self.limits.workers:
