@@ -1,9 +1,11 @@
-"""The channel server against `python -m http.server`, same files, same run.
+"""The channel server against `python -m http.server` and nginx, same files, same run.
 
-    python benchmarks/bench_server.py [--seconds 5] [--connections 64] [--rounds 2]
+    python benchmarks/bench_server.py [--seconds 5] [--connections 64] [--rounds 3]
 
-Serves one synthetic channel with both servers (each in its own process) and prints
-requests/s, bytes and the ratio ours / http.server for:
+Serves one synthetic channel with each server (each in its own process) and prints
+requests/s, bytes and the ratios ours / http.server (the floor: what users ran before) and
+ours / nginx (the ceiling: Debian's nginx with 2 worker processes and sendfile, the
+`nginx` package; skipped with a note when it is not installed) for:
 
 1. repodata.json of 20,000 packages (a client's first fetch);
 2. a conditional re-fetch of it (a client's second run): requests/s of the conditional
@@ -21,7 +23,7 @@ The channel is real: 20,000 tiny .tar.bz2 packages indexed by rattler (repodata.
 sharded repodata), which takes about half a minute to make.
 
 The load generator is `wrk` (Debian package `wrk`) when it is on PATH, else threads with
-http.client keep-alive; the output says which. Each load runs --rounds times, the two
+http.client keep-alive; the output says which. Each load runs --rounds times, the
 servers taking turns; the table shows each figure's median over the rounds and the most
 errors of any round. The figures come last. It prints
 figures; it is not a test.
@@ -56,7 +58,31 @@ PACKAGE_SIZE = 1 << 20
 SMALL_PACKAGES = 500
 SMALL_SIZES = (2 << 10, 10 << 10)
 FLOOD = 3000
-SERVERS = ("hubworks", "http.server")
+SERVERS = ("hubworks", "http.server", "nginx")
+NGINX = "/usr/sbin/nginx"
+NGINX_CONF = """
+worker_processes 2;
+user root;
+daemon off;
+pid %(scratch)s/nginx.pid;
+error_log %(scratch)s/nginx-error.log;
+events { worker_connections 8192; }
+http {
+    access_log %(scratch)s/nginx-access.log;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 30s;
+    types { application/json json; application/zstd zst; text/html html; }
+    default_type application/octet-stream;
+    client_body_temp_path %(scratch)s/nginx-body;
+    proxy_temp_path %(scratch)s/nginx-proxy;
+    fastcgi_temp_path %(scratch)s/nginx-fastcgi;
+    uwsgi_temp_path %(scratch)s/nginx-uwsgi;
+    scgi_temp_path %(scratch)s/nginx-scgi;
+    server { listen 127.0.0.1:%(port)d backlog=1024; root %(channel)s; }
+}
+"""
 
 
 # The channel --------------------------------------------------------------------------
@@ -114,6 +140,10 @@ def running(name: str, channel: Path, scratch: Path):
     if name == "hubworks":
         command = [sys.executable, __file__, "--serve", str(channel), str(port),
                    str(scratch / "access.log")]
+    elif name == "nginx":  # every server writes an access log line per request
+        conf = scratch / "nginx.conf"
+        conf.write_text(NGINX_CONF % {"scratch": scratch, "port": port, "channel": channel})
+        command = [NGINX, "-c", str(conf), "-e", str(scratch / "nginx-error.log")]
     else:
         command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                    "--directory", str(channel)]
@@ -365,6 +395,10 @@ def main() -> None:
     parser.add_argument("--repeat-after", type=float, default=65,
                         help="seconds between a client's first and repeat fetch (rattler "
                              "trusts a shard index without Cache-Control for about a minute)")
+    parser.add_argument("--loads", default=",".join(key for key, *_ in LOADS),
+                        help="which loads to run (comma-separated keys)")
+    parser.add_argument("--no-client", action="store_true",
+                        help="skip the rattler client's repeat fetch (it waits --repeat-after)")
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -372,6 +406,10 @@ def main() -> None:
         return
 
     use_wrk = shutil.which("wrk") is not None
+    servers = SERVERS
+    if not os.access(NGINX, os.X_OK):
+        servers = SERVERS[:2]
+        print(f"nginx is not installed ({NGINX}; Debian package nginx): no ceiling measured")
     load = load_wrk if use_wrk else load_threads
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}; "
           f"open files {raise_open_file_limit()}")
@@ -394,15 +432,20 @@ def main() -> None:
         paths = {"repodata": ["/noarch/repodata.json"],
                  "packages": [f"/noarch/file-{i:04d}-1.0-0.conda" for i in range(PACKAGES)],
                  "small": [f"/noarch/small-{i:04d}-1.0-0.conda" for i in range(SMALL_PACKAGES)]}
-        with ExitStack() as servers:
-            ports = {name: servers.enter_context(running(name, channel, scratch))
-                     for name in SERVERS}
+        with ExitStack() as stack:
+            ports = {name: stack.enter_context(running(name, channel, scratch))
+                     for name in servers}
             clients = {(name, sharded): RattlerClient(port, scratch / f"{name}-{sharded}", sharded)
                        for name, port in ports.items() for sharded in (True, False)}
-            first = {key: client.fetch() for key, client in clients.items()}
+            first = {} if args.no_client else {key: client.fetch()
+                                                for key, client in clients.items()}
             first_fetched = time.monotonic()
             runs: dict[tuple[str, str], list[dict]] = {}
+            wanted = args.loads.split(",")
+            print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
             for key, title, connections, kind in LOADS:
+                if key not in wanted:
+                    continue
                 for _ in range(args.rounds):
                     for name, port in ports.items():  # the servers take turns
                         headers = conditional_headers(port) if key == "conditional" else {}
@@ -412,13 +455,15 @@ def main() -> None:
                         print(f"  {title}, {name}: {rate(result):,.0f} req/s, "
                               f"p99 {result['p99_ms']:,.1f} ms, {result['errors']} errors",
                               flush=True)
-            loads = {name: {key: median_run(runs[name, key]) for key, *_ in LOADS}
-                     for name in SERVERS}
-            floods = {name: idle_flood(port, paths["small"][0], args.flood)
+            loads = {name: {key: median_run(runs[name, key]) for key, *_ in LOADS
+                            if key in wanted} for name in servers}
+            floods = {} if not args.flood else {
+                name: idle_flood(port, paths["small"][0], args.flood)
                       for name, port in ports.items()}
             # A client's next run comes after its cache's heuristic freshness has run out.
-            time.sleep(max(0.0, first_fetched + args.repeat_after - time.monotonic()))
-            repeat = {key: client.fetch() for key, client in clients.items()}
+            if first:
+                time.sleep(max(0.0, first_fetched + args.repeat_after - time.monotonic()))
+            repeat = {key: client.fetch() for key, client in clients.items()} if first else {}
         print()
         report(loads, floods, first, repeat, args.repeat_after)
 
@@ -455,41 +500,86 @@ def seconds(value: float) -> str:
     return "no answer" if value == float("inf") else f"{value:.3f} s"
 
 
-def report(loads: dict, floods: dict, first: dict, repeat: dict, repeat_after: float) -> None:
-    print(f"{'':40}{'hubworks':>22}{'http.server':>22}{'ratio':>9}")
-    for key, title, connections, _ in LOADS:
-        a, b = (loads[name][key] for name in SERVERS)
-        rate_a, rate_b = rate(a), rate(b)
-        bytes_a, bytes_b = a["bytes"] / a["seconds"], b["bytes"] / b["seconds"]
-        print(f"{title:40}{rate_a:>16,.1f} req/s{rate_b:>16,.1f} req/s"
-              f"{rate_a / max(rate_b, 1e-9):>8.2f}x")
-        print(f"{'   received per second':40}{mib(bytes_a) + '/s':>22}{mib(bytes_b) + '/s':>22}"
-              f"{bytes_a / max(bytes_b, 1e-9):>8.2f}x")
-        per_a, per_b = (x["bytes"] / max(x["requests"], 1) for x in (a, b))
-        print(f"{'   bytes per answer':40}{per_a:>22,.0f}{per_b:>22,.0f}")
-        print(f"{'   p99 latency':40}{a['p99_ms']:>19,.1f} ms{b['p99_ms']:>19,.1f} ms")
-        if a["errors"] or b["errors"] or key == "tail":
-            print(f"{'   errors':40}{a['errors']:>22}{b['errors']:>22}")
-    ours, theirs = (floods[name] for name in SERVERS)
-    print(f"5. idle flood{'':28}{ours['opened']:>10,} opened in {ours['open_seconds']:.1f} s"
-          f"{theirs['opened']:>10,} opened in {theirs['open_seconds']:.1f} s")
-    print(f"{'   slowest request, flood open':40}{seconds(ours['during']):>22}"
-          f"{seconds(theirs['during']):>22}")
-    print(f"{'   slowest request, after all closed':40}{seconds(ours['after']):>22}"
-          f"{seconds(theirs['after']):>22}")
-    for sharded, title in [(True, "sharded repodata (default)"), (False, "repodata.json.zst")]:
-        print(f"2. rattler client, {title}; repeat {repeat_after:g} s after the first fetch")
-        ours, theirs = ((first[name, sharded], repeat[name, sharded]) for name in SERVERS)
-        print(f"{'   first fetch, bytes received':40}{ours[0]['bytes']:>22,}"
-              f"{theirs[0]['bytes']:>22,}")
-        print(f"{'   repeat fetch, bytes received':40}{ours[1]['bytes']:>22,}"
-              f"{theirs[1]['bytes']:>22,}")
-        print(f"{'   repeat fetch outcome':40}{ours[1]['outcome']:>22}  {theirs[1]['outcome']}")
-        # A failed repeat leaves a fetch without cache (the first fetch's bytes) as the way on.
-        working = theirs[0 if theirs[1]["outcome"] != "ok" else 1]["bytes"]
-        print(f"{'   bytes of a working repeat':40}{ours[1]['bytes']:>22,}{working:>22,}"
-              f"{working / max(ours[1]['bytes'], 1):>8,.0f}x fewer")
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
 
+
+def report(loads: dict, floods: dict, first: dict, repeat: dict, repeat_after: float) -> None:
+    names = list(loads)
+    ceiling = "nginx" in names
+    head = "".join(f"{name:>20}" for name in names)
+    print(f"{'':38}{head}{'/ http.server':>15}" + (f"{'/ nginx':>10}" if ceiling else ""))
+
+    def row(title: str, values: list[str], ratios: str = "") -> None:
+        print(f"{title:38}" + "".join(f"{value:>20}" for value in values) + ratios)
+
+    for key, title, connections, _ in LOADS:
+        if key not in loads[names[0]]:
+            continue
+        runs = [loads[name][key] for name in names]
+        rates = [rate(run) for run in runs]
+        row(title, [f"{r:,.0f} req/s" for r in rates],
+            f"{ratio(rates[0], rates[1]):>15}" + (f"{ratio(rates[0], rates[2]):>10}"
+                                                  if ceiling else ""))
+        received = [run["bytes"] / run["seconds"] for run in runs]
+        row("   received per second", [mib(b) + "/s" for b in received],
+            f"{ratio(received[0], received[1]):>15}" + (f"{ratio(received[0], received[2]):>10}"
+                                                        if ceiling else ""))
+        row("   bytes per answer", [f"{run['bytes'] / max(run['requests'], 1):,.0f}"
+                                    for run in runs])
+        row("   p99 latency", [f"{run['p99_ms']:,.1f} ms" for run in runs])
+        if any(run["errors"] for run in runs) or key == "tail":
+            row("   errors (most in a round)", [str(run["errors"]) for run in runs])
+    goals(loads)
+    if floods:
+        row("5. idle flood: opened", [f"{floods[n]['opened']:,} in {floods[n]['open_seconds']:.1f} s"
+                                      for n in names])
+        row("   slowest request, flood open", [seconds(floods[n]["during"]) for n in names])
+        row("   slowest request, after all closed", [seconds(floods[n]["after"]) for n in names])
+    for sharded, title in [(True, "sharded repodata (default)"), (False, "repodata.json.zst")]:
+        if not first:
+            break
+        print(f"2. rattler client, {title}; repeat {repeat_after:g} s after the first fetch")
+        pairs = [(first[name, sharded], repeat[name, sharded]) for name in names]
+        row("   first fetch, bytes received", [f"{f['bytes']:,}" for f, _ in pairs])
+        row("   repeat fetch, bytes received", [f"{r['bytes']:,}" for _, r in pairs])
+        row("   repeat fetch outcome", [r["outcome"][:19] for _, r in pairs])
+        # A failed repeat leaves a fetch without cache (the first fetch's bytes) as the way on.
+        working = [f["bytes"] if r["outcome"] != "ok" else r["bytes"] for f, r in pairs]
+        row("   bytes of a working repeat", [f"{w:,}" for w in working],
+            f"{working[1] / max(working[0], 1):>9,.0f}x fewer")
+
+
+def goals(loads: dict) -> None:
+    """Each serving goal of the channel server, met or not, from the medians above."""
+    names = list(loads)
+    got = {name: {key: rate(run) for key, run in loads[name].items()} for name in names}
+    ours, floor = got["hubworks"], got["http.server"]
+    ceiling = got.get("nginx")
+    checks = []
+    if "small" in ours:
+        checks.append(("small downloads >= 5x http.server", ours["small"] / floor["small"], 5))
+        if ceiling:
+            checks.append(("small downloads >= 0.25x nginx", ours["small"] / ceiling["small"],
+                           0.25))
+    if "conditional" in ours:
+        checks.append(("304 re-fetch >= 4x http.server",
+                       ours["conditional"] / floor["conditional"], 4))
+        if "small" in ours:
+            checks.append(("304 re-fetch >= small downloads (req/s)",
+                           ours["conditional"] / ours["small"], 1))
+    if "packages" in ours and ceiling:
+        checks.append(("1 MiB downloads >= 0.8x nginx", ours["packages"] / ceiling["packages"],
+                       0.8))
+    print("goals:")
+    for title, value, wanted in checks:
+        print(f"   {title:46}{value:>8.2f}x  {'met' if value >= wanted else 'NOT met'}")
+    if "tail" in loads["hubworks"]:
+        tail = loads["hubworks"]["tail"]
+        met = tail["p99_ms"] < 100 and not tail["errors"]
+        print(f"   {'p99 at 256 connections < 100 ms, no errors':46}{tail['p99_ms']:>6.1f} ms"
+              f"  {tail['errors']} errors  {'met' if met else 'NOT met'}")
+    print(f"   load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 if __name__ == "__main__":
     main()
