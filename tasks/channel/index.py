@@ -60,7 +60,6 @@ from ..core.fsutil import (PACKAGE_SUFFIXES, atomic_write_bytes, exclusive_lock,
                            link_or_copy, read_json, replace_with_link, sha256_file, sync_files)
 from ..core.run_scope import RUN
 from ..core.settings import Settings
-from ..core.workspace import current_settings
 from .package_files import conda_zip_opens, read_package
 from .repodata import SECTIONS, section_records
 
@@ -1073,17 +1072,3 @@ def index_and_report(settings: Settings) -> IndexReport:
 def run_index_channel(settings: Settings) -> None:
     index_and_report(settings)
 
-
-def task_index_channel():
-    """Index channel/ as it is (repodata.json, .zst, shards) and write its index.html."""
-    settings = current_settings()
-    # No task_dep on build_recipes: each recipe build indexes what it publishes, so the
-    # index never lags the packages, and a failed recipe never keeps the rest unindexed.
-    return {
-        "actions": [(run_index_channel, [settings])],
-        "uptodate": [(channel_is_indexed, [settings])],
-        "verbosity": 2,
-        "meta": {"what": "the channel index",
-                 "interrupted": "index files are replaced whole: clients see the previous "
-                                "index or the new one; the next run indexes again"},
-    }
