@@ -71,9 +71,11 @@ def old_hub(podman_runtime, hub_base_image):
     passwords = [add_user(name) for name in names]
     root = Path(tempfile.mkdtemp(prefix="hubworks-upws-"))
     outer = public_tempdir("hubworks-uphub-")
-    port, hub_port, api_port = free_ports(3)
+    port, hub_port, api_port, images_port = free_ports(4)
     ws = Workspace(root)
     ws.env.update(podman_runtime.env)
+    # the hub's Images page listens too; another hub on this machine may hold the default
+    ws.env["HUBWORKS_HUB_IMAGES_PORT"] = str(images_port)
     sites = [DockerSite(ws, outer / "hub", name, password, port, podman_runtime)
              for name, password in zip(names, passwords)]
     ws.configure(f"""
