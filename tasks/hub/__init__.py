@@ -19,8 +19,8 @@ against what the settings make, the database's schema revision, the running hub'
 Steps, in order: prefix, python, node, venv, jupyterhub, jupyterlab, dockerspawner, engine,
 images, images_page (these four with spawner = docker only), idle_culler (culling on), systemdspawner
 (local servers with limits under systemd), certbot (letsencrypt), proxy, secrets, tls (HTTPS
-on), config, database, service, tls_renewal (letsencrypt under systemd), health. ``steps.py``
-has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
+on), config, database, service, tls_renewal (letsencrypt under systemd), health. ``plan.py``
+declares them; ``steps.py`` has one ``check_*``/``ensure_*`` pair per step; the settings are the ``[hub]`` section of
 ``hubworks.toml`` (``doit settings`` lists them).
 """
 
@@ -28,25 +28,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from doit import create_after
-
 from ..core.errors import HubworksError, reports_errors
 from ..core.workspace import current_settings
 from .checks import Check
 from .layout import HubLayout
 
 if TYPE_CHECKING:
-    from .steps import Step
+    from .plan import Step
 
-# The steps, the service and the status import most of this stage: each task loads what it
-# runs when it runs, so other doit commands never pay for them.
+# The steps' checks, the service and the status import most of this stage: each task loads
+# what it runs when it runs (plan declares the steps lightly), so other commands never pay.
 
 __all__ = ["task_install_hub", "task_install_hub_plan", "task_hub_start", "task_hub_stop",
            "task_hub_status", "task_hub_backup", "task_hub_restore"]
 
 
 def _wanted_steps(hub: HubLayout) -> list[Step]:
-    from .steps import STEPS
+    from .plan import STEPS
 
     return [step for step in STEPS if _wanted(step, hub)]
 
@@ -90,7 +88,6 @@ def _run_step(step: Step, hub: HubLayout) -> None:
     print(f"install_hub:{step.name}: {step.ensure(hub)}")
 
 
-@create_after()  # `doit list` makes every step; a run makes them once the task is due
 def task_install_hub():
     """Install JupyterHub on this server; every step checks first and skips what holds."""
     hub = HubLayout(current_settings())

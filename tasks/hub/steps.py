@@ -16,7 +16,6 @@ import secrets
 import shutil
 import sqlite3
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,28 +33,18 @@ from .node import choose_node, chosen_node, node_choice, node_env
 from .offered import check_images_file, write_images_file
 from .packages import install_packages, package_candidate, package_manager, run
 from .payload import tls_service
+from .plan import STEPS, Step  # noqa: F401  (declared there; _wanted_pins reads them)
 from .permissions import (blocked_for_others, first_writable_by_others, make_readable_not_writable,
                           require_root, user_name, write_private_file)
 from .render import config_files, hub_search_path, render_podman_unit, render_unit
 from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
                       start_hub, stop_hub)
-from .tls import check_renewal_timer, check_tls, ensure_renewal_timer, ensure_tls
 from .upgrade import (adopt_old_layout, begin, check_routes, finish, has_run, hub_side_change,
                       in_place, link_target, matching_venv, needs_restart, new_venv_dir, pending,
                       point, rolls_back, running_venv, staged, venv_base)
 from .versions import parse_version, show_version
 
 MIN_PYTHON = (3, 10)
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    doc: str
-    check: Callable[[HubLayout], Check]
-    ensure: Callable[[HubLayout], str]
-    after: tuple[str, ...] = ()
-    wanted: Callable[[HubLayout], bool] = field(default=lambda hub: True)
 
 
 def _log(hub: HubLayout, step: str) -> Path:
@@ -850,70 +839,3 @@ def ensure_health(hub: HubLayout) -> str:
         if pending(hub):
             said += [check_routes(hub), finish(hub)]
     return "; ".join(said)
-
-
-def _limits_by_systemd(hub: HubLayout) -> bool:
-    return hub.choice("spawner") == "local" and hub.uses_systemd and \
-        bool(hub.hub_settings.mem_limit or hub.hub_settings.cpu_limit)
-
-
-STEPS: list[Step] = [
-    Step("prefix", "The prefix: every user can enter it; secrets and state are root's.",
-         check_prefix, ensure_prefix),
-    Step("python", "A Python >= 3.10 every user can run, able to make venvs.",
-         check_python, ensure_python),
-    Step("node", "A Node.js that runs the configured configurable-http-proxy release.",
-         check_node, ensure_node, after=("prefix",)),
-    Step("venv", "The hub's venv under the prefix, made from that Python.",
-         check_venv, ensure_venv, after=("prefix", "python")),
-    Step("jupyterhub", "JupyterHub at hub.jupyterhub_version in the venv, with what the "
-                       "HTTPS service needs.",
-         check_jupyterhub, ensure_jupyterhub, after=("venv",)),
-    Step("jupyterlab", "JupyterLab at hub.jupyterlab_version in the venv.",
-         check_jupyterlab, ensure_jupyterlab, after=("jupyterhub",)),
-    Step("dockerspawner", "DockerSpawner in the venv (spawner = docker only).",
-         check_dockerspawner, ensure_dockerspawner, after=("jupyterlab",),
-         wanted=lambda hub: hub.uses_docker),
-    Step("engine", "The Docker API users' containers run through answers (spawner = docker).",
-         check_engine, ensure_engine, after=("prefix",),
-         wanted=lambda hub: hub.uses_docker),
-    Step("images", "The built images that can serve users, checked once per tag "
-                   "(spawner = docker).",
-         check_images, ensure_images, after=("engine",),
-         wanted=lambda hub: hub.uses_docker),
-    Step("images_page", "The Images page at /services/images/: a service of the hub that "
-                        "shows and builds the workspace's images (spawner = docker).",
-         check_images_page_files, ensure_images_page, after=("jupyterhub", "images"),
-         wanted=lambda hub: hub.uses_docker),
-    Step("idle_culler", "jupyterhub-idle-culler in the venv (culling on only).",
-         check_idle_culler, ensure_idle_culler, after=("jupyterlab",),
-         wanted=lambda hub: bool(hub.hub_settings.cull_idle_minutes
-                                 or hub.hub_settings.cull_max_age_hours)),
-    Step("systemdspawner", "jupyterhub-systemdspawner (local servers with limits, systemd).",
-         check_systemdspawner, ensure_systemdspawner, after=("jupyterlab",),
-         wanted=_limits_by_systemd),
-    Step("certbot", "certbot in the venv (https = letsencrypt only).",
-         check_certbot, ensure_certbot, after=("jupyterlab",),
-         wanted=lambda hub: hub.https == "letsencrypt"),
-    Step("proxy", "configurable-http-proxy from npm under the prefix.",
-         check_proxy, ensure_proxy, after=("node",)),
-    Step("secrets", "Cookie secret, proxy token and status token, created once, mode 600.",
-         check_secrets, ensure_secrets, after=("prefix",)),
-    Step("tls", "The certificate the proxy serves (key 600), and the HTTPS service's files.",
-         check_tls, ensure_tls, after=("secrets", "certbot", "venv"),
-         wanted=lambda hub: hub.https != "off"),
-    Step("config", "The hub's settings as data, and the jupyterhub_config.py applying them.",
-         check_config, ensure_config,
-         after=("proxy", "secrets", "jupyterhub", "dockerspawner", "engine", "idle_culler",
-                "systemdspawner", "tls")),
-    Step("database", "The hub's database at the installed JupyterHub's schema.",
-         check_database, ensure_database, after=("config",)),
-    Step("service", "A systemd unit when systemd runs; else the background start.",
-         check_service, ensure_service, after=("config",)),
-    Step("tls_renewal", "With systemd: a timer renews the Let's Encrypt certificate when due.",
-         check_renewal_timer, ensure_renewal_timer, after=("tls",),
-         wanted=lambda hub: hub.https == "letsencrypt" and hub.uses_systemd),
-    Step("health", "The hub runs the current install and /hub/health answers 200.",
-         check_health, ensure_health, after=("database", "service", "jupyterlab", "images",
-                                             "images_page")),
-]
