@@ -218,14 +218,18 @@ def test_a_user_logs_in_over_https_and_gets_the_lab_with_secure_cookies(site):
 
 @pytest.mark.slow
 def test_plain_http_only_redirects_to_https(site):
-    answer = requests.get(f"{site.http_url}/hub/login?next=%2Fhub%2F", allow_redirects=False,
-                          timeout=10)
-    assert answer.status_code == 301
-    assert answer.headers["Location"] == f"{site.url}/hub/login?next=%2Fhub%2F"
-    followed = requests.get(f"{site.http_url}/hub/login", timeout=30,
+    # no hub.domain and every interface: the hub's own name, whatever Host the client sends
+    own = f"https://{os.uname().nodename}:{site.ports['port']}"
+    for host in ({}, {"Host": "evil.example.net"}):
+        answer = requests.get(f"{site.http_url}/hub/login?next=%2Fhub%2F", headers=host,
+                              allow_redirects=False, timeout=10)
+        assert answer.status_code == 301
+        assert answer.headers["Location"] == f"{own}/hub/login?next=%2Fhub%2F"
+        assert not answer.content  # nothing but the redirect goes over plain HTTP
+    # where it leads: the hub over HTTPS with the office's certificate
+    followed = requests.get(f"{site.url}/hub/login", timeout=30,
                             verify=str(site.office / "ca.pem"))
-    assert followed.status_code == 200 and followed.url == f"{site.url}/hub/login"
-    assert not followed.history[0].content  # nothing but the redirect went over plain HTTP
+    assert followed.status_code == 200
 
 
 @pytest.mark.slow
@@ -685,19 +689,89 @@ def test_the_plain_http_port_redirects_and_answers_acme_challenges(tmp_path):
     challenges.mkdir(parents=True)
     (challenges / "tok-EN_1").write_text("tok-EN_1.thumbprint")
     (port,) = free_ports(1)
-    conf = {"domain": "", "listen_ip": "127.0.0.1", "https_port": 443, "webroot": str(webroot)}
+    conf = {"domain": "", "listen_ip": "127.0.0.1", "https_port": 443, "webroot": str(webroot),
+            "redirect_host": "hub.example.org"}
     with tls_service.http_listener(conf, port):
         base = f"http://127.0.0.1:{port}"
         challenge = requests.get(f"{base}/.well-known/acme-challenge/tok-EN_1", timeout=5)
         assert challenge.status_code == 200 and challenge.text == "tok-EN_1.thumbprint"
         for path in ("/.well-known/acme-challenge/nope", "/.well-known/acme-challenge/..%2f"):
             assert requests.get(base + path, timeout=5).status_code == 404
+        # the hub's own name, whatever Host the request claims (no open redirect)
         moved = requests.get(f"{base}/user/a/lab?x=1", allow_redirects=False, timeout=5,
-                             headers={"Host": "hub.example.org:80"})
+                             headers={"Host": "evil.example.net:80"})
         assert moved.status_code == 301
         assert moved.headers["Location"] == "https://hub.example.org/user/a/lab?x=1"
         posted = requests.post(f"{base}/hub/login", allow_redirects=False, timeout=5)
         assert posted.status_code == 308
+
+
+def test_redirects_go_to_the_domain_or_the_hubs_own_address(tmp_path):
+    from tasks.hub.tls import service_conf
+
+    named = layout(tmp_path, 'https = "files"\ndomain = "hub.example.org"\n')
+    assert service_conf(named)["redirect_host"] == "hub.example.org"
+    by_address = layout(tmp_path, 'https = "files"\nip = "192.0.2.7"\n')
+    assert service_conf(by_address)["redirect_host"] == "192.0.2.7"
+    everywhere = layout(tmp_path, 'https = "files"\n')
+    assert service_conf(everywhere)["redirect_host"] == os.uname().nodename
+
+
+def office_files_hub(tmp_path: Path, monkeypatch, *, days: int, key_mode: int):
+    """A hub in tmp_path serving a self-signed certificate with ``days`` left, its key file
+    with ``key_mode``; the TLS step run once."""
+    from tasks.hub.tls import ensure_tls
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    key = make_key(certs, "hub.key")
+    openssl("req", "-x509", "-key", str(key), "-subj", "/CN=localhost", "-days", str(days),
+            "-out", "hub.crt", cwd=certs)
+    key.chmod(key_mode)
+    hub = hub_in(tmp_path, f'https = "files"\ntls_cert = "{certs / "hub.crt"}"\n'
+                           f'tls_key = "{key}"\n')
+    hub.tls_dir.parent.mkdir(parents=True)  # what the prefix and secrets steps make
+    return hub, key, ensure_tls(hub)
+
+
+def test_a_world_readable_source_key_gets_a_warning(tmp_path, monkeypatch):
+    from tasks.hub.tls import check_tls
+
+    hub, key, said = office_files_hub(tmp_path, monkeypatch, days=300, key_mode=0o644)
+    assert f"warning: {key} (hub.tls_key) is readable by every user of this server" in said
+    check = check_tls(hub)
+    assert check.ok and f"chmod 600 {key}" in check.says
+    key.chmod(0o600)
+    assert "warning" not in check_tls(hub).says
+
+
+def test_a_certificate_near_its_end_makes_the_plan_say_so(tmp_path, monkeypatch):
+    from tasks.hub.tls import check_tls
+
+    hub, _, _ = office_files_hub(tmp_path, monkeypatch, days=10, key_mode=0o600)
+    check = check_tls(hub)
+    assert check.ok, check.says
+    assert "fewer than 14 days left: replace it (hub.tls_cert) soon" in check.says
+
+
+def test_an_encrypted_key_is_named_with_how_to_give_an_unencrypted_one(tmp_path, monkeypatch):
+    from tasks.core.errors import HubworksError
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    plain = make_key(certs, "plain.key")
+    openssl("req", "-x509", "-key", str(plain), "-subj", "/CN=localhost", "-days", "300",
+            "-out", "hub.crt", cwd=certs)
+    openssl("pkey", "-in", "plain.key", "-aes256", "-passout", "pass:secret", "-out",
+            "hub.key", cwd=certs)
+    hub = hub_in(tmp_path, f'https = "files"\ntls_cert = "{certs / "hub.crt"}"\n'
+                           f'tls_key = "{certs / "hub.key"}"\n')
+    hub.tls_dir.parent.mkdir(parents=True)  # what the prefix and secrets steps make
+    from tasks.hub.tls import ensure_tls
+    with pytest.raises(HubworksError) as caught:
+        ensure_tls(hub)
+    assert f"{certs / 'hub.key'} (hub.tls_key) is encrypted with a passphrase" in str(caught.value)
+    assert f"openssl pkey -in {certs / 'hub.key'} -out <plain key>" in str(caught.value)
 
 
 def test_the_expiry_read_from_the_certificate_is_the_one_openssl_reads(tmp_path):

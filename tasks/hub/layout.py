@@ -301,12 +301,16 @@ class HubLayout:
         return f"{self.local_url}hub/health"
 
     @property
+    def public_host(self) -> str:
+        """The name users reach the hub by: hub.domain, else this machine's name or address."""
+        return self.hub_settings.domain or (os.uname().nodename if self.listens_everywhere
+                                            else self.hub_settings.ip)
+
+    @property
     def public_url(self) -> str:
-        host = self.hub_settings.domain or (os.uname().nodename if self.listens_everywhere
-                                   else self.hub_settings.ip)
         default_port = {"http": 80, "https": 443}[self.scheme]
         port = "" if self.hub_settings.port == default_port else f":{self.hub_settings.port}"
-        return f"{self.scheme}://{url_host(host)}{port}/"
+        return f"{self.scheme}://{url_host(self.public_host)}{port}/"
 
 
 def systemd_is_running() -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 from ..core.commands import log_path
 from ..core.errors import HubworksError
 from ..core.fsutil import atomic_write_bytes
+from ..core.netaddr import url_host
 from .checks import Check, checks_first
 from .layout import SYSTEMD_UNIT_DIR, HubLayout, systemd_is_running
 from .packages import run
@@ -36,6 +37,7 @@ from .render import configured_values, written_config
 from .service import running_hub_pid
 
 RENEW_DAYS = 30
+WARN_DAYS = 14  # install_hub_plan says so when a certificate has less left
 RENEW_EVERY_HOURS = 12
 TIMER_NAME = "hubworks-tls-renew"
 
@@ -45,6 +47,9 @@ def service_conf(hub: HubLayout) -> dict:
     s = hub.hub_settings
     conf = {
         "domain": s.domain, "listen_ip": s.ip, "https_port": s.port,
+        # redirects name the hub's own address, never the request's Host header (which a
+        # client chooses: an open redirect otherwise)
+        "redirect_host": url_host(hub.public_host),
         "proxy_host": hub.local_host, "proxy_pid_file": str(hub.proxy_pid_file),
         "cert_file": str(hub.tls_cert_file), "key_file": str(hub.tls_key_file),
         "record_file": str(hub.tls_dir / "issued.json"), "webroot": str(hub.acme_webroot),
@@ -133,9 +138,26 @@ def _check_files(hub: HubLayout) -> Check:
     if tls_service.read_bytes(hub.tls_cert_file) != chain or \
             tls_service.read_bytes(hub.tls_key_file) != key_bytes:
         return Check(False, f"the proxy's copy differs from {cert} and {key}")
-    if tls_service.days_left(chain) < 0:
+    left = tls_service.days_left(chain)
+    if left < 0:
         return Check(False, f"{cert} has expired")
-    return Check(True, f"the proxy serves {cert}, which {_expiry_says(chain)}; key 600, root's")
+    said = f"the proxy serves {cert}, which {_expiry_says(chain)}; key 600, root's"
+    if left < WARN_DAYS:
+        said += f"; fewer than {WARN_DAYS} days left: replace it (hub.tls_cert) soon"
+    if warning := _readable_key_warning(key):
+        said += f"; {warning}"
+    return Check(True, said)
+
+
+def _readable_key_warning(key: Path) -> str | None:
+    """The office's own key file, readable by every user of this server, is a leaked key."""
+    try:
+        readable = os.stat(key).st_mode & stat.S_IROTH
+    except OSError:
+        return None
+    return (f"warning: {key} (hub.tls_key) is readable by every user of this server; the "
+            f"proxy uses a root-only copy, so make the original root-only too "
+            f"(chmod 600 {key})") if readable else None
 
 
 def _check_letsencrypt(hub: HubLayout) -> Check:
@@ -180,17 +202,27 @@ def _ensure_files(hub: HubLayout, conf: dict) -> list[str]:
     said = [f"the proxy serves {cert}, which {_expiry_says(chain)}"]
     if left < RENEW_DAYS:
         said.append("ask the office's CA for a new one soon")
+    if warning := _readable_key_warning(key):
+        said.append(warning)
     if tls_service.install_files(conf, chain, key.read_bytes()):
         said.append(_reload(hub, conf))
     return said
 
 
 def _require_serving_pair(cert: Path, key: Path) -> None:
-    """Both readable PEM files, and the key belongs to the certificate."""
+    """Both readable PEM files, the key not encrypted, and the key belongs to the certificate."""
     for path in (cert, key):
         if tls_service.read_bytes(path) is None:
             raise HubworksError(f"{path} (hub.tls_{'cert' if path == cert else 'key'}) cannot "
                                 f"be read.", fix="name a readable PEM file, and run as root")
+    # PKCS#8 ("BEGIN ENCRYPTED PRIVATE KEY") or the traditional form ("Proc-Type: 4,ENCRYPTED")
+    if b"ENCRYPTED" in (tls_service.read_bytes(key) or b""):
+        raise HubworksError(
+            f"{key} (hub.tls_key) is encrypted with a passphrase, which the proxy cannot ask "
+            f"for when it starts.",
+            fix=f"write an unencrypted copy, root-only: openssl pkey -in {key} -out "
+                f"<plain key> (it asks the passphrase once), chmod 600 <plain key>, and name "
+                f"that file in hub.tls_key")
     try:
         # the proxy's own test: both PEM, and the key belongs to the certificate
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key,

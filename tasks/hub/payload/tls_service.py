@@ -120,7 +120,8 @@ def request_due(conf: dict) -> str | None:
                 f"{conf['letsencrypt']['directory']} yet")
     left = days_left(pem)
     if left < conf["renew_days"]:
-        return f"the certificate expires in {left:.0f} days (renewed from {conf['renew_days']})"
+        return (f"the certificate expires in {left:.0f} days: the renewal runs now (from "
+                f"{conf['renew_days']} days before)")
     return None
 
 
@@ -289,9 +290,10 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _redirect(self, status: int) -> None:
-        host = self.conf.get("domain") or _host_only(self.headers.get("Host", ""))
+        # the hub's own name, never the request's Host header: a client picks that one
+        host = self.conf.get("redirect_host") or self.conf.get("domain")
         if not host:
-            self.send_error(400, "no Host header: open the hub's https:// address")
+            self.send_error(400, "open the hub's https:// address")
             return
         port = self.conf["https_port"]
         path = self.path if self.path.startswith("/") else "/"
@@ -307,13 +309,6 @@ class RedirectHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         sys.stderr.write(f"hubworks-http: {self.address_string()} {format % args}\n")
-
-
-def _host_only(host: str) -> str:
-    # netaddr.host_of's twin, brackets kept (a URL host): this file runs without hubworks
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class _Server(http.server.ThreadingHTTPServer):
