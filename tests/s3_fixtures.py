@@ -42,6 +42,20 @@ class S3Store:
     def repodata(self, bucket: str, key: str) -> dict:
         return json.loads(self.client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
+    def iam_user(self, name: str, bucket: str) -> tuple[str, str]:
+        """A moto IAM user allowed everything in ``bucket``; its key id and secret."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION,
+                           aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="bucket", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                           "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
     def enforce_iam(self) -> None:
         """From now on requests are checked against moto's IAM users and policies."""
         import requests

@@ -8,15 +8,21 @@ package that failed to upload is in no index.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
+import threading
+import time
 
+import msgpack
 import pytest
+import zstandard
 
+from tasks.channel.publish import FolderTarget, LocalPackage
 from tests.conftest import DODO, Workspace, free_port
+from tests.package_copies import package_as
 from tests.test_conda_client import install
 
 pytest_plugins = ["tests.s3_fixtures"]  # the moto_endpoint and s3_store fixtures
@@ -84,7 +90,8 @@ def test_a_published_package_is_never_overwritten(workspace, s3_store):
 
     # A file replaced by hand under a published name: the target keeps its copy, and says so.
     noarch = ws.channel / "noarch"
-    shutil.copy(noarch / "tool-1.0.0-h4616a5c_1.conda", noarch / "tool-1.0.0-h4616a5c_0.conda")
+    package_as(noarch / "tool-1.0.0-h4616a5c_1.conda", ws.state, build="h4616a5c_0").replace(
+        noarch / "tool-1.0.0-h4616a5c_0.conda")
     run = ws.doit("publish_channel")
     assert ("kept the copies s3://office-channel/conda has of 1 package(s) rebuilt here under "
             "the same name (published packages never change; bump the recipe's build.number "
@@ -154,6 +161,11 @@ def test_bad_targets_get_one_message_naming_the_target_and_the_fix(workspace, s3
 
     out = failure(HUBWORKS_PUBLISH_URL="ftp://example/channel")
     assert "publish.url 'ftp://example/channel' is not a target publish_channel knows" in out
+
+    out = failure(HUBWORKS_PUBLISH_URL="file://fileserver/srv/conda")
+    assert ("publish.url 'file://fileserver/srv/conda' names the host 'fileserver': "
+            "publish_channel publishes only to folders of this machine") in out
+    assert "fix: mount the share on this machine" in out
 
     # With IAM checks on, an unknown key pair is refused.
     s3_store.enforce_iam()
@@ -230,3 +242,224 @@ def test_publish_to_a_folder(workspace, tmp_path):
         "data-1.0.0-h4616a5c_0.conda", "report-kit-1.0.0-h4616a5c_0.conda",
         "tool-1.0.0-h4616a5c_0.conda"]
     assert (share / "noarch" / "tool-1.0.0-h4616a5c_0.conda").stat().st_mtime_ns == before
+
+
+def test_an_s3_prefix_is_checked_before_any_upload(workspace, s3_store):
+    ws = workspace
+    ws.add_recipe("tool")
+    bucket = s3_store.make_bucket("office-channel")
+    refused = {
+        "x/../..": "has a '..' part in its prefix",     # rattler would index the bucket root
+        "a//b": "has an empty part (//) in its prefix",
+        "conda#latest": "has a '#' or '?'",
+        "conda?v=1": "has a '#' or '?'",
+        "my channel": "spell differently (' ')",  # rattler's keys say my%20channel
+        "my%20channel": "spell differently ('%')",
+    }
+    for prefix, why in refused.items():
+        s3_store.configure(ws, f"s3://{bucket}/{prefix}")
+        run = ws.doit("publish_channel", check=False)
+        assert run.returncode != 0
+        assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+        assert f"publish.url 's3://{bucket}/{prefix}' has " in run.output, run.output
+        assert why in run.output, run.output
+        assert "fix: write the prefix with only letters, digits and - _ . ~" in run.output
+        assert s3_store.keys(bucket) == []
+
+    # What the rule allows: the packages and every index file under the same prefix.
+    s3_store.configure(ws, f"s3://{bucket}/team-a/conda.v1_~x/")
+    ws.doit("publish_channel")
+    keys = s3_store.keys(bucket)
+    assert "team-a/conda.v1_~x/noarch/tool-1.0.0-h4616a5c_0.conda" in keys
+    assert "team-a/conda.v1_~x/noarch/repodata_shards.msgpack.zst" in keys
+    assert all(key.startswith("team-a/conda.v1_~x/noarch/") for key in keys), keys
+    assert published_names(s3_store, bucket, "team-a/conda.v1_~x") == ws.packages()
+
+
+def test_an_s3_index_error_shows_the_store_code_and_message(workspace, s3_store):
+    ws = workspace
+    ws.add_recipe("tool")
+    bucket = s3_store.make_bucket("office-channel")
+    key_id, secret = s3_store.iam_user("publisher", bucket)
+    s3_store.enforce_iam()
+    # moto's IAM checks take boto3's requests and refuse the signature of rattler's listing:
+    # the packages go up, the index fails with an answer of the store.
+    s3_store.configure(ws, f"s3://{bucket}/conda", AWS_ACCESS_KEY_ID=key_id,
+                       AWS_SECRET_ACCESS_KEY=secret)
+    run = ws.doit("publish_channel", check=False)
+    assert run.returncode != 0
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert (f"rattler could not index s3://{bucket}/conda (endpoint {s3_store.endpoint}): "
+            f"the store answered SignatureDoesNotMatch: The request signature we calculated "
+            f"does not match the signature you provided.") in run.output, run.output
+    assert "(its list request)" in run.output
+    assert "headers" not in run.output and "x-amzn-requestid" not in run.output
+
+
+def share_files(share) -> dict[str, int]:
+    """Every file under ``share`` with its size, the lock file apart (empty by nature)."""
+    return {str(path.relative_to(share)): path.stat().st_size for path in share.rglob("*")
+            if path.is_file() and path.name != ".hubworks-publish.lock"}
+
+
+def index_lists(share, names: set[str]) -> bool:
+    """Every index file of the share's noarch lists exactly ``names``, each shard there."""
+    noarch = share / "noarch"
+    repodata = json.loads((noarch / "repodata.json").read_text())
+    zst = json.loads(zstandard.ZstdDecompressor().decompressobj().decompress(
+        (noarch / "repodata.json.zst").read_bytes()))
+    shards = msgpack.unpackb(zstandard.ZstdDecompressor().decompressobj().decompress(
+        (noarch / "repodata_shards.msgpack.zst").read_bytes()))["shards"]
+    return ({r["name"] for r in repodata["packages.conda"].values()} == names
+            and {r["name"] for r in zst["packages.conda"].values()} == names
+            and set(shards) == names
+            and all((noarch / "shards" / f"{bytes(d).hex()}.msgpack.zst").is_file()
+                    for d in shards.values()))
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make a folder read-only for everyone, root included (a read-only bind mount)."""
+    mounted = []
+
+    def make(folder):
+        if os.geteuid() != 0:
+            pytest.skip("a bind mount needs root")
+        subprocess.run(["mount", "--bind", str(folder), str(folder)], check=True)
+        mounted.append(folder)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+
+    def undo():
+        while mounted:
+            subprocess.run(["umount", str(mounted.pop())], check=True)
+
+    make.undo = undo
+    yield make
+    undo()
+
+
+def test_a_read_only_folder_target_is_one_message(workspace, tmp_path, read_only):
+    ws = workspace
+    ws.add_recipe("tool")
+    share = tmp_path / "share"
+    share.mkdir()
+    ws.env["HUBWORKS_PUBLISH_URL"] = share.as_uri()
+    ws.doit("publish_channel")
+    ws.add_recipe("data")
+    ws.doit("build_recipes")
+    before = share_files(share)
+
+    read_only(share)
+    run = ws.doit("publish_channel", check=False)
+    assert run.returncode != 0
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert (f"the publish target {share.as_uri()} is not writable: Read-only file system"
+            in run.output), run.output
+    assert "fix: mount the share read-write, or make the folder writable" in run.output
+    assert share_files(share) == before
+
+    read_only.undo()
+    assert "published 1 package(s)" in ws.doit("publish_channel").output
+    assert index_lists(share, {"tool", "data"})
+
+
+@pytest.mark.parametrize("room", [0, 1], ids=["no-room-for-repodata", "room-for-repodata"])
+def test_a_folder_target_that_fills_up_while_indexing(workspace, small_share, room):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.env["HUBWORKS_PUBLISH_URL"] = small_share.as_uri()
+    ws.doit("publish_channel")
+    ws.add_recipe("data")
+    ws.doit("build_recipes")
+    [data] = [name for name in ws.packages() if name.startswith("data-")]
+
+    # Fill the share, then free the pages the new package takes and ``room`` more: the
+    # package fits, and the index runs out of space (with room=1, after repodata.json).
+    filler = small_share / "filler"
+    with filler.open("wb", buffering=0) as handle:
+        for size in (1 << 16, 1 << 12, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    pages = -(-(ws.channel / "noarch" / data).stat().st_size // 4096) + room
+    os.truncate(filler, filler.stat().st_size - pages * 4096)
+
+    run = ws.doit("publish_channel", check=False)
+    assert run.returncode != 0
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert (f"{small_share.as_uri()} ran out of space while it was indexed: its packages are "
+            f"there, but its index does not list them all yet") in run.output, run.output
+    assert "fix: free space on the share (or raise its quota)" in run.output
+    assert not [name for name, size in share_files(small_share).items() if size == 0]
+    assert not (small_share / ".tmp").exists()
+    assert not index_lists(small_share, {"tool", "data"})
+
+    # Still full: the next run is not up to date, and says the same.
+    again = ws.doit("publish_channel", check=False)
+    assert "publish_channel" in again.executed and again.returncode != 0
+    filler.unlink()
+    ws.doit("publish_channel")
+    assert index_lists(small_share, {"tool", "data"})
+    assert "publish_channel" in ws.doit("publish_channel").up_to_date
+
+
+def test_a_folder_target_with_a_linked_subdir_is_refused(workspace, tmp_path):
+    ws = workspace
+    ws.add_recipe("tool")
+    share, elsewhere = tmp_path / "share", tmp_path / "elsewhere" / "noarch"
+    share.mkdir()
+    elsewhere.mkdir(parents=True)
+    (share / "noarch").symlink_to(elsewhere)
+    ws.env["HUBWORKS_PUBLISH_URL"] = share.as_uri()
+    run = ws.doit("publish_channel", check=False)
+    assert run.returncode != 0
+    assert run.output.count("fix:") == 1 and "Traceback" not in run.output, run.output
+    assert (f"the publish target {share.as_uri()} has a link where a subdir belongs: "
+            f"noarch -> {elsewhere}") in run.output, run.output
+    assert f"fix: replace the link {share / 'noarch'} with the folder it points to" \
+        in run.output
+    assert list(elsewhere.iterdir()) == [] and share_files(share) == {}
+
+
+def test_a_folder_publish_never_overwrites_a_package_that_appeared_meanwhile(workspace,
+                                                                            tmp_path):
+    ws = workspace
+    ws.add_recipe("tool")
+    ws.doit("build_recipes")
+    [name] = ws.packages()
+    ours = (ws.channel / "noarch" / name).read_bytes()
+    theirs = package_as(ws.channel / "noarch" / name, tmp_path).read_bytes()  # same name
+    assert theirs != ours
+    share = tmp_path / "share"
+    (share / "noarch").mkdir(parents=True)
+    # Our package comes through a pipe: the test decides when its copy is written.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+
+    def publish_theirs_meanwhile():
+        with pipe.open("wb") as source:
+            source.write(ours[:1000])
+            source.flush()
+            deadline = time.monotonic() + 30
+            while not list((share / "noarch").glob(".*.partial")):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            (share / "noarch" / name).write_bytes(theirs)  # another publisher, done first
+            source.write(ours[1000:])
+
+    other = threading.Thread(target=publish_theirs_meanwhile)
+    other.start()
+    written = FolderTarget(share, share.as_uri()).put_new(
+        LocalPackage(f"noarch/{name}", pipe, len(ours), "", ""))
+    other.join()
+    assert written is False
+    assert (share / "noarch" / name).read_bytes() == theirs
+    assert [p.name for p in (share / "noarch").iterdir()] == [name]
+
+    # publish_channel then keeps their copy and says so.
+    ws.env["HUBWORKS_PUBLISH_URL"] = share.as_uri()
+    run = ws.doit("publish_channel")
+    assert f"kept the copies {share.as_uri()} has of 1 package(s)" in run.output
+    assert (share / "noarch" / name).read_bytes() == theirs

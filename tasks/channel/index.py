@@ -371,7 +371,7 @@ class StagedIndex:
         return self.records.files
 
 
-def _shard_names(shard_index_bytes: bytes) -> dict[str, str]:
+def shard_names(shard_index_bytes: bytes) -> dict[str, str]:
     """Package name -> shard file name, from a shard index."""
     import msgpack
 
@@ -405,7 +405,7 @@ def _read_staged(staged: Path, expected_files: set[str], published: Path,
             return None
         shard_index = (staged / SHARD_INDEX).read_bytes()
         records = Records.from_bytes((staged / RECORDS).read_bytes())
-        shards = _shard_names(shard_index)
+        shards = shard_names(shard_index)
         staged_index = StagedIndex(records, shard_index, stamps)
         names = records.names
     except (OSError, ValueError, TypeError, KeyError, AttributeError, zstandard.ZstdError,
@@ -436,7 +436,7 @@ def _update_subdir(fresh: Path, staged: Path, names: set[str], old: StagedIndex 
     fresh_index = (fresh / SHARD_INDEX).read_bytes()
     # Content-addressed: a shard already staged is this one, synced when it came.
     new_shards = [fresh / "shards" / name for name in
-                  set(_shard_names(fresh_index).values()) - _folder_names(staged / "shards")]
+                  set(shard_names(fresh_index).values()) - _folder_names(staged / "shards")]
     sync_files(new_shards, mode=0o644)
     for shard in new_shards:
         os.replace(shard, staged / "shards" / shard.name)
@@ -468,7 +468,7 @@ def _publish_subdir(staged: Path, published: Path, previous_shards: set[str]) ->
     """Publish the staged index files in the served subdir, as hard links of the staged
     ones (which are synced and never changed in place); return the shard names now live."""
     published.mkdir(parents=True, exist_ok=True)
-    live = set(_shard_names((staged / SHARD_INDEX).read_bytes()).values())
+    live = set(shard_names((staged / SHARD_INDEX).read_bytes()).values())
     if live:
         (published / "shards").mkdir(exist_ok=True)
     served = _folder_names(published / "shards")

@@ -7,8 +7,8 @@
   (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and
   ``~/.aws``, instance or container roles), resolved once by boto3 and handed to rattler's
   ``index_s3``, which indexes the bucket in place.
-- ``file:///folder`` or a path: a plain folder, e.g. a network share; rattler's ``index_fs``
-  indexes it.
+- ``file:///folder`` or a path: a plain folder of this machine, e.g. a mounted share;
+  rattler's ``index_fs`` indexes it.
 
 Rules, for both:
 
@@ -25,6 +25,12 @@ Rules, for both:
   and retries when another indexer got there first; folders are indexed under a lock file.
   Either way the published repodata is read back afterwards and indexing repeated until it
   lists every package this run published.
+- A target's index is whole only when its repodata.json.zst and sharded repodata list what
+  its repodata.json lists (an index cut short, e.g. by a full share, is not): until then the
+  task is not up to date, and the next run indexes again.
+- Checked before anything is written: an S3 prefix that S3 keys and URLs spell alike (so the
+  packages and rattler's index land under the same keys), a folder of this machine that is
+  writable and whose subdirs are no links (rattler's indexer crashes on a linked subdir).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +48,12 @@ from ..core.errors import HubworksError, reports_errors
 from ..core.fsutil import atomic_write_json, exclusive_lock, is_package, read_json
 from ..core.reporter import print_line
 from ..core.settings import Settings
-from .repodata import read_repodata, records, repodata_files
+from .index import SHARD_INDEX, shard_names
+from .repodata import package_names, read_repodata, records, repodata_files
 
 IMMUTABLE = "public, max-age=31536000, immutable"
+# Spelled alike in an S3 key and in a URL: rattler keys by the URL's (encoded) path.
+S3_KEY_PART = re.compile(r"[A-Za-z0-9._~-]+")
 INDEX_ATTEMPTS = 3
 S3_CONNECT_SECONDS = 10
 CREDENTIALS_FIX = ("give credentials the usual AWS way: AWS_ACCESS_KEY_ID and "
@@ -95,6 +105,17 @@ class Target:
         """The target's ``<subdir>/repodata.json`` ({} when there is none)."""
         raise NotImplementedError
 
+    def index_file(self, subdir: str, name: str) -> bytes | None:
+        """The bytes of ``<subdir>/<name>`` on the target; None when there is none."""
+        raise NotImplementedError
+
+    def shard_files(self, subdir: str) -> set[str]:
+        """The file names in ``<subdir>/shards/``."""
+        raise NotImplementedError
+
+    def check_writable(self) -> None:
+        """Raise HubworksError, naming the target and the fix, when it cannot be written."""
+
     def put_new(self, package: LocalPackage) -> bool:
         """Write ``package`` unless its name exists; False when it did (nothing written)."""
         raise NotImplementedError
@@ -114,6 +135,43 @@ class Target:
                 found[f"{subdir}/{filename}"] = record
         return found
 
+    def incomplete(self, subdirs: set[str]) -> list[str]:
+        """The index files of ``subdirs`` (and noarch) that do not list what their
+        repodata.json lists: written before an index run was cut short, or missing."""
+        import zstandard
+
+        gaps = []
+        for subdir in sorted(subdirs | {"noarch"}):
+            repodata = self.repodata(subdir)
+            if not repodata:
+                continue  # never indexed: its packages count as unindexed
+            files = {filename for filename, _ in records(repodata)}
+            try:
+                zst = self.index_file(subdir, "repodata.json.zst") or b""
+                text = zstandard.ZstdDecompressor().decompressobj().decompress(zst)
+                if {filename for filename, _ in records(orjson_loads(text))} != files:
+                    gaps.append(f"{subdir}/repodata.json.zst")
+            except (ValueError, zstandard.ZstdError):
+                gaps.append(f"{subdir}/repodata.json.zst")
+            try:
+                shards = shard_names(self.index_file(subdir, SHARD_INDEX) or b"")
+                if set(shards) != package_names(repodata) or \
+                        not set(shards.values()) <= self.shard_files(subdir):
+                    gaps.append(f"{subdir}/{SHARD_INDEX}")
+            except Exception:  # cut short or not msgpack: zstandard's and msgpack's errors
+                gaps.append(f"{subdir}/{SHARD_INDEX}")
+        return gaps
+
+
+def orjson_loads(data: bytes) -> dict:
+    """JSON text as a dict; ValueError when it is not a JSON object."""
+    import orjson
+
+    value = orjson.loads(data)  # orjson's JSONDecodeError is a ValueError
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
 
 class FolderTarget(Target):
     def __init__(self, folder: Path, url: str):
@@ -124,6 +182,15 @@ class FolderTarget(Target):
                 f"the publish target {url} is not a folder that exists.",
                 fix="create it (or mount the share), or correct publish.url "
                     "(HUBWORKS_PUBLISH_URL)")
+        for entry in os.scandir(folder):
+            if entry.is_symlink() and entry.is_dir():
+                raise HubworksError(
+                    f"the publish target {url} has a link where a subdir belongs: "
+                    f"{entry.name} -> {os.readlink(entry.path)} (rattler's indexer cannot "
+                    f"index through it, and writes through it would leave the target).",
+                    fix=f"replace the link {folder / entry.name} with the folder it points "
+                        f"to (move the folder there), or point publish.url at a folder "
+                        f"without links")
 
     def files(self) -> dict[str, TargetFile]:
         found = {}
@@ -138,12 +205,42 @@ class FolderTarget(Target):
     def repodata(self, subdir: str) -> dict:
         return read_repodata(self.folder / subdir / "repodata.json")
 
+    def index_file(self, subdir: str, name: str) -> bytes | None:
+        try:
+            return (self.folder / subdir / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def shard_files(self, subdir: str) -> set[str]:
+        try:
+            return set(os.listdir(self.folder / subdir / "shards"))
+        except FileNotFoundError:
+            return set()
+
+    def _cannot_write(self, why: str) -> HubworksError:
+        return HubworksError(f"the publish target {self.url} is not writable: {why}.",
+                             fix="mount the share read-write, or make the folder writable "
+                                 "for this user; then run publish_channel again")
+
+    def check_writable(self) -> None:
+        probe = self.folder / f".hubworks-write-check.{secrets.token_hex(4)}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise self._cannot_write(exc.strerror) from None
+            raise HubworksError(f"the publish target {self.url} cannot be written: "
+                                f"{exc.strerror or exc}.",
+                                fix="check the folder and its share, then run "
+                                    "publish_channel again") from None
+
     def put_new(self, package: LocalPackage) -> bool:
         target = self.folder / package.key
-        target.parent.mkdir(parents=True, exist_ok=True)
         # A hidden temporary name no indexer reads; linked to its name only once complete.
         partial = target.parent / f".{target.name}.{secrets.token_hex(4)}.partial"
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             with package.path.open("rb") as source, partial.open("xb") as handle:
                 while block := source.read(1 << 20):
                     handle.write(block)
@@ -168,15 +265,57 @@ class FolderTarget(Target):
 
         from rattler.index import index_fs
 
-        (self.folder / "noarch").mkdir(exist_ok=True)  # conda clients require noarch
+        scratch = self.folder / ".tmp"  # where rattler writes each file before its rename
         try:
-            with exclusive_lock(self.folder / ".hubworks-publish.lock", f"the index of {self.url}"):
-                asyncio.run(index_fs(self.folder, write_zst=True, write_shards=True))
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-                raise HubworksError(f"{self.url} cannot be indexed: {exc.strerror}.",
-                                    fix="make the folder writable for this user") from None
-            raise
+            with exclusive_lock(self.folder / ".hubworks-publish.lock",
+                                f"the index of {self.url}"):
+                (self.folder / "noarch").mkdir(exist_ok=True)  # conda clients require noarch
+                before = set(os.listdir(scratch)) if scratch.is_dir() else None
+                try:
+                    asyncio.run(index_fs(self.folder, write_zst=True, write_shards=True))
+                finally:
+                    _remove_new_files(scratch, before)
+        except Exception as exc:  # OSError, or rattler's own types whose text says why
+            raise self._index_failure(exc) from None
+
+    def _index_failure(self, exc: Exception) -> HubworksError:
+        code = exc.errno if isinstance(exc, OSError) else _os_error_code(str(exc))
+        if code in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return self._cannot_write(os.strerror(code))
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            return HubworksError(
+                f"{self.url} ran out of space while it was indexed: its packages are "
+                f"there, but its index does not list them all yet.",
+                fix="free space on the share (or raise its quota), then run publish_channel "
+                    "again: it indexes the target again")
+        return HubworksError(f"rattler could not index {self.url}: {_short(str(exc))}",
+                             fix="fix what the message names, then run publish_channel "
+                                 "again (published packages stay)")
+
+
+def _os_error_code(text: str) -> int | None:
+    """The OS error number in the text of a rattler error ("... (os error 28)")."""
+    found = re.search(r"\(os error (\d+)\)", text)
+    return int(found.group(1)) if found else None
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _remove_new_files(folder: Path, before: set[str] | None) -> None:
+    """Remove what an index run left in ``folder`` (files cut short by an error), and the
+    folder itself if the run made it."""
+    if not folder.is_dir():
+        return
+    for name in set(os.listdir(folder)) - (before or set()):
+        (folder / name).unlink(missing_ok=True)
+    if before is None:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty: another run's files
 
 
 @dataclass
@@ -193,12 +332,8 @@ class S3Target(Target):
         import boto3
         from botocore.config import Config
 
-        parts = urlsplit(url)
-        if not parts.netloc:
-            raise HubworksError(f"publish.url {url!r} names no bucket.",
-                                fix="write it as s3://bucket or s3://bucket/prefix")
-        self.url = url.rstrip("/")
-        self.where = S3Location(parts.netloc, parts.path.strip("/"))
+        self.where = s3_location(url)
+        self.url = f"s3://{self.where.bucket}/{self.where.prefix}".rstrip("/")
         publish = settings.publish
         session = boto3.session.Session()
         self.region = publish.region or session.region_name or "us-east-1"
@@ -290,6 +425,31 @@ class S3Target(Target):
         except orjson.JSONDecodeError:
             return {}  # a broken index is rewritten by the next index run
 
+    def index_file(self, subdir: str, name: str) -> bytes | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.where.bucket,
+                                          Key=self.where.key(f"{subdir}/{name}"))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._fail(exc, f"reading {subdir}/{name}") from None
+        except BotoCoreError as exc:
+            raise self._fail(exc, f"reading {subdir}/{name}") from None
+
+    def shard_files(self, subdir: str) -> set[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        start = self.where.key(f"{subdir}/shards/")
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.where.bucket, Prefix=start)
+            return {item["Key"][len(start):] for page in pages
+                    for item in page.get("Contents", [])}
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail(exc, f"listing {subdir}/shards") from None
+
     def put_new(self, package: LocalPackage) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -322,10 +482,9 @@ class S3Target(Target):
             asyncio.run(index_s3(self.url, credentials=credentials, write_zst=True,
                                  write_shards=True))
         except Exception as exc:  # rattler raises its own types; the text says what failed
-            text = " ".join(str(exc).split())
             raise HubworksError(
                 f"rattler could not index {self.url} (endpoint {self.endpoint}): "
-                f"{text[:300]}",
+                f"{_store_error(str(exc))}",
                 fix="check that the credentials may read, list and put objects in the "
                     "bucket, then run publish_channel again (published packages stay)") from None
 
@@ -333,6 +492,52 @@ class S3Target(Target):
         if self.path_style or "amazonaws.com" not in self.endpoint:
             return f"{self.endpoint.rstrip('/')}/{self.where.bucket}/{self.where.key('')}"
         return f"https://{self.where.bucket}.s3.{self.region}.amazonaws.com/{self.where.key('')}"
+
+
+def s3_location(url: str) -> S3Location:
+    """Bucket and prefix of an ``s3://`` URL, refused unless boto3 (which takes the prefix as
+    it is) and rattler (which takes the URL's path, percent-encoded and with ``..`` resolved)
+    put the packages and the index under the same keys."""
+    parts = urlsplit(url)
+    if not parts.netloc:
+        raise HubworksError(f"publish.url {url!r} names no bucket.",
+                            fix="write it as s3://bucket or s3://bucket/prefix")
+    fix = ("write the prefix with only letters, digits and - _ . ~ in each part, and one / "
+           "between parts, e.g. s3://bucket/conda/internal")
+    if "#" in url or "?" in url:
+        raise HubworksError(f"publish.url {url!r} has a '#' or '?': a URL's path ends there, "
+                            f"so the packages and the index would go to different keys.",
+                            fix=fix)
+    path = parts.path[1:]
+    segments = path[:-1].split("/") if path.endswith("/") else path.split("/")
+    if path in ("", "/"):
+        return S3Location(parts.netloc, "")
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            shown = "an empty part (//)" if not segment else f"a {segment!r} part"
+            raise HubworksError(
+                f"publish.url {url!r} has {shown} in its prefix, so rattler's indexer would "
+                f"index another place than the one the packages go to.", fix=fix)
+        if not S3_KEY_PART.fullmatch(segment):
+            odd = "".join(sorted(set(S3_KEY_PART.sub("", segment))))
+            raise HubworksError(
+                f"publish.url {url!r} has characters in its prefix that S3 keys and URLs "
+                f"spell differently ({odd!r}): the packages and their index would land under "
+                f"different keys.", fix=fix)
+    return S3Location(parts.netloc, "/".join(segments))
+
+
+def _store_error(text: str) -> str:
+    """What the store answered, from the text of a rattler error (which also holds every
+    request and response header): its error code and message, or the error's first line."""
+    text = " ".join(text.split())
+    answer = re.search(r'S3Error \{ code: "([^"]*)", message: "((?:[^"\\]|\\.)*)"', text)
+    step = re.match(r"(\w+) \(\w+\) at (\w+)", text)  # "PermissionDenied (persistent) at list"
+    doing = f" (its {step.group(2)} request)" if step else ""
+    if answer:
+        return f"the store answered {answer.group(1)}: {answer.group(2)}{doing}"
+    cause = text.rpartition(" => ")[2] if " => " in text else text
+    return _short(cause) + doing
 
 
 def open_target(settings: Settings) -> Target:
@@ -347,6 +552,13 @@ def open_target(settings: Settings) -> Target:
     if scheme == "s3":
         return S3Target(settings, url)
     if scheme == "file":
+        host = urlsplit(url).netloc
+        if host not in ("", "localhost"):
+            raise HubworksError(
+                f"publish.url {url!r} names the host {host!r}: publish_channel publishes "
+                f"only to folders of this machine.",
+                fix=f"mount the share on this machine and name the mount point, e.g. "
+                    f"file:///mnt/{host} (or a plain path)")
         return FolderTarget(Path(unquote(urlsplit(url).path)), url)
     if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
         folder = (settings.root / os.path.expanduser(url)).resolve()
@@ -364,18 +576,20 @@ class Plan:
     missing: list[LocalPackage] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)   # same name, other bytes
     unindexed: list[str] = field(default_factory=list)   # on the target, not in its index
+    incomplete: list[str] = field(default_factory=list)  # index files behind repodata.json
 
     @property
     def nothing_to_do(self) -> bool:
         # A same-named file with other bytes stays as it is: nothing to do about it here.
-        return not (self.missing or self.unindexed)
+        return not (self.missing or self.unindexed or self.incomplete)
 
 
 def plan_publish(local: dict[str, LocalPackage], target: Target) -> Plan:
     """What the target lacks, from its listing and its repodata only."""
     on_target = target.files()
-    indexed = target.indexed({key.split("/", 1)[0] for key in local})
-    plan = Plan()
+    subdirs = {key.split("/", 1)[0] for key in local}
+    indexed = target.indexed(subdirs)
+    plan = Plan(incomplete=target.incomplete(subdirs))
     for key, package in sorted(local.items()):
         there = on_target.get(key)
         if there is None:
@@ -417,15 +631,21 @@ def publish_channel(settings: Settings) -> str:
     target = open_target(settings)
     local = local_packages(settings.channel_dir)
     plan = plan_publish(local, target)
+    if not plan.nothing_to_do:
+        target.check_writable()  # one message for the target, not one per package
     copies = _copy_missing(target, plan.missing)
-    if copies.copied or plan.unindexed or copies.raced:
-        _index_until_listed(target, set(copies.copied) | set(plan.unindexed))
+    if copies.copied or plan.unindexed or copies.raced or plan.incomplete:
+        _index_until_listed(target, set(copies.copied) | set(plan.unindexed),
+                            {key.split("/", 1)[0] for key in local})
     # Another publisher wrote a name meanwhile: compare again.
     kept = sorted(set(plan_publish(local, target).conflicts if copies.raced else plan.conflicts))
     _report_kept(settings, target, local, kept)
     if copies.failed:
         raise _copy_failure(target, copies.failed)
     if not copies.copied and not plan.unindexed:
+        if plan.incomplete:
+            return (f"indexed {target.url} again: it holds all {len(local)} packages, and "
+                    f"these index files did not list them all: {', '.join(plan.incomplete)}")
         return f"{target.url} is up to date: it holds all {len(local)} packages"
     return (f"published {len(copies.copied)} package(s) to {target.url} "
             f"({len(local) - len(copies.copied)} already there); indexed. Conda clients read "
@@ -477,15 +697,17 @@ def _copy_failure(target: Target, failed: dict[str, str]) -> HubworksError:
             "the share), then run publish_channel again: it copies only what is missing")
 
 
-def _index_until_listed(target: Target, wanted: set[str]) -> None:
+def _index_until_listed(target: Target, wanted: set[str], subdirs: set[str]) -> None:
     """Index, then read the index back: a server that ignored a conditional write can
-    leave another publisher's index in place, so index again until ours is listed."""
-    subdirs = {key.split("/", 1)[0] for key in wanted}
+    leave another publisher's index in place, so index again until ours is listed, in
+    every index file of ``subdirs``."""
+    subdirs = subdirs | {key.split("/", 1)[0] for key in wanted}
     for _ in range(INDEX_ATTEMPTS):
         target.index()
-        if wanted <= set(target.indexed(subdirs)):
+        if wanted <= set(target.indexed(subdirs)) and not target.incomplete(subdirs):
             return
-    missing = ", ".join(sorted(wanted - set(target.indexed(subdirs))))
+    missing = ", ".join(sorted(wanted - set(target.indexed(subdirs)))
+                        + target.incomplete(subdirs))
     raise HubworksError(f"{target.url} was indexed {INDEX_ATTEMPTS} times and its repodata "
                         f"still lacks: {missing}.",
                         fix="run publish_channel again once other publishers are done")
