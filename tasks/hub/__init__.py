@@ -86,6 +86,16 @@ class StepCheck:
 @reports_errors
 def _run_step(step: Step, hub: HubLayout) -> None:
     print(f"install_hub:{step.name}: {step.ensure(hub)}")
+    # What a step did must be what its check reads, or every re-run would run it again
+    # (and the plan would never say "up to date"): a step that cannot establish its own
+    # state fails here, naming what is still missing.
+    after = _read_check(step, hub)
+    if not after.ok:
+        raise HubworksError(
+            f"install_hub:{step.name} ran, but its check still does not hold: {after.says}.",
+            fix=f"read the step's log under {hub.settings.state('logs', 'install_hub')} and "
+                f"the hub's {hub.log_file}; fix what they name and run install_hub again "
+                f"(install_hub_plan shows each check)")
 
 
 def task_install_hub():
