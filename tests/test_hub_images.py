@@ -388,6 +388,10 @@ def test_a_new_build_is_offered_and_running_servers_survive_reinstall_and_restar
     assert site.containers() == running
     browser.wait_for_lab()
     assert browser.run_in_kernel("print(6 * 7)").strip() == "42"
+    # the restarted hub knows the server's image from its database, not from the form
+    status = site.doit("hub_status")
+    assert re.search(rf"^  {site.user} +image lab, container ", status.output, re.M), \
+        status.output
 
     browser.stop_server()  # the picker shows while no server runs
     assert ("lab-two", "lab-two (no internal packages)", False) in browser.picker()

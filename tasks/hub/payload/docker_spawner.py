@@ -128,6 +128,24 @@ class HubworksSpawner(DockerSpawner):
                 shown += 1
             await asyncio.sleep(0.25)
 
+    # The image a server runs, in the spawner's state: the hub keeps state in its database,
+    # so after a hub restart hub_status and the Images page still name the image of a
+    # server started with the default one (the user's options held no image then).
+    STATE_OPTIONS = ("image", "tag")
+
+    def get_state(self):
+        state = super().get_state()
+        if self.object_id:
+            state.update({key: self.user_options[key] for key in self.STATE_OPTIONS
+                          if self.user_options.get(key)})
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        kept = {key: state[key] for key in self.STATE_OPTIONS if state.get(key)}
+        if kept:
+            self.user_options = {**(self.user_options or {}), **kept}
+
     def _say(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
 
