@@ -186,6 +186,38 @@ def test_two_requests_share_one_keep_alive_connection(server):
     connection.close()
 
 
+def test_repeat_requests_get_the_same_answer_and_see_the_file_change(server, channel):
+    """After a handler read a file once, plain requests for it are answered from what it
+    kept: the same headers, and a file replaced or removed under its name is seen at once."""
+    path = channel / "repeated.json"
+    path.write_bytes(b'{"version": 1}')
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+
+    def get(headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+        connection.request("GET", "/repeated.json", headers=headers or {})
+        answer = connection.getresponse()
+        answer.body = answer.read()
+        return answer
+
+    first, second = get(), get()
+    assert (first.body, second.body) == (b'{"version": 1}',) * 2
+    assert [h for h in first.getheaders() if h[0] != "Date"] == \
+        [h for h in second.getheaders() if h[0] != "Date"]
+    for _ in range(2):
+        fresh = get({"If-None-Match": first.getheader("ETag")})
+        assert (fresh.status, fresh.body, fresh.getheader("ETag")) == \
+            (304, b"", first.getheader("ETag"))
+
+    replacement = channel / "repeated.json.new"
+    replacement.write_bytes(b'{"version": 2}')
+    os.replace(replacement, path)
+    changed = get({"If-None-Match": first.getheader("ETag")})
+    assert (changed.status, changed.body) == (200, b'{"version": 2}')
+    path.unlink()
+    assert get().status == 404
+    connection.close()
+
+
 def test_head_sends_headers_without_a_body(server, channel):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     connection.request("HEAD", "/bytes.bin")
