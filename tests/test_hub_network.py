@@ -29,6 +29,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -607,6 +608,13 @@ def test_local_servers_without_systemd_get_the_memory_limit_per_process(tmp_path
     assert c.Spawner.mem_limit == "1G"
     spawner = c.JupyterHub.spawner_class
     assert issubclass(spawner, LocalProcessSpawner) and "make_preexec_fn" in vars(spawner)
+    # what a server's process gets: the spawner's own preexec, run in a child as the hub
+    # runs it before exec (as root, for root here), then the limit read back there
+    preexec = spawner(config=c).make_preexec_fn(pwd.getpwuid(os.getuid()).pw_name)
+    child = subprocess.run(
+        [sys.executable, "-c", "import resource; print(*resource.getrlimit(resource.RLIMIT_AS))"],
+        preexec_fn=preexec, capture_output=True, text=True, check=True)
+    assert child.stdout.split() == [str(1024 ** 3)] * 2
     cpu_only = written_config(hub_in(tmp_path, 'service = "background"\ncpu_limit = 2\n'),
                               monkeypatch)
     assert cpu_only.JupyterHub.spawner_class == "localprocess"
