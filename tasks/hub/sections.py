@@ -47,8 +47,9 @@ def https_section(hub: HubLayout) -> Section | None:
     items: Section = {"set": {
         "JupyterHub.ssl_cert": str(hub.tls_cert_file),
         "JupyterHub.ssl_key": str(hub.tls_key_file),
-        "JupyterHub.cookie_options": {"secure": True},
-        "JupyterHub.tornado_settings": {"xsrf_cookie_kwargs": {"secure": True}},
+        # cookie_options is read from tornado_settings (JupyterHub has no trait of that name)
+        "JupyterHub.tornado_settings": {"cookie_options": {"secure": True},
+                                        "xsrf_cookie_kwargs": {"secure": True}},
     }}
     if hub.choice("spawner") == "local":
         # local servers read jupyter_server_config.json there (secure _xsrf cookie)
