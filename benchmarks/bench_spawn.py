@@ -179,11 +179,12 @@ def main() -> int:
         print(f"  {time.perf_counter() - started:.0f} s")
         (root / "images" / "lab").mkdir(parents=True)
         (root / "images" / "lab" / "Dockerfile").write_text(f"FROM {base}\n")
-        port, hub_port, api_port = free_ports(3)
+        port, hub_port, api_port, images_port = free_ports(4)
         (root / "hubworks.toml").write_text(
             f'[images]\nprefix = "hubworks-bench"\nengine = "podman"\nisolation = "chroot"\n'
             f'[channel]\nport = 0\n[hub]\nprefix = "{prefix}"\nport = {port}\n'
-            f'hub_port = {hub_port}\nproxy_api_port = {api_port}\nspawner = "docker"\n'
+            f'hub_port = {hub_port}\nproxy_api_port = {api_port}\nimages_port = {images_port}\n'
+            f'spawner = "docker"\n'
             f'authenticator = "dummy"\nallowed_users = ["{USER}"]\n')
         print("building the image and installing the hub ...", flush=True)
         started = time.perf_counter()
