@@ -407,9 +407,17 @@ class Base(HubOAuthenticated, web.RequestHandler):
 
 class Api(Base):
     def check_xsrf_cookie(self):
-        # tornado checks before anything else; a request with a hub API token needs no XSRF
-        # token (JupyterHub's check knows once the user is known), a cookie still does
-        self.current_user
+        # A request with a hub API token needs no XSRF token, one with the login cookie does.
+        # Tornado checks a POST before anything else: find out who asks first, once. Finding
+        # out checks a cookie's XSRF token by calling this again (the user is then being
+        # looked up): that call must check, not look the user up again, or the page's own
+        # calls with the cookie are refused.
+        if getattr(self, "_token_authenticated", False):
+            return None
+        if not hasattr(self, "_cached_hub_user"):
+            self.current_user
+            if getattr(self, "_token_authenticated", False):
+                return None
         return super().check_xsrf_cookie()
 
     def get_current_user(self):
