@@ -566,6 +566,20 @@ def http_date() -> str:
     return _date_text
 
 
+_status_heads: dict[int, tuple[str, bytes]] = {}
+
+
+def status_head(status: int) -> bytes:
+    """Status line, Server and Date of an HTTP/1.1 answer, encoded once a second."""
+    date = http_date()
+    known = _status_heads.get(status)
+    if known is None or known[0] != date:
+        known = _status_heads[status] = (date, (
+            f"HTTP/1.1 {status} {_PHRASES[status]}\r\nServer: {_SERVER_HEADER}\r\n"
+            f"Date: {date}\r\n").encode("latin-1"))
+    return known[1]
+
+
 class AccessLog:
     """The access log, written by a thread of its own: a request never waits for the file,
     and the line is formatted off the request's path. Tokens appear as ``<token>``,
@@ -721,11 +735,9 @@ class ChannelServer(HTTPServer):
         else:
             return False  # sent from disk by a worker, which may wait for the disk
         client.pending = pending[end:].lstrip(b"\r\n")
-        phrase = "OK" if status == 200 else "Not Modified"
         client.answered = (method.decode(), target, status, len(body), started, False)
         client.close_after = False
-        client.send(f"HTTP/1.1 {status} {phrase}\r\nServer: {_SERVER_HEADER}\r\n"
-                    f"Date: {http_date()}\r\n".encode("latin-1") + answer + body)
+        client.send(b"".join((status_head(status), answer, body)))
         return True
 
     @staticmethod
