@@ -269,7 +269,7 @@ def docker_site(podman_runtime, hub_base_image):
     password = add_user(user)
     root = Path(tempfile.mkdtemp(prefix="hubworks-dockerws-"))
     outer = public_tempdir("hubworks-dockerhub-")
-    port, hub_port, api_port = free_ports(3)
+    port, hub_port, api_port, images_port = free_ports(4)
     ws = Workspace(root)
     ws.env.update(podman_runtime.env)
     site = DockerSite(ws, outer / "hub", user, password, port, podman_runtime)
@@ -287,6 +287,7 @@ def docker_site(podman_runtime, hub_base_image):
         port = {port}
         hub_port = {hub_port}
         proxy_api_port = {api_port}
+        images_port = {images_port}
         spawner = "docker"
         allowed_users = ["{user}"]
         admin_users = ["{user}"]
