@@ -137,6 +137,7 @@ class Commands:
             [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
 
     crashes_at_exit = 0
+    cpu = 0.0  # CPU seconds (user and system, every thread) of the last command
     sample_trees = False  # sampling costs a little CPU: only for the memory run
     tree_peak = 0.0
 
@@ -152,6 +153,7 @@ class Commands:
         output = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started
+        self.cpu = usage.ru_utime + usage.ru_stime
         self.tree_peak = sampler.stop() if sampler else 0.0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0 and done and done in output:
@@ -202,6 +204,7 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
         linked_copy(source, ws / "channel")
         seconds, peak = commands.doit(ws, "index_channel")
         times.setdefault("hubworks cold", []).append(seconds)
+        times.setdefault("hubworks cold, CPU", []).append(commands.cpu)
         memory.append(peak)
 
     def rattler(n: int, zst: bool) -> None:
@@ -209,6 +212,7 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
         folder = linked_copy(source, workdir / f"rattler{count}-{n}-{int(zst)}")
         seconds, peak = commands.index_fs(folder, zst)
         times.setdefault(label, []).append(seconds)
+        times.setdefault(label + ", CPU", []).append(commands.cpu)
         rattler_memory.append(peak)
         shutil.rmtree(folder)
 
@@ -249,6 +253,7 @@ def bench(count: int, workdir: Path, runs: int, commands: Commands) -> dict[str,
                                   ("hubworks nothing new, doit index_channel",
                                    ["index_channel"], REPO / "dodo.py")]:
             times.setdefault(label, []).append(commands.doit(ws, *args, dodo=dodo)[0])
+            times.setdefault(label + ", CPU", []).append(commands.cpu)
     settings = load_settings(ws)
     index_channel(settings)  # imports done, caches warm, as in a doit process
     for n in range(runs):
@@ -297,6 +302,12 @@ def report(count: int, figures: dict[str, float]) -> list[str]:
     lines.append(f"  start: nothing new `doit index_channel` / empty `doit list`: "
                  f"{noop / empty:.2f}x; hubworks `doit list` / empty `doit list`: "
                  f"{figures['hubworks doit list'] / empty:.2f}x (goals: within 1.5x)")
+    cpu = {label[:-5]: value for label, value in figures.items() if label.endswith(", CPU")}
+    empty_cpu = cpu["doit list, empty dodo.py"]
+    lines.append(f"  the same in CPU seconds (what a busy machine does not move as much): cold "
+                 f"{cpu['hubworks cold'] / cpu['rattler index_fs cold']:.2f}x; nothing new "
+                 f"{cpu['hubworks nothing new, doit index_channel'] / empty_cpu:.2f}x and "
+                 f"`doit list` {cpu['hubworks doit list'] / empty_cpu:.2f}x the empty `doit list`")
     lines.append(f"  hubworks cold / rattler index_fs cold without .zst: "
                  f"{cold / figures['rattler index_fs cold, no .zst']:.2f}x")
     if "conda-index cold" in figures:
