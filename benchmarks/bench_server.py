@@ -23,7 +23,7 @@ The channel is real: 20,000 tiny .tar.bz2 packages indexed by rattler (repodata.
 sharded repodata), which takes about half a minute to make.
 
 The load generator is `wrk` (Debian package `wrk`) when it is on PATH, else threads with
-http.client keep-alive; the output says which. Each load runs --rounds times, the
+http.client keep-alive; the output says which. Each round runs every load, the
 servers taking turns; the table shows each figure's median over the rounds and the most
 errors of any round. The figures come last. It prints
 figures; it is not a test.
@@ -443,10 +443,12 @@ def main() -> None:
             runs: dict[tuple[str, str], list[dict]] = {}
             wanted = args.loads.split(",")
             print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-            for key, title, connections, kind in LOADS:
-                if key not in wanted:
-                    continue
-                for _ in range(args.rounds):
+            # Each round runs every load, so loads compared with each other (a 304 against
+            # a small download) see the same spells of the machine's other work.
+            for _ in range(args.rounds):
+                for key, title, connections, kind in LOADS:
+                    if key not in wanted:
+                        continue
                     for name, port in ports.items():  # the servers take turns
                         headers = conditional_headers(port) if key == "conditional" else {}
                         result = load(port, paths[kind], headers, args.seconds,
