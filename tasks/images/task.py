@@ -15,6 +15,7 @@ from ..recipes.recipe import spec_name
 from .discovery import ENVIRONMENT_FILE, Image, discover_images
 
 NEEDED_FILE = "images-recipes-needed.json"  # in the state folder: what the last load found
+NEEDED_FORMAT = 1  # raise when what recipes_needed() finds in the same files changes
 
 
 def recipes_needed(settings: Settings, image: Image, makers: dict[str, str]) -> list[str]:
@@ -39,11 +40,15 @@ def kept_recipes_needed(settings: Settings, images: dict[str, Image],
     kept = read_json(path, {}) or {}
     found = {}
     for name, image in images.items():
-        digest = hashlib.sha256(repr((settings.images.channel_alias, sorted(makers.items()),
-                                      str(image.problem or ""))).encode())
+        digest = hashlib.sha256(repr((NEEDED_FORMAT, settings.images.channel_alias,
+                                      sorted(makers.items()), str(image.problem or ""))
+                                     ).encode())
         files = [p for p in folder_files(image.folder) if p.name == ENVIRONMENT_FILE]
-        for file in files + ([image.dockerfile] if image.dockerfile else []):
-            digest.update(f"|{file}|".encode() + file.read_bytes())
+        try:
+            for file in files + ([image.dockerfile] if image.dockerfile else []):
+                digest.update(f"|{file}|".encode() + file.read_bytes())
+        except OSError:  # unreadable: not kept; the image's build names the file
+            digest.update(b"|unreadable")
         key = digest.hexdigest()
         entry = kept.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == key):
