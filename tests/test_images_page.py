@@ -170,7 +170,7 @@ def chrome():
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1440,900"):
+                 "--window-size=1280,800"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
@@ -265,7 +265,14 @@ def test_an_admin_rebuilds_an_image_whose_recipe_changed_and_users_get_the_new_t
 def test_a_user_who_may_not_build_sees_the_page_without_buttons_and_gets_403(
         images_site, admin_api):
     site = images_site
+    again = site.doit("install_hub")
+    assert again.returncode == 0, again.output
+    assert re.search(r"^-- install_hub:images_page: up to date", again.output, re.M), \
+        again.output
     viewer = logged_in(site, site.viewer)
+    home = viewer.get(f"{site.url}/hub/home", timeout=60)
+    assert re.search(r'<a class="dropdown-item" href="/services/images/">images</a>',
+                     home.text), "the page is in the hub's Services menu"
     page = viewer.get(f"{site.url}/services/images/", timeout=60)
     assert page.status_code == 200 and 'data-image="lab"' in page.text, page.text[-2000:]
     assert "build-button" not in page.text and "build-out-of-date" not in page.text
