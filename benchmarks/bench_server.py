@@ -534,8 +534,8 @@ def report(loads: dict, floods: dict, first: dict, repeat: dict, repeat_after: f
             row("   errors (most in a round)", [str(run["errors"]) for run in runs])
     goals(loads)
     if floods:
-        row("5. idle flood: opened", [f"{floods[n]['opened']:,} in {floods[n]['open_seconds']:.1f} s"
-                                      for n in names])
+        row("5. idle flood: opened", [
+            f"{floods[n]['opened']:,} in {floods[n]['open_seconds']:.1f} s" for n in names])
         row("   slowest request, flood open", [seconds(floods[n]["during"]) for n in names])
         row("   slowest request, after all closed", [seconds(floods[n]["after"]) for n in names])
     for sharded, title in [(True, "sharded repodata (default)"), (False, "repodata.json.zst")]:
