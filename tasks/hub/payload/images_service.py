@@ -410,8 +410,9 @@ class Api(Base):
         # A request with a hub API token needs no XSRF token, one with the login cookie does.
         # Tornado checks a POST before anything else: find out who asks first, once. Finding
         # out checks a cookie's XSRF token by calling this again (the user is then being
-        # looked up): that call must check, not look the user up again, or the page's own
-        # calls with the cookie are refused.
+        # looked up): that call must check, not look the user up again. Looking up again
+        # there waits on JupyterHub's lookup thread it runs on: the service hangs, its pages
+        # and API time out and a running build's output is no longer read.
         if getattr(self, "_token_authenticated", False):
             return None
         if not hasattr(self, "_cached_hub_user"):
