@@ -352,3 +352,29 @@ def test_a_hub_restart_during_a_build_marks_it_interrupted_and_tags_nothing(
     again = admin_api.wait(admin_api.build("extra"))
     assert again["state"] == "succeeded", "\n".join(again["lines"])
     assert {i["name"]: i["tag"] for i in site.offered()["offered"]}["extra"] != offered["extra"]
+
+
+def test_the_page_shows_failing_image_tests_with_their_output_escaped():
+    """What the page renders for an image whose tests failed (no hub needed: the template
+    with JupyterHub's own page.html, as the service renders it)."""
+    import sys
+
+    payload = Path(__file__).resolve().parents[1] / "tasks" / "hub" / "payload"
+    sys.path.insert(0, str(payload))
+    try:
+        import images_service
+    finally:
+        sys.path.remove(str(payload))
+    failure = {"test": "images/reports/tests/test_office.py::test_templates",
+               "when": "call", "output": "AssertionError: <script>alert(1)</script> missing"}
+    row = {"name": "reports", "kind": "Dockerfile", "tag": "hubworks/reports:abc",
+           "built_at": "2026-01-01", "packages": [], "state": "tests failed",
+           "reason": "its last build (hubworks/reports:def) failed its tests: 1 failed",
+           "users": [], "tests_failed": {"failures": [failure]}}
+    html = images_service.page_templates(payload / "images_templates").get_template(
+        "images.html").render(images_service.page_context(
+            "/", {"name": "alice", "admin": True}, "token", images=[row], queue=[],
+            may_build=True, problem="", here="/services/images/"))
+    assert "tests failed" in html and "images/reports/tests/test_office.py::test_templates" in html
+    assert "AssertionError: &lt;script&gt;alert(1)&lt;/script&gt; missing" in html
+    assert "<script>alert(1)</script>" not in html

@@ -473,28 +473,40 @@ class LogDownload(Base):
         self.finish(path.read_bytes())
 
 
+def page_templates(folder: Path) -> Environment:
+    """This page's templates, over the hub's own (page.html); every value escaped."""
+    return Environment(
+        loader=ChoiceLoader([FileSystemLoader(str(folder)),
+                             FileSystemLoader(os.path.join(DATA_FILES_PATH, "templates"))]),
+        autoescape=select_autoescape(default=True, default_for_string=True))
+
+
 class Page(Base):
     @web.authenticated
     async def get(self):
         user = self.current_user
         images = await self.app.view()
-        hub = os.environ.get("JUPYTERHUB_BASE_URL", "/")
-        hub_prefix = url_path_join(hub, "hub/")
-        page = self.app.templates.get_template("images.html").render(
-            # what JupyterHub's page.html reads
-            static_url=lambda path, include_version=True: url_path_join(hub_prefix, "static",
-                                                                         path),
-            base_url=hub_prefix, prefix=hub, logo_url="", version_hash="",
-            user=PageUser(user), parsed_scopes={"admin-ui"} if user.get("admin") else set(),
-            xsrf_token=_text(self.xsrf_token), login_url=url_path_join(hub_prefix, "login"),
-            logout_url=url_path_join(hub_prefix, "logout"), no_spawner_check=True,
-            services=[{"name": "images", "href": self.app.prefix}],
-            # this page's own
+        page = self.app.templates.get_template("images.html").render(page_context(
+            os.environ.get("JUPYTERHUB_BASE_URL", "/"), user, _text(self.xsrf_token),
             images=images, queue=self.app.queue_view(), may_build=self.may_build(),
-            problem=self.app.status.problem, here=self.app.prefix,
-            out_of_date=[i["name"] for i in images if i["state"] in ("out of date", "failed",
-                                                                      "tests failed")])
+            problem=self.app.status.problem, here=self.app.prefix))
         self.finish(page)
+
+
+def page_context(hub: str, user: dict, xsrf_token: str, *, images: list[dict], queue: list,
+                 may_build: bool, problem: str, here: str) -> dict:
+    """What images.html reads: JupyterHub's page.html context, then this page's own."""
+    hub_prefix = url_path_join(hub, "hub/")
+    return dict(
+        static_url=lambda path, include_version=True: url_path_join(hub_prefix, "static", path),
+        base_url=hub_prefix, prefix=hub, logo_url="", version_hash="",
+        user=PageUser(user), parsed_scopes={"admin-ui"} if user.get("admin") else set(),
+        xsrf_token=xsrf_token, login_url=url_path_join(hub_prefix, "login"),
+        logout_url=url_path_join(hub_prefix, "logout"), no_spawner_check=True,
+        services=[{"name": "images", "href": here}],
+        images=images, queue=queue, may_build=may_build, problem=problem, here=here,
+        out_of_date=[i["name"] for i in images
+                     if i["state"] in ("out of date", "failed", "tests failed")])
 
 
 class BuildForm(Base):
@@ -534,11 +546,7 @@ class ImagesApp:
         self.builds.recover()
         self.status = Status(self.workspace)
         self.runner = Runner(self.workspace, self.builds, self.status)
-        here = Path(__file__).parent / "hubworks_images_templates"
-        self.templates = Environment(
-            loader=ChoiceLoader([FileSystemLoader(str(here)),
-                                 FileSystemLoader(os.path.join(DATA_FILES_PATH, "templates"))]),
-            autoescape=select_autoescape(default=True, default_for_string=True))
+        self.templates = page_templates(Path(__file__).parent / "hubworks_images_templates")
 
     def request_build(self, name: str, user: str) -> dict:
         """A build for ``name``, queued; one already queued for it is that build."""
