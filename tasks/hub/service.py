@@ -27,6 +27,10 @@ from .render import hub_search_path, written_ports
 
 START_SECONDS = 90
 STOP_SECONDS = 60
+# A running hub that does not answer at once may be restarting its proxy (after a certificate
+# renewal, or a proxy that died): JupyterHub checks its proxy every few seconds and restores
+# the routes. Restarting the whole hub for that would stop users' servers.
+HEALTH_GRACE_SECONDS = 30
 _KEPT_ENV = ("HOME", "LANG", "LC_ALL", "TZ")
 NOT_RUNNING = "the hub is not running"
 
@@ -54,6 +58,17 @@ def answers_health(hub: HubLayout, timeout: float = 2.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def answers_health_within(hub: HubLayout, seconds: float = HEALTH_GRACE_SECONDS) -> bool:
+    """Whether /hub/health answers 200 at some point within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if answers_health(hub):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
 
 
 def _port_owners(hub: HubLayout) -> dict[str, tuple[str, int]]:

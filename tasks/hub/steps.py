@@ -37,8 +37,8 @@ from .plan import STEPS, Step  # noqa: F401  (declared there; _wanted_pins reads
 from .permissions import (blocked_for_others, first_writable_by_others, make_readable_not_writable,
                           require_root, user_name, write_private_file)
 from .render import config_files, hub_search_path, render_podman_unit, render_unit
-from .service import (answers_health, ensure_ports_free, ports_of_running_hub, running_hub_pid,
-                      start_hub, stop_hub)
+from .service import (HEALTH_GRACE_SECONDS, answers_health_within, ensure_ports_free,
+                      ports_of_running_hub, running_hub_pid, start_hub, stop_hub)
 from .upgrade import (adopt_old_layout, begin, check_routes, finish, has_run, hub_side_change,
                       in_place, link_target, matching_venv, needs_restart, new_venv_dir, pending,
                       point, rolls_back, running_venv, staged, venv_base)
@@ -819,8 +819,9 @@ def check_health(hub: HubLayout) -> Check:
     changed = _changed_since_start(hub)
     if changed:
         return Check(False, f"the hub (pid {pid}) started before {changed} changed")
-    if not answers_health(hub):
-        return Check(False, f"the hub (pid {pid}) does not answer {hub.health_url}")
+    if not answers_health_within(hub):
+        return Check(False, f"the hub (pid {pid}) does not answer {hub.health_url} "
+                            f"(tried for {HEALTH_GRACE_SECONDS} s)")
     return Check(True, f"{hub.health_url} answers 200; open {hub.public_url}")
 
 
