@@ -15,13 +15,12 @@ npm. One hub for the module; the tests run in order, each from where the last le
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 import shutil
 import sqlite3
 import stat
-import subprocess
 import tarfile
 import tempfile
 import threading
@@ -33,9 +32,8 @@ import requests
 from tasks.core.settings import SETTINGS, load_settings
 from tasks.hub.layout import HubLayout
 from tasks.hub.steps import schema_head
-from tests.conftest import Workspace, free_ports
-from tests.test_hub import PREVIOUS_JUPYTERHUB, add_user, missing, public_tempdir
-from tests.test_hub_images import Browser, DockerSite, add_image
+from tests.docker_hubs import Browser, DockerSite, add_image, build_and_install, docker_hub
+from tests.test_hub import PREVIOUS_JUPYTERHUB
 
 CURRENT_JUPYTERHUB = next(s.default for s in SETTINGS if s.key == "jupyterhub_version")
 OLD_PIN = {"HUBWORKS_HUB_JUPYTERHUB_VERSION": PREVIOUS_JUPYTERHUB}
@@ -65,57 +63,19 @@ def hub_version(site: DockerSite) -> str:
 @pytest.fixture(scope="module")
 def old_hub(podman_runtime, hub_base_image):
     """A JupyterHub 5 hub with the docker spawner; images for its singleuser 5 and for 6."""
-    if os.geteuid() != 0:
-        missing("root: installing a hub, adding users and podman's API socket need it")
-    names = [f"hwup{os.getpid() % 100000}{n}" for n in "ab"]
-    passwords = [add_user(name) for name in names]
-    root = Path(tempfile.mkdtemp(prefix="hubworks-upws-"))
-    outer = public_tempdir("hubworks-uphub-")
-    port, hub_port, api_port, images_port = free_ports(4)
-    ws = Workspace(root)
-    ws.env.update(podman_runtime.env)
-    # the hub's Images page listens too; another hub on this machine may hold the default
-    ws.env["HUBWORKS_HUB_IMAGES_PORT"] = str(images_port)
-    sites = [DockerSite(ws, outer / "hub", name, password, port, podman_runtime)
-             for name, password in zip(names, passwords)]
-    ws.configure(f"""
-        [images]
-        prefix = "hubworks-uptest"
-        engine = "podman"
-        isolation = "chroot"
-        [hub]
-        prefix = "{outer / 'hub'}"
-        port = {port}
-        hub_port = {hub_port}
-        proxy_api_port = {api_port}
-        spawner = "docker"
-        allowed_users = ["{names[0]}", "{names[1]}"]
-        admin_users = ["{names[0]}"]
-    """)
-    add_image(ws, "lab", f"FROM {hub_base_image}\n")
-    add_image(ws, "lab5", f"FROM {hub_base_image}\nUSER root\nRUN /opt/venv/bin/pip install "
-                          f"--no-cache-dir --quiet jupyterhub=={PREVIOUS_JUPYTERHUB}\n"
-                          f"USER jovyan\n")
-    try:
-        build = sites[0].doit("build_images")
-        assert build.returncode == 0, build.output
-        sites[0].install(OLD_PIN)
-        users = Users(*sites)
+    with docker_hub(podman_runtime, tag="hwup", image_prefix="hubworks-uptest",
+                    users=("a", "b")) as site:
+        add_image(site.ws, "lab", f"FROM {hub_base_image}\n")
+        add_image(site.ws, "lab5", f"FROM {hub_base_image}\nUSER root\nRUN /opt/venv/bin/pip "
+                                   f"install --no-cache-dir --quiet "
+                                   f"jupyterhub=={PREVIOUS_JUPYTERHUB}\nUSER jovyan\n")
+        build_and_install(site, OLD_PIN)
+        users = Users(site, site.as_user(next(n for n in site.passwords if n != site.user)))
         users.first.pick("lab5")
         written = users.first.server_api("PUT", "/contents/note.txt", json={
             "type": "file", "format": "text", "content": NOTE})
         assert written.status_code in (200, 201), written.text
         yield users
-    finally:
-        sites[0].doit("hub_stop")
-        for name in sites[0].containers():
-            podman_runtime.podman("rm", "--force", "--time", "0", name, check=False)
-        for name in names:
-            podman_runtime.podman("volume", "rm", "--force", f"hubworks-home-{name}",
-                                  check=False)
-            subprocess.run(["userdel", "-r", name], capture_output=True)
-        shutil.rmtree(outer, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def the_file_is_there(users: Users) -> None:
@@ -253,6 +213,18 @@ def site_steps(run) -> set[str]:
 
 # ---- restoring onto a new server -------------------------------------------------------------
 
+def with_manifest(archive: Path, copy: Path, change: dict) -> Path:
+    """A copy of ``archive`` whose manifest has ``change``; its members are unchanged."""
+    with tarfile.open(archive) as source, tarfile.open(copy, "w") as target:
+        for member in source:
+            data = source.extractfile(member) if member.isfile() else None
+            if member.name == "manifest.json":
+                text = json.dumps({**json.load(data), **change}).encode()
+                member.size, data = len(text), io.BytesIO(text)
+            target.addfile(member, data)
+    return copy
+
+
 @pytest.mark.slow
 def test_a_new_server_restored_from_a_backup_has_the_users_files_and_logins(old_hub,
                                                                              podman_runtime):
@@ -270,12 +242,18 @@ def test_a_new_server_restored_from_a_backup_has_the_users_files_and_logins(old_
         for user in (site.user, old_hub.second_site.user):
             podman_runtime.podman("volume", "rm", "--force", f"hubworks-home-{user}")
         shutil.rmtree(site.prefix)
-        # a new server with the older JupyterHub refuses the archive, naming the version
-        site.install(OLD_PIN)
-        refused = site.doit("hub_restore", "--archive", str(kept))
-        assert refused.returncode != 0
-        assert f"install JupyterHub {CURRENT_JUPYTERHUB} first" in refused.output, refused.output
         site.install()
+        # an archive from a newer JupyterHub, or with a schema this one does not know, is
+        # refused before anything changes (the manifest is edited: installing an older
+        # JupyterHub here would cost minutes and test the same comparison)
+        for change, says in (({"jupyterhub": "99.0.0"}, "install JupyterHub 99.0.0 first"),
+                             ({"schema": "f0f0f0f0f0f0"}, "its database schema f0f0f0f0f0f0 "
+                                                          "is newer than what JupyterHub")):
+            newer = with_manifest(kept, kept.parent / f"newer-{archive.name}", change)
+            refused = site.doit("hub_restore", "--archive", str(newer))
+            assert refused.returncode != 0
+            assert says in refused.output and "nothing was restored" in refused.output, \
+                refused.output
         restored = site.doit("hub_restore", "--archive", str(kept))
         assert restored.returncode == 0, restored.output
         assert f"imported home volumes hubworks-home-{site.user}" in restored.output

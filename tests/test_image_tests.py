@@ -25,15 +25,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import DODO, REPO, Workspace, free_ports, interrupted_output
-from tests.test_hub import add_user, missing, public_tempdir
-from tests.test_hub_images import Browser, DockerSite, add_image, steps_run
+from tests.conftest import DODO, REPO, interrupted_output
+from tests.docker_hubs import (DockerSite, add_image, browser_of, build_and_install, docker_hub,
+                               steps_run)
 
 TEMPLATES = "/opt/venv/share/lab-templates"
 
@@ -157,66 +155,26 @@ def write_office_tests(site: DockerSite, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def tested_site(podman_runtime, hub_base_image):
-    if os.geteuid() != 0:
-        missing("root: installing a hub, adding users and podman's API socket need it")
-    user = f"hwimgt{os.getpid() % 100000}"
-    password = add_user(user)
-    root = Path(tempfile.mkdtemp(prefix="hubworks-imagetests-"))
-    outer = public_tempdir("hubworks-imagetests-hub-")
-    # a fixed channel port, like the default: CHANNEL_URL, which the RUN step uses, then stays
-    # the same from run to run, and so does the layer cache's key
-    port, hub_port, api_port, images_port, channel_port = free_ports(5)
-    ws = Workspace(root)
-    ws.env.update(podman_runtime.env)
-    site = DockerSite(ws, outer / "hub", user, password, port, podman_runtime)
-    ws.configure(f"""
-        [recipes]
-        package_format = "tar.bz2"
-        [channel]
-        port = {channel_port}
-        [images]
-        prefix = "hubworks-test"
-        engine = "podman"
-        isolation = "chroot"
-        [hub]
-        prefix = "{site.prefix}"
-        port = {port}
-        hub_port = {hub_port}
-        proxy_api_port = {api_port}
-        images_port = {images_port}
-        spawner = "docker"
-        allowed_users = ["{user}"]
-        default_image = "reports"
-    """)
-    shutil.rmtree(ws.root / "recipes")
-    shutil.copytree(REPO / "recipes", ws.root / "recipes")
-    add_image(ws, "reports", REPORTS_DOCKERFILE.format(base=hub_base_image, templates=TEMPLATES))
-    tests = ws.root / "images" / "reports" / "tests"
-    shutil.copytree(REPO / "images" / "reports" / "tests", tests)
-    write_office_tests(site, PASSING)
-    (tests / "title.ipynb").write_text(json.dumps(TITLE_NOTEBOOK, indent=1))
-    (tests / "docker-compose.yml").write_text(COMPOSE)
-    try:
-        site.runs["build"] = site.doit("build_images")
-        assert site.runs["build"].returncode == 0, site.runs["build"].output
-        site.runs["install"] = site.install()
+    with docker_hub(podman_runtime, tag="hwimgt", image_prefix="hubworks-test",
+                    channel_port=True, hub='default_image = "reports"') as site:
+        ws = site.ws
+        shutil.rmtree(ws.root / "recipes")
+        shutil.copytree(REPO / "recipes", ws.root / "recipes")
+        add_image(ws, "reports", REPORTS_DOCKERFILE.format(base=hub_base_image,
+                                                           templates=TEMPLATES))
+        tests = ws.root / "images" / "reports" / "tests"
+        shutil.copytree(REPO / "images" / "reports" / "tests", tests)
+        write_office_tests(site, PASSING)
+        (tests / "title.ipynb").write_text(json.dumps(TITLE_NOTEBOOK, indent=1))
+        (tests / "docker-compose.yml").write_text(COMPOSE)
+        build_and_install(site)
         yield site
-    finally:
-        site.doit("hub_stop")
-        for name in site.containers():
-            podman_runtime.podman("rm", "--force", "--time", "0", name, check=False)
-        podman_runtime.podman("volume", "rm", "--force", f"hubworks-home-{user}", check=False)
-        subprocess.run(["userdel", "-r", user], capture_output=True)
-        shutil.rmtree(outer, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
 def browser(tested_site):
-    browser = Browser(tested_site)
-    yield browser
-    if browser.server():
-        browser.stop_server()
+    with browser_of(tested_site) as browser:
+        yield browser
 
 
 # ---- the story -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import time
@@ -25,9 +24,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Workspace, free_ports
-from tests.test_hub import add_user, missing, public_tempdir
-from tests.test_hub_images import LAB_DOCKERFILE, NOTES_TEXT, Browser, DockerSite, add_image
+from tests.conftest import Workspace
+from tests.docker_hubs import (LAB_DOCKERFILE, NOTES_TEXT, Browser, DockerSite, add_image,
+                               build_and_install, docker_hub)
+from tests.test_hub import missing
 
 SCREENSHOT = Path(os.environ.get("HUBWORKS_SCREENSHOTS", tempfile.gettempdir()),
                   "hubworks-images-page.png")
@@ -40,58 +40,19 @@ def notes_recipe(ws: Workspace, version: str) -> None:
 
 @pytest.fixture(scope="module")
 def images_site(podman_runtime, hub_base_image):
-    if os.geteuid() != 0:
-        missing("root: installing a hub, adding users and podman's API socket need it")
-    admin, viewer = (f"hwimg{os.getpid() % 100000}", f"hwview{os.getpid() % 100000}")
-    passwords = {admin: add_user(admin), viewer: add_user(viewer)}
-    root = Path(tempfile.mkdtemp(prefix="hubworks-imagesws-"))
-    outer = public_tempdir("hubworks-imageshub-")
-    port, hub_port, api_port, images_port = free_ports(4)
-    ws = Workspace(root)
-    ws.env.update(podman_runtime.env)
-    site = DockerSite(ws, outer / "hub", admin, passwords[admin], port, podman_runtime)
-    site.passwords = passwords
-    site.viewer = viewer
-    ws.configure(f"""
-        [recipes]
-        package_format = "tar.bz2"
-        [channel]
-        port = 0
-        [images]
-        prefix = "hubworks-pagetest"
-        engine = "podman"
-        isolation = "chroot"
-        [hub]
-        prefix = "{site.prefix}"
-        port = {port}
-        hub_port = {hub_port}
-        proxy_api_port = {api_port}
-        images_port = {images_port}
-        spawner = "docker"
-        allowed_users = ["{admin}", "{viewer}"]
-        admin_users = ["{admin}"]
-        default_image = "lab"
-        cull_idle_minutes = 0
-    """)
-    notes_recipe(ws, "1.0.0")
-    add_image(ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
-    add_image(ws, "extra", f"FROM {hub_base_image}\nLABEL edition=one\n")
-    site.base_image = hub_base_image
-    try:
-        site.runs["build"] = site.doit("build_images")
-        assert site.runs["build"].returncode == 0, site.runs["build"].output
-        site.runs["install"] = site.install()
+    # the first user is an admin; the second ("view") may see the page but not build
+    with docker_hub(podman_runtime, tag="hwimg", image_prefix="hubworks-pagetest",
+                    users=("", "view"), hub="""
+                        default_image = "lab"
+                        cull_idle_minutes = 0
+                    """) as site:
+        site.viewer = next(name for name in site.passwords if name != site.user)
+        site.base_image = hub_base_image
+        notes_recipe(site.ws, "1.0.0")
+        add_image(site.ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
+        add_image(site.ws, "extra", f"FROM {hub_base_image}\nLABEL edition=one\n")
+        build_and_install(site)
         yield site
-    finally:
-        site.doit("hub_stop")
-        for name in site.containers():
-            podman_runtime.podman("rm", "--force", "--time", "0", name, check=False)
-        for user in passwords:
-            podman_runtime.podman("volume", "rm", "--force", f"hubworks-home-{user}",
-                                  check=False)
-            subprocess.run(["userdel", "-r", user], capture_output=True)
-        shutil.rmtree(outer, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def logged_in(site: DockerSite, user: str) -> requests.Session:
