@@ -419,6 +419,30 @@ def test_http2_gets_an_http1_505_status_line_and_a_close(server, request_bytes):
     assert f"Content-Length: {len(body)}".encode() in lines
 
 
+@pytest.mark.parametrize("method, line", [
+    (b"POST", b"Content-Length : 5"), (b"POST", b"Content-Length\t: 5"),
+    (b"GET", b"Host : x"),  # a request the reading thread would answer itself
+    (b"GET", b"If-None-Match : x"),
+])
+def test_whitespace_before_a_header_colon_gets_400_naming_the_header(channel, tmp_path,
+                                                                     method, line):
+    """RFC 9112 5.1: a proxy may read such a line otherwise, so the server must refuse it."""
+    log = tmp_path / "access.log"
+    with served_channel(channel, port=0, access_log=log) as served:
+        # known and cached: a plain GET of it is answered on the reading thread from now on
+        assert requests.get(served.url + "index.html").status_code == 200
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as sock:
+            sock.sendall(method + b" /index.html HTTP/1.1\r\nHost: x\r\n" + line
+                         + b"\r\n\r\nhello"
+                         + b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer  # nothing after it is taken as a request
+    assert b"\r\nConnection: close\r\n" in answer
+    name = line.split(b":")[0].strip().decode()
+    assert f"header name '{name}' and its colon" in log.read_text()
+
+
 def head_of(size: int, ends: bool) -> bytes:
     """A GET for /index.html whose head is ``size`` bytes; ``ends``: with its empty line."""
     start, end = b"GET /index.html HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n" if ends else b""

@@ -270,6 +270,14 @@ class FileCache:
         return facts
 
 
+class BadHeaders(Exception):
+    """Headers the server refuses to read: the status to answer and why."""
+
+    def __init__(self, status: HTTPStatus, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
 class RequestHeaders(dict):
     """A request's headers by lower-case name; a repeated header's values joined by ", "
     (RFC 9110), which also makes two Content-Length headers unreadable as one number."""
@@ -340,32 +348,38 @@ class ChannelRequestHandler(BaseHTTPRequestHandler):
             path = "/" + path.lstrip("/")
         self.command, self.path, self.request_version = command, path, version
         self.close_connection = version == "HTTP/1.0"
-        headers = self.read_headers()
-        if headers is None:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
+        try:
+            self.headers = self.read_headers()
+        except BadHeaders as refused:
+            self.send_error(refused.status, refused.reason)
             return False
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
+        connection = self.headers.get("Connection", "").lower()
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
         return True
 
-    def read_headers(self) -> RequestHeaders | None:
-        """The header lines of the request, up to the blank line; None past 100 of them."""
+    def read_headers(self) -> RequestHeaders:
+        """The header lines of the request, up to the blank line."""
         headers = RequestHeaders()
         name = ""
         for count, line in enumerate(self.rfile):
             if line in (b"\r\n", b"\n"):
                 break
             if count >= 100:
-                return None
+                raise BadHeaders(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "Too many headers")
             text = str(line, "iso-8859-1")
             if text[0] in " \t" and name:  # an obsolete folded line continues the last one
                 headers.add(name, text.strip())
                 continue
             name, colon, value = text.partition(":")
+            if colon and name != name.rstrip(" \t"):
+                # RFC 9112 5.1: a server must refuse it, since a proxy before it may have read
+                # the line another way (a "Content-Length :" smuggles a body past it)
+                raise BadHeaders(HTTPStatus.BAD_REQUEST,
+                                 f"Whitespace between the header name {name.strip()!r} and "
+                                 f"its colon")
             if colon:
                 headers.add(name.strip(), value.strip())
         return headers
@@ -546,6 +560,8 @@ def plain_request(head: bytes) -> tuple[bytes, str, bytes | None] | None:
         name, colon, value = line.partition(b":")
         if not colon:
             continue
+        if name[-1:] in (b" ", b"\t"):
+            return None  # refused by the handler (RFC 9112 5.1)
         name = name.strip().lower()
         if name == b"if-none-match":
             if tags is not None:
