@@ -25,6 +25,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -480,6 +481,41 @@ def test_writing_the_systemd_unit_as_an_ordinary_user_says_it_needs_root(site, a
     assert run.returncode != 0
     assert "writing the systemd unit /etc/systemd/system/jupyterhub.service needs root; " \
            "this runs as nobody." in run.output, run.output
+
+
+@pytest.mark.slow
+def test_local_home_folders_are_backed_up_and_put_back_with_owner_and_mode(site):
+    """hub.backup_homes: the local spawner's homes go into the archive; a lost file comes back
+    from it as its user's, with its mode, and the hub serves again."""
+    account = pwd.getpwnam(site.user)
+    home = Path(account.pw_dir)
+    folder, kept = home / "analysis", home / "analysis" / "kept.txt"
+    folder.mkdir(exist_ok=True)
+    kept.write_text("written before the backup\n")
+    for path in (folder, kept):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    kept.chmod(0o600)
+    off = site.doit("hub_backup")
+    assert off.returncode == 0, off.output
+    assert "no homes (hub.backup_homes is off)" in off.output, off.output
+    homes = {"HUBWORKS_HUB_BACKUP_HOMES": "true"}
+    run = site.doit("hub_backup", env=homes)
+    assert run.returncode == 0, run.output
+    assert f"home folders of {site.user}" in run.output, run.output
+    archive = max((site.prefix / "backups").glob("hub-*.tar"), key=lambda p: p.stat().st_mtime)
+    with tarfile.open(archive) as tar:
+        member = tar.getmember(f"homes/{site.user}/analysis/kept.txt")
+    assert (member.uname, stat.S_IMODE(member.mode)) == (site.user, 0o600)
+    shutil.rmtree(folder)
+    restored = site.doit("hub_restore", "--archive", str(archive), env=homes)
+    assert restored.returncode == 0, restored.output
+    assert f"put back the home folders of {site.user}" in restored.output, restored.output
+    assert kept.read_text() == "written before the backup\n"
+    for path, mode in ((kept, 0o600), (folder, None)):
+        found = path.stat()
+        assert (found.st_uid, found.st_gid) == (account.pw_uid, account.pw_gid), path
+        assert mode is None or stat.S_IMODE(found.st_mode) == mode
+    log_in_and_open_lab(site)  # the restore started the hub again
 
 
 @pytest.mark.slow
