@@ -173,7 +173,7 @@ def main() -> int:
         pins = {s.key: s.default for s in SETTINGS if s.section == "hub"}
         print("making the base image (mmdebstrap, PyPI) ...", flush=True)
         started = time.perf_counter()
-        base = make_hub_base_image(runtime.env, "localhost/hubworks-bench/hub-base:1",
+        base = make_hub_base_image(runtime, "localhost/hubworks-bench/hub-base:1",
                                    pins["jupyterhub_version"], pins["jupyterlab_version"],
                                    scratch / "mmdebstrap.log")
         print(f"  {time.perf_counter() - started:.0f} s")

@@ -14,20 +14,25 @@ of its own, and overlay storage in its own graphroot (a container is created in 
 a second; vfs copies the whole image per container). ``hub_base_image`` is a Debian image with
 JupyterHub and JupyterLab made without a registry. Both are configured through environment
 variables only (``CONTAINERS_CONF``, ``CONTAINERS_STORAGE_CONF``), never in the machine's own
-podman configuration, and built once per session.
+podman configuration, and built once per session. When a selected test needs the base image,
+its build starts in a thread as soon as collection ends, so that it is ready, or nearly, when
+the first of them runs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import tarfile
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -262,14 +267,20 @@ def podman_runtime(tmp_path_factory) -> PodmanRuntime:
     """podman with runc, explicit rlimits and overlay storage of its own, for running."""
     if shutil.which("podman") is None:
         _missing("podman", "podman")
-    runc = shutil.which("runc") or shutil.which("runc", path="/usr/sbin:/sbin")
-    if runc is None:
+    if _runc() is None:
         _missing("runc (podman's other runtime)", "runc")
+    if _EARLY_BASE_IMAGE is not None:  # its set-up, which it removes when the session ends
+        yield _EARLY_BASE_IMAGE.runtime
+        return
     runtime = make_podman_runtime(tmp_path_factory.mktemp("podman-run"))
     try:
         yield runtime
     finally:
         remove_podman_runtime(runtime)
+
+
+def _runc() -> str | None:
+    return shutil.which("runc") or shutil.which("runc", path="/usr/sbin:/sbin")
 
 
 def make_podman_runtime(root: Path) -> PodmanRuntime:
@@ -293,7 +304,23 @@ def remove_podman_runtime(runtime: PodmanRuntime) -> None:
     runtime.podman("rm", "--all", "--force", "--time", "0", check=False)
     runtime.podman("volume", "rm", "--all", "--force", check=False)
     runtime.podman("rmi", "--all", "--force", check=False)
-    shutil.rmtree(runtime.root, ignore_errors=True)
+    if unmount_under(runtime.root):
+        shutil.rmtree(runtime.root, ignore_errors=True)
+
+
+def unmount_under(folder: Path) -> bool:
+    """Unmount whatever is mounted below ``folder`` (a stopped mmdebstrap leaves /proc, /sys
+    and /dev/pts mounted in its root filesystem); True when nothing is left, so that removing
+    the folder cannot reach into a mount."""
+    def mounted() -> list[str]:
+        points = [line.split()[4] for line in
+                  Path("/proc/self/mountinfo").read_text().splitlines()]
+        inside = str(folder.resolve()) + "/"
+        return sorted((p for p in points if p.startswith(inside)), key=len, reverse=True)
+
+    for point in mounted():
+        subprocess.run(["umount", "--lazy", point], capture_output=True)
+    return not mounted()
 
 
 def debian_suite() -> str:
@@ -318,24 +345,111 @@ def hub_base_rootfs_command(jupyterhub: str, jupyterlab: str) -> list[str]:
             f"--customize-hook={user}", debian_suite(), "-"]
 
 
-def make_hub_base_image(runtime_env: dict[str, str], name: str, jupyterhub: str,
-                        jupyterlab: str, log: Path) -> str:
-    """A Python image with JupyterHub and JupyterLab from Debian and PyPI, no registry."""
+def make_hub_base_image(runtime: PodmanRuntime, name: str, jupyterhub: str, jupyterlab: str,
+                        log: Path, started: list | None = None, niceness: int = 0) -> str:
+    """A Python image with JupyterHub and JupyterLab from Debian and PyPI, no registry.
+
+    mmdebstrap works in the runtime's folder (``remove_podman_runtime`` then unmounts what
+    a stopped mmdebstrap left mounted). ``started``: gets the two processes (mmdebstrap and
+    podman import), so that another thread can stop them; ``niceness``: how much lower than
+    this process they run."""
+    nice = ["nice", "-n", str(niceness)] if niceness else []
+    scratch = runtime.root / "scratch"
+    scratch.mkdir(exist_ok=True)
     with log.open("wb") as errors:
-        rootfs = subprocess.Popen(hub_base_rootfs_command(jupyterhub, jupyterlab),
-                                  stdout=subprocess.PIPE, stderr=errors)
-        imported = subprocess.run(
-            ["podman", "import",
+        # a process group of its own: stopping it stops the helpers mmdebstrap forks too
+        rootfs = subprocess.Popen([*nice, *hub_base_rootfs_command(jupyterhub, jupyterlab)],
+                                  stdout=subprocess.PIPE, stderr=errors,
+                                  env={**os.environ, "TMPDIR": str(scratch)},
+                                  start_new_session=started is not None)
+        imported = subprocess.Popen(
+            [*nice, "podman", "import",
              "--change", "ENV PATH=/opt/venv/bin:" + PATH_IN_IMAGE,
              "--change", "USER jovyan", "--change", "WORKDIR /home/jovyan",
              "--change", 'CMD ["jupyterhub-singleuser"]', "-", name],
-            stdin=rootfs.stdout, env={**os.environ, **runtime_env}, capture_output=True)
+            stdin=rootfs.stdout, env={**os.environ, **runtime.env},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=started is not None)
+        if started is not None:
+            started += [rootfs, imported]
         rootfs.stdout.close()
+        import_errors = imported.communicate()[1]
         rootfs.wait()
     if rootfs.returncode or imported.returncode:
         raise RuntimeError(f"making {name} failed: mmdebstrap exit {rootfs.returncode} "
-                           f"(log {log}), podman import: {imported.stderr.decode()[-2000:]}")
+                           f"(log {log}), podman import: {import_errors.decode()[-2000:]}")
     return name
+
+
+def _hub_base_pins() -> tuple[str, str, str]:
+    """The image's name, and the JupyterHub and JupyterLab releases hubworks pins."""
+    from tasks.core.settings import SETTINGS
+
+    pins = {s.key: s.default for s in SETTINGS if s.section == "hub"}
+    jupyterhub, jupyterlab = pins["jupyterhub_version"], pins["jupyterlab_version"]
+    return f"{RUNTIME_IMAGE_PREFIX}/hub-base:{jupyterhub}-{jupyterlab}", jupyterhub, jupyterlab
+
+
+class EarlyBaseImage:
+    """The hub base image, made in a thread from the end of collection on.
+
+    It takes minutes, mostly waiting for Debian's archive and PyPI, and the first test that
+    needs it runs minutes after the session starts: made meanwhile, the session is that much
+    shorter. Its processes run at a lower priority than the tests'. ``result()`` waits for it
+    and raises what the build raised; ``close()`` stops a build still under way and removes
+    the podman set-up it made (``runtime``, which the session's tests share)."""
+
+    def __init__(self):
+        self.runtime = make_podman_runtime(Path(tempfile.mkdtemp(prefix="hubworks-podman-")))
+        self.processes: list[subprocess.Popen] = []
+        self.closed = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="base-image")
+        name, jupyterhub, jupyterlab = _hub_base_pins()
+        self.future = self.pool.submit(
+            make_hub_base_image, self.runtime, name, jupyterhub, jupyterlab,
+            self.runtime.root / "mmdebstrap.log", started=self.processes, niceness=10)
+
+    def result(self) -> str:
+        return self.future.result()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # SIGTERM first: mmdebstrap then removes its temporary root filesystem
+        for how in (signal.SIGTERM, signal.SIGKILL):
+            for process in self.processes:
+                try:
+                    os.killpg(process.pid, how)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 20
+            while any(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self.pool.shutdown(wait=True)
+        remove_podman_runtime(self.runtime)
+
+
+_EARLY_BASE_IMAGE: EarlyBaseImage | None = None
+
+
+def pytest_collection_finish(session):
+    """Start the base image when a selected test needs it and what it needs is here (else
+    the fixture says what is missing)."""
+    global _EARLY_BASE_IMAGE
+    wanted = any("hub_base_image" in getattr(item, "fixturenames", ())
+                 for item in session.items)
+    if not wanted or session.config.option.collectonly or shutil.which("podman") is None \
+            or _runc() is None or not os.path.exists(MMDEBSTRAP):
+        return
+    _EARLY_BASE_IMAGE = EarlyBaseImage()
+
+
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown, which may still use podman
+def pytest_sessionfinish(session):
+    """However the session ended (Ctrl-C included): no build left running, nothing left."""
+    if _EARLY_BASE_IMAGE is not None:
+        _EARLY_BASE_IMAGE.close()
 
 
 @pytest.fixture(scope="session")
@@ -343,13 +457,11 @@ def hub_base_image(podman_runtime, tmp_path_factory) -> str:
     """Debian + venv with the pinned JupyterHub and JupyterLab + user jovyan (uid 1000)."""
     if not os.path.exists(MMDEBSTRAP):
         _missing(MMDEBSTRAP, "mmdebstrap")
-    from tasks.core.settings import SETTINGS
-
-    pins = {s.key: s.default for s in SETTINGS if s.section == "hub"}
-    jupyterhub, jupyterlab = pins["jupyterhub_version"], pins["jupyterlab_version"]
-    name = f"{RUNTIME_IMAGE_PREFIX}/hub-base:{jupyterhub}-{jupyterlab}"
+    if _EARLY_BASE_IMAGE is not None:
+        return _EARLY_BASE_IMAGE.result()
+    name, jupyterhub, jupyterlab = _hub_base_pins()
     log = tmp_path_factory.mktemp("hub-base") / "mmdebstrap.log"
-    return make_hub_base_image(podman_runtime.env, name, jupyterhub, jupyterlab, log)
+    return make_hub_base_image(podman_runtime, name, jupyterhub, jupyterlab, log)
 
 
 @pytest.fixture(scope="session")
