@@ -40,19 +40,26 @@ def notes_recipe(ws: Workspace, version: str) -> None:
 
 @pytest.fixture(scope="module")
 def images_site(podman_runtime, hub_base_image):
-    # the first user is an admin; the second ("view") may see the page but not build
-    with docker_hub(podman_runtime, tag="hwimg", image_prefix="hubworks-pagetest",
-                    users=("", "view"), hub="""
-                        default_image = "lab"
-                        cull_idle_minutes = 0
-                    """) as site:
-        site.viewer = next(name for name in site.passwords if name != site.user)
-        site.base_image = hub_base_image
-        notes_recipe(site.ws, "1.0.0")
-        add_image(site.ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
-        add_image(site.ws, "extra", f"FROM {hub_base_image}\nLABEL edition=one\n")
-        build_and_install(site)
-        yield site
+    # the first user is an admin; the second ("view") may see the page, and may build only
+    # while in the system group hub.image_builders names
+    builders = f"hwbuild{os.getpid() % 100000}"
+    subprocess.run(["groupadd", builders], check=True, capture_output=True)
+    try:
+        with docker_hub(podman_runtime, tag="hwimg", image_prefix="hubworks-pagetest",
+                        users=("", "view"), hub=f"""
+                            default_image = "lab"
+                            cull_idle_minutes = 0
+                            image_builders = ["@{builders}"]
+                        """) as site:
+            site.builders, site.base_image = builders, hub_base_image
+            site.viewer = next(name for name in site.passwords if name != site.user)
+            notes_recipe(site.ws, "1.0.0")
+            add_image(site.ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
+            add_image(site.ws, "extra", f"FROM {hub_base_image}\nLABEL edition=one\n")
+            build_and_install(site)
+            yield site
+    finally:
+        subprocess.run(["groupdel", builders], capture_output=True)
 
 
 def logged_in(site: DockerSite, user: str) -> requests.Session:
@@ -250,6 +257,29 @@ def test_a_user_who_may_not_build_sees_the_page_without_buttons_and_gets_403(
     assert unknown.status_code == 404 and "no-such-image" in unknown.json()["message"]
     assert admin_api.post("/images/..%2Fetc/build").status_code == 404
     assert len(admin_api.get("/images").json()["queue"]) == before == 0
+
+
+@pytest.mark.slow
+def test_a_member_of_the_builders_system_group_gets_the_buttons_while_a_member(images_site):
+    """hub.image_builders = ["@group"] on a PAM hub: the system group's members may build,
+    read when each request comes, so adding or removing a member needs no restart."""
+    site = images_site
+    viewer = logged_in(site, site.viewer)
+
+    def buttons() -> bool:
+        page = viewer.get(f"{site.url}/services/images/", timeout=60)
+        assert page.status_code == 200 and 'data-image="lab"' in page.text, page.text[-2000:]
+        return "build-button" in page.text
+
+    assert not buttons()
+    subprocess.run(["gpasswd", "--add", site.viewer, site.builders], check=True,
+                   capture_output=True)
+    try:
+        assert buttons(), f"{site.viewer} is in {site.builders} but gets no build buttons"
+    finally:
+        subprocess.run(["gpasswd", "--delete", site.viewer, site.builders], check=True,
+                       capture_output=True)
+    assert not buttons()
 
 
 # ---- the API: a failing build, and a queue ------------------------------------------------
