@@ -32,20 +32,26 @@ NOTES = "/opt/site-notes/share/site-notes/notes.txt"
 NOTES_TEXT = "notes from the internal channel"
 SPAWN_TIMEOUT = 25  # seconds; the sleepy image's spawn fails after it
 
-# Installs the internal package site-notes from the served channel: the base image has Python
-# but no conda, so it reads repodata.json and unpacks the package file itself.
-LAB_DOCKERFILE = """\
-FROM {base}
-ARG CHANNEL_URL
-USER root
-RUN python3 -c "import io, json, sys, tarfile, urllib.request as web; \\
-channel = sys.argv[1]; \\
-index = json.load(web.urlopen(channel + 'noarch/repodata.json')); \\
-name = next(f for f, p in index['packages'].items() if p['name'] == 'site-notes'); \\
-tarfile.open(fileobj=io.BytesIO(web.urlopen(channel + 'noarch/' + name).read())) \\
-.extractall('/opt/site-notes')" "${{CHANNEL_URL}}"
-USER jovyan
-"""
+
+def channel_dockerfile(base: str, packages: tuple[str, ...], into: str, env: str = "") -> str:
+    """A Dockerfile FROM ``base`` that unpacks ``packages`` from the channel build_images
+    serves (CHANNEL_URL) into ``into``: the base image has Python but no conda, so it reads
+    repodata.json and unpacks each package file itself. ``env``: ENV lines to add."""
+    unpack = ("import io, json, sys, tarfile, urllib.request as web; \\\n"
+              "channel = sys.argv[1]; \\\n"
+              "index = json.load(web.urlopen(channel + 'noarch/repodata.json')); \\\n"
+              "[tarfile.open(fileobj=io.BytesIO(web.urlopen(channel + 'noarch/' + name)"
+              ".read())) \\\n"
+              f".extractall('{into}') for name, package in index['packages'].items() \\\n"
+              f"if package['name'] in {tuple(packages)!r}]")
+    return (f"FROM {base}\nARG CHANNEL_URL\nUSER root\n"
+            f'RUN python3 -c "{unpack}" "${{CHANNEL_URL}}"\n{env}USER jovyan\n')
+
+
+def lab_dockerfile(base: str) -> str:
+    """The image that installs the internal package site-notes from the served channel."""
+    return channel_dockerfile(base, ("site-notes",), "/opt/site-notes")
+
 
 def steps_run(run: DoitRun) -> set[str]:
     """install_hub steps whose actions ran."""

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker_hubs import (LAB_DOCKERFILE, NOTES, NOTES_TEXT, SPAWN_TIMEOUT, add_image,
-                               browser_of, build_and_install, docker_hub, steps_run)
+from tests.docker_hubs import (NOTES, NOTES_TEXT, SPAWN_TIMEOUT, add_image, browser_of,
+                               build_and_install, docker_hub, lab_dockerfile, steps_run)
 from tests.test_hub import PREVIOUS_JUPYTERHUB
 
 # Images that must not be offered, or whose spawns fail; each is the base image plus a change.
@@ -61,7 +61,7 @@ def docker_site(podman_runtime, hub_base_image):
     """) as site:
         site.ws.add_recipe("site-notes", script=[f"echo {NOTES_TEXT} > "
                                                  "$PREFIX/share/site-notes/notes.txt"])
-        add_image(site.ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
+        add_image(site.ws, "lab", lab_dockerfile(hub_base_image))
         for name, change in BROKEN_IMAGES.items():
             add_image(site.ws, name, f"FROM {hub_base_image}\n{change}")
         build_and_install(site)

@@ -30,26 +30,18 @@ import time
 import pytest
 
 from tests.conftest import DODO, REPO, interrupted_output
-from tests.docker_hubs import (DockerSite, add_image, browser_of, build_and_install, docker_hub,
-                               steps_run)
+from tests.docker_hubs import (DockerSite, add_image, browser_of, build_and_install,
+                               channel_dockerfile, docker_hub, steps_run)
 
 TEMPLATES = "/opt/venv/share/lab-templates"
 
-# images/reports as it would be without the internet: the packages come from the served
-# channel, unpacked into the base image's Python prefix (so new-notebook finds the templates).
-REPORTS_DOCKERFILE = """\
-FROM {base}
-ARG CHANNEL_URL
-USER root
-RUN python3 -c "import io, json, sys, tarfile, urllib.request as web; \\
-channel = sys.argv[1]; \\
-index = json.load(web.urlopen(channel + 'noarch/repodata.json')); \\
-[tarfile.open(fileobj=io.BytesIO(web.urlopen(channel + 'noarch/' + name).read())) \\
-.extractall('/opt/venv') for name, package in index['packages'].items() \\
-if package['name'] in ('lab-templates', 'lab-settings', 'new-notebook')]" "${{CHANNEL_URL}}"
-ENV REPORT_TEMPLATES={templates}
-USER jovyan
-"""
+def reports_dockerfile(base: str) -> str:
+    """images/reports as it would be without the internet: the packages come from the served
+    channel, unpacked into the base image's Python prefix (so new-notebook finds the
+    templates)."""
+    return channel_dockerfile(base, ("lab-templates", "lab-settings", "new-notebook"),
+                              "/opt/venv", env=f"ENV REPORT_TEMPLATES={TEMPLATES}\n")
+
 
 # The office's own tests, next to the ones images/reports ships.
 OFFICE_TESTS = '''\
@@ -160,8 +152,7 @@ def tested_site(podman_runtime, hub_base_image):
         ws = site.ws
         shutil.rmtree(ws.root / "recipes")
         shutil.copytree(REPO / "recipes", ws.root / "recipes")
-        add_image(ws, "reports", REPORTS_DOCKERFILE.format(base=hub_base_image,
-                                                           templates=TEMPLATES))
+        add_image(ws, "reports", reports_dockerfile(hub_base_image))
         tests = ws.root / "images" / "reports" / "tests"
         shutil.copytree(REPO / "images" / "reports" / "tests", tests)
         write_office_tests(site, PASSING)

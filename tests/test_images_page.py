@@ -25,8 +25,8 @@ import pytest
 import requests
 
 from tests.conftest import Workspace
-from tests.docker_hubs import (LAB_DOCKERFILE, NOTES_TEXT, Browser, DockerSite, add_image,
-                               build_and_install, docker_hub)
+from tests.docker_hubs import (NOTES_TEXT, Browser, DockerSite, add_image, build_and_install,
+                               docker_hub, lab_dockerfile)
 from tests.test_hub import missing
 
 SCREENSHOT = Path(os.environ.get("HUBWORKS_SCREENSHOTS", tempfile.gettempdir()),
@@ -54,7 +54,7 @@ def images_site(podman_runtime, hub_base_image):
             site.builders, site.base_image = builders, hub_base_image
             site.viewer = next(name for name in site.passwords if name != site.user)
             notes_recipe(site.ws, "1.0.0")
-            add_image(site.ws, "lab", LAB_DOCKERFILE.format(base=hub_base_image))
+            add_image(site.ws, "lab", lab_dockerfile(hub_base_image))
             add_image(site.ws, "extra", f"FROM {hub_base_image}\nLABEL edition=one\n")
             build_and_install(site)
             yield site
