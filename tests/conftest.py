@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 DODO = REPO / "dodo.py"
 
 pytest_plugins = ["tests.podman_fixtures"]
+
+
+def pytest_configure(config):
+    """Give SIGINT back its default when the suite was started with it ignored.
+
+    A non-interactive shell starts its background jobs (``pytest &``) with SIGINT ignored,
+    and every process the tests start would inherit that: the Ctrl-C tests would see doit
+    go on, and a hub's servers would ignore the hub's SIGINT. A handled signal is reset to
+    its default in a child, so the tests' processes start as they do from a terminal.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
