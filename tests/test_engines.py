@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -32,6 +32,8 @@ RUN mkdir -p /opt/data && echo "$GREETING $NB_USER" > /opt/data/greeting \\
 """
 ENVIRONMENT_YML = "dependencies:\n  - python=3.12\n"
 FAILING_STEP = 'echo "hubworks-test: this step fails on purpose" && false'
+# the words runc 1.1 prints when the kernel refuses to seal its copy of itself (EBUSY)
+RUNC_SEAL_RACE = "Close_Fd sealing memfd copy: Device or resource busy"
 
 
 @pytest.fixture
@@ -64,6 +66,33 @@ def served_folder(tmp_path):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield folder, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def runc_answers():
+    """A server on 127.0.0.1 whose n-th GET answers the n-th of ``answers`` (then the last):
+    a RUN step that prints it fails or starts as runc's seal race makes a step fail or start,
+    which cannot be caused on demand."""
+    answers, asked = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answers[min(len(asked), len(answers) - 1)].encode()
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield answers, asked, server.server_address[1]
     server.shutdown()
     server.server_close()
 
@@ -174,6 +203,41 @@ def test_failed_build_fails_repo2docker_and_shows_why(podman, busybox_base_image
     code, output = repo2docker(repo, "--no-run", "--image-name", ref)
     assert code != 0
     assert "hubworks-test: this step fails on purpose" in output
+    assert f"podman build of {ref} failed" in output
+    assert "building once more" not in output  # only runc's race is worth a second build
+    assert not podman.image_exists(ref)
+
+
+def runc_step(port: int) -> str:
+    """A RUN step that prints the server's answer and starts only when it says "started"."""
+    return (f'answer="$(wget -q -O- http://127.0.0.1:{port}/runc)" && echo "$answer" '
+            '&& test "$answer" = started')
+
+
+def test_a_build_that_lost_runcs_seal_race_is_built_once_more(
+        podman, busybox_base_image, runc_answers, tmp_path):
+    answers, asked, port = runc_answers
+    answers += [RUNC_SEAL_RACE, "started"]
+    repo = repo_with(tmp_path, "Dockerfile", one_step(busybox_base_image, runc_step(port)))
+    ref = "hubworks-test/seal-race:1"
+    code, output = repo2docker(repo, "--no-run", "--image-name", ref,
+                               "--config", str(host_network_config(tmp_path)))
+    assert code == 0, output
+    assert len(asked) == 2
+    assert "not a fault of the build); building once more" in output
+    assert podman.image_exists(ref)
+
+
+def test_a_build_that_loses_runcs_seal_race_twice_fails(
+        podman, busybox_base_image, runc_answers, tmp_path):
+    answers, asked, port = runc_answers
+    answers.append(RUNC_SEAL_RACE)
+    repo = repo_with(tmp_path, "Dockerfile", one_step(busybox_base_image, runc_step(port)))
+    ref = "hubworks-test/seal-race:2"
+    code, output = repo2docker(repo, "--no-run", "--image-name", ref,
+                               "--config", str(host_network_config(tmp_path)))
+    assert code != 0
+    assert len(asked) == 2  # built once more, not again and again
     assert f"podman build of {ref} failed" in output
     assert not podman.image_exists(ref)
 

@@ -23,6 +23,10 @@ from .engines import PODMAN_FIX, output_line, podman_problem
 
 # podman's words when the runtime (crun, runc) could not start a RUN step's container
 RUNTIME_FAILED = "while running runtime"
+# runc 1.1 copies itself into a sealed memfd before it starts a container; on a busy host the
+# kernel may refuse the seal with EBUSY while the copy's pages are still pinned. The build's
+# step never ran, so building once more is safe (the layers before it are cached).
+RUNC_SEAL_RACE = "sealing memfd copy"
 CHROOT_HINT = ("podman could not start a container for a RUN step on this host: "
                "build with chroot isolation (hubworks: images.isolation = \"chroot\"; "
                "plain repo2docker: BUILDAH_ISOLATION=chroot)")
@@ -72,7 +76,9 @@ class PodmanEngine(DockerEngine):
             if self.registry_credentials:
                 stack.enter_context(self.docker_login(**self.registry_credentials))
             context = stack.enter_context(self._context(fileobj, path))
-            yield from self._stream(args + [context], BuildError, f"podman build of {tag}")
+            what = f"podman build of {tag}"
+            if not (yield from self._stream(args + [context], BuildError, what, may_retry=True)):
+                yield from self._stream(args + [context], BuildError, what)
             if push:
                 yield from self._stream([self.container_cli, "push", tag], ImageLoadError,
                                         f"podman push of {tag}")
@@ -87,19 +93,30 @@ class PodmanEngine(DockerEngine):
             tarfile.open(fileobj=fileobj).extractall(folder)
             yield folder
 
-    def _stream(self, args, error, what):
-        """Output lines of ``args``; a failure is logged (repo2docker shows only the log)."""
-        runtime_failed = False
+    def _stream(self, args, error, what, *, may_retry=False):
+        """Output lines of ``args``; a failure is logged (repo2docker shows only the log).
+
+        Returns True when ``args`` succeeded, False when it failed on runc's seal race and
+        ``may_retry`` lets the caller run it again; any other failure raises ``error``.
+        """
+        runtime_failed = seal_race = False
         try:
             for line in execute_cmd(args, capture=True):
                 runtime_failed = runtime_failed or RUNTIME_FAILED in line
+                seal_race = seal_race or RUNC_SEAL_RACE in line
                 yield line
         except subprocess.CalledProcessError as exc:
             message = f"{what} failed with exit code {exc.returncode} (output above)"
+            if seal_race and may_retry:
+                self.log.warning(f"{message}: runc could not seal its own copy while starting "
+                                 "a RUN step (a race on a busy host, not a fault of the "
+                                 "build); building once more\n")
+                return False
             if runtime_failed:
                 message += f"; {CHROOT_HINT}"
             self.log.error(message + "\n")
             raise error(message) from None
+        return True
 
     @contextmanager
     def docker_login(self, username, password, registry):
