@@ -75,10 +75,10 @@ class PodmanEngine(DockerEngine):
         with ExitStack() as stack:
             if self.registry_credentials:
                 stack.enter_context(self.docker_login(**self.registry_credentials))
-            context = stack.enter_context(self._context(fileobj, path))
+            command = [*args, stack.enter_context(self._context(fileobj, path))]
             what = f"podman build of {tag}"
-            if not (yield from self._stream(args + [context], BuildError, what, may_retry=True)):
-                yield from self._stream(args + [context], BuildError, what)
+            if not (yield from self._stream(command, BuildError, what, may_retry=True)):
+                yield from self._stream(command, BuildError, what)
             if push:
                 yield from self._stream([self.container_cli, "push", tag], ImageLoadError,
                                         f"podman push of {tag}")
