@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -56,18 +57,27 @@ def empty_path(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
 
 
+@contextmanager
+def serving(handler):
+    """An http.server on 127.0.0.1 in a thread, answering with ``handler``; yields its port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def served_folder(tmp_path):
     """A folder served by http.server on 127.0.0.1, as build_images serves the channel."""
     folder = tmp_path / "served"
     folder.mkdir()
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield folder, server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as port:
+        yield folder, port
 
 
 @pytest.fixture
@@ -89,12 +99,8 @@ def runc_answers():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield answers, asked, server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as port:
+        yield answers, asked, port
 
 
 def repo2docker(repo, *args, env=None, isolation="chroot"):
